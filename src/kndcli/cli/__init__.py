@@ -1,0 +1,1 @@
+"""Typer commands: parse options, build the config, call one core function, print."""

@@ -1,0 +1,91 @@
+"""`knd data`: download, synthesize and prepare datasets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kndcli.cli.common import ConfigOpt, OverridesArg, build_config, console
+
+app = typer.Typer(help="Get raw audio and turn it into a prepared set.", no_args_is_help=True)
+
+
+@app.command("download")
+def download(
+    dataset: Annotated[str, typer.Argument(help="ravdess, cremad or tess.")],
+    url: Annotated[str | None, typer.Option(help="Download from this URL instead.")] = None,
+    md5: Annotated[str | None, typer.Option(help="Expected md5 of the archive.")] = None,
+    out: Annotated[Path, typer.Option(help="Extract under this directory.")] = Path("data/raw"),
+) -> None:
+    """Download a public dataset, verify its checksum and extract it safely."""
+    from kndcli.datasets.download import download_dataset
+
+    target = download_dataset(dataset, out=out, url=url, md5=md5)
+    console().print(f"[green]extracted[/] {dataset} to {target}")
+
+
+@app.command("synth")
+def synth(
+    out: Annotated[Path, typer.Option(help="Write RAVDESS-named WAV files here.")] = Path(
+        "data/synth"
+    ),
+    actors: Annotated[int, typer.Option(help="Number of synthetic speakers.")] = 8,
+    seed: Annotated[int, typer.Option(help="Random seed; same seed, same files.")] = 0,
+    sample_rate: Annotated[int, typer.Option(help="Sample rate of the written files.")] = 16000,
+) -> None:
+    """Generate emotional speech-like clips (the built-in data for demo and tests)."""
+    from kndcli.datasets.synth import synthesize
+
+    paths = synthesize(out, actors=actors, seed=seed, sample_rate=sample_rate)
+    console().print(f"[green]wrote[/] {len(paths)} clips to {out}")
+
+
+@app.command("prepare")
+def prepare(
+    dataset: Annotated[
+        str | None, typer.Option(help="ravdess, cremad, tess, folder or synth.")
+    ] = None,
+    raw: Annotated[Path | None, typer.Option(help="Folder of raw audio.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Prepared set directory.")] = None,
+    strict: Annotated[bool, typer.Option(help="Fail on the first bad file.")] = False,
+    config: ConfigOpt = None,
+    overrides: OverridesArg = None,
+) -> None:
+    """Catalog, split by speaker, decode and store a dataset for training."""
+    from kndcli.data.prepare import prepare_dataset
+
+    cfg = build_config(config, overrides)
+    if dataset:
+        cfg.data.dataset = dataset
+    if raw:
+        cfg.data.raw = str(raw)
+    if out:
+        cfg.data.prepared = str(out)
+    result = prepare_dataset(cfg, strict=strict, progress=True)
+    con = console()
+    con.print(
+        f"[green]prepared[/] {result.n_clips} clips ({result.n_reused} unchanged, reused) "
+        f"from {cfg.data.raw} into {cfg.data.prepared} in {result.seconds:.1f} s"
+    )
+    for split, count in sorted(result.split_counts.items()):
+        con.print(f"  {split:<5} {count:>6} clips")
+    if result.failures:
+        con.print(f"[yellow]skipped {len(result.failures)} bad files:[/]")
+        for failure in result.failures:
+            con.print(f"  {failure}")
+
+
+@app.command("split-report")
+def split_report(
+    prepared: Annotated[Path | None, typer.Option(help="Prepared set directory.")] = None,
+    config: ConfigOpt = None,
+    overrides: OverridesArg = None,
+) -> None:
+    """Clips per split x label x speaker; exit 1 if a speaker is in two splits."""
+    from kndcli.data.report import print_split_report
+
+    cfg = build_config(config, overrides)
+    ok = print_split_report(prepared or Path(cfg.data.prepared), console())
+    raise typer.Exit(0 if ok else 1)

@@ -1,0 +1,74 @@
+"""The `knd` entry point: one Typer app with a sub-app or command per DESIGN.md group."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from kndcli import __version__
+from kndcli.cli import cloud, config_cmd, data, demo, drift, predict, profile, serve, train
+from kndcli.errors import KndError
+
+app = typer.Typer(
+    name="knd",
+    help="Speech emotion recognition: from raw audio to a monitored cloud service.",
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"knd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Show the version."),
+    ] = False,
+) -> None:
+    """Speech emotion recognition: from raw audio to a monitored cloud service."""
+
+
+app.add_typer(data.app, name="data")
+app.command("train")(train.train)
+app.command("evaluate")(train.evaluate)
+app.command("predict")(predict.predict)
+app.command("export")(predict.export)
+app.command("serve")(serve.serve)
+app.add_typer(profile.app, name="profile")
+app.add_typer(drift.app, name="drift")
+app.add_typer(cloud.app, name="cloud")
+app.add_typer(config_cmd.app, name="config")
+app.command("demo")(demo.demo)
+
+
+def main() -> None:
+    """Run the app; user errors become one red line and their exit code, not a traceback."""
+    try:
+        result = app(standalone_mode=False)
+        sys.exit(result if isinstance(result, int) else 0)
+    except KndError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:  # click's usage errors
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise

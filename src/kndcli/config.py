@@ -1,0 +1,268 @@
+"""Typed configuration: dataclasses are the schema, YAML files and `key=value` only set values.
+
+`load_config` merges `configs/default.yaml`-style files and dotlist overrides onto the
+schema, so an unknown key or a wrongly typed value fails at once with the key's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kndcli.errors import ConfigError
+
+LABELS: list[str] = [
+    "neutral",
+    "calm",
+    "happy",
+    "sad",
+    "angry",
+    "fearful",
+    "disgust",
+    "surprised",
+]
+
+
+@dataclass
+class AudioConfig:
+    sample_rate: int = 16000
+    max_duration_s: float = 60.0
+    max_file_mb: float = 100.0
+
+
+@dataclass
+class SplitConfig:
+    # Explicit speaker lists win over fractions; speakers are dataset speaker ids ("01", "1001").
+    val_speakers: list[str] = field(default_factory=list)
+    test_speakers: list[str] = field(default_factory=list)
+    val_fraction: float = 0.125
+    test_fraction: float = 0.125
+    seed: int = 0
+    allow_shared_speakers: bool = False
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "ravdess"
+    raw: str = "data/raw"
+    prepared: str = "data/prepared"
+    include_song: bool = False
+    speaker_regex: str = r"^(?P<speaker>[^_\-]+)"
+    store_dtype: str = "int16"
+    workers: int = 0
+    split: SplitConfig = field(default_factory=SplitConfig)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cnn"
+    n_mels: int = 64
+    n_fft: int = 512
+    win_ms: float = 25.0
+    hop_ms: float = 10.0
+    f_min: float = 40.0
+    f_max: float = 8000.0
+    channels: int = 64
+    dropout: float = 0.3
+    freq_masks: int = 2
+    freq_mask_width: int = 8
+    time_masks: int = 2
+    time_mask_width: int = 20
+
+
+@dataclass
+class AugmentConfig:
+    gain_db: float = 6.0
+    noise_snr_db: float = 0.0
+    noise_prob: float = 0.0
+    time_shift_s: float = 0.3
+    speeds: list[float] = field(default_factory=lambda: [0.9, 1.0, 1.1])
+    mixup_alpha: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 40
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    strategy: str = "auto"
+    num_nodes: int = 1
+    precision: str = "auto"
+    limit_train_batches: float = 1.0
+    limit_val_batches: float = 1.0
+    log_every_n_steps: int = 10
+    deterministic: bool = True
+    max_time_minutes: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    run_name: str = ""
+    output_dir: str = "models"
+    seed: int = 42
+    batch_size: int = 32
+    num_workers: int = 0
+    clip_seconds: float = 3.0
+    trim_silence: bool = True
+    lr: float = 3e-3
+    weight_decay: float = 1e-3
+    label_smoothing: float = 0.1
+    scheduler: str = "onecycle"
+    early_stopping_patience: int = 0
+    monitor: str = "val/uar"
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = True
+    mode: str = "offline"
+    project: str = "knd"
+    entity: str = ""
+
+
+@dataclass
+class InferenceConfig:
+    model: str = "models/latest"
+    backend: str = "onnx"
+    batch_size: int = 32
+    workers: int = 0
+    window_s: float = 0.0
+    hop_s: float = 0.0
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    max_body_mb: float = 25.0
+    max_duration_s: float = 60.0
+    max_batch_files: int = 16
+    max_batch_size: int = 16
+    max_wait_ms: float = 5.0
+    log_sink: str = "predictions.sqlite"
+    log_flush_s: float = 10.0
+    monitoring_interval_s: float = 600.0
+
+
+@dataclass
+class DriftConfig:
+    min_samples: int = 30
+    p_value: float = 0.05
+    max_drifted_share: float = 0.3
+
+
+@dataclass
+class CloudConfig:
+    project: str = ""
+    region: str = "us-central1"
+    train_image: str = ""
+    serve_image: str = ""
+    machine: str = "n1-highcpu-32"
+    accelerator: str = ""
+    accelerator_count: int = 0
+    replicas: int = 1
+    spot: bool = False
+    timeout: str = "24h"
+    service_account: str = ""
+    base_output_dir: str = ""
+    service: str = "knd"
+    cpu: str = "2"
+    memory: str = "2Gi"
+    min_instances: int = 0
+    max_instances: int = 10
+    concurrency: int = 32
+    request_timeout_s: int = 60
+
+
+@dataclass
+class KndConfig:
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
+    cloud: CloudConfig = field(default_factory=CloudConfig)
+    labels: list[str] = field(default_factory=lambda: list(LABELS))
+
+
+def load_config(
+    files: list[str | Path] | None = None, overrides: list[str] | None = None
+) -> KndConfig:
+    """Merge config files (later wins) and `key=value` overrides onto the typed schema."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    merged = OmegaConf.structured(KndConfig)
+    for file in files or []:
+        merged = _merge(merged, _read_yaml(Path(file)), source=str(file))
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
+        try:
+            dotlist = OmegaConf.from_dotlist(list(overrides))
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"overrides: {_describe(exc)}") from None
+        merged = _merge(merged, dotlist, source="command line")
+    try:
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def to_yaml(cfg: KndConfig) -> str:
+    """The resolved configuration as YAML, as `knd config show` prints it."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: KndConfig) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(cfg)
+
+
+def _read_yaml(path: Path) -> Any:
+    from omegaconf import OmegaConf
+    from yaml import YAMLError
+
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        loaded = OmegaConf.load(path)
+    except (YAMLError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{path}: not valid YAML ({first})") from None
+    if not isinstance(loaded, type(OmegaConf.create({}))):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return loaded
+
+
+def _merge(base: Any, update: Any, source: str) -> Any:
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.merge(base, update)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{source}: {_describe(exc)}") from None
+
+
+def _describe(exc: Exception) -> str:
+    """Turn OmegaConf's multi-line messages into one line naming key and value."""
+    key = getattr(exc, "full_key", None)
+    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    name = type(exc).__name__
+    if name == "ConfigKeyError" and key:
+        return f"unknown key '{key}'"
+    if name == "ValidationError" and key:
+        return f"key '{key}': {message}"
+    return f"key '{key}': {message}" if key else message
