@@ -74,7 +74,9 @@ def decode(
     if size == 0:
         raise AudioError(label, "empty file (0 bytes)")
     if max_bytes is not None and size is not None and size > max_bytes:
-        raise AudioError(label, f"file is {size / 1e6:.1f} MB, over the {max_bytes / 1e6:.0f} MB limit")
+        raise AudioError(
+            label, f"file is {size / 1e6:.1f} MB, over the {max_bytes / 1e6:.0f} MB limit"
+        )
     _check_riff_length(fileobj, label, size)
     try:
         with fileobj, sf.SoundFile(fileobj) as snd:
@@ -154,8 +156,10 @@ def _read(snd, label: str, sample_rate: int, max_duration_s: float | None) -> Au
         raise AudioError(
             label, f"too long: {declared / orig_sr:.1f} s (limit {max_duration_s:g} s)"
         )
-    resampler = None if orig_sr == sample_rate else soxr.ResampleStream(
-        orig_sr, sample_rate, 1, dtype="float32", quality="HQ"
+    resampler = (
+        None
+        if orig_sr == sample_rate
+        else soxr.ResampleStream(orig_sr, sample_rate, 1, dtype="float32", quality="HQ")
     )
     pieces: list[np.ndarray] = []
     total = clipped = 0
@@ -198,18 +202,49 @@ def find_audio_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
     found: list[Path] = []
     for raw in paths:
         text = str(raw)
-        matches = [Path(m) for m in sorted(glob.glob(text, recursive=True))] if any(
-            c in text for c in "*?["
-        ) else [Path(text)]
+        matches = (
+            [Path(m) for m in sorted(glob.glob(text, recursive=True))]
+            if any(c in text for c in "*?[")
+            else [Path(text)]
+        )
         for path in matches:
             if path.is_dir():
                 found.extend(
-                    p for p in sorted(path.rglob("*"))
+                    p
+                    for p in sorted(path.rglob("*"))
                     if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS
                 )
             else:
                 found.append(path)
     return found
+
+
+def speech_bounds(
+    samples: np.ndarray, sample_rate: int, *, top_db: float = 40.0, margin_s: float = 0.1
+) -> tuple[int, int]:
+    """Start and stop sample of the part louder than the loudest frame minus `top_db`.
+
+    Acted-emotion corpora start with about a second of silence; training and prediction
+    both trim with this so a crop of a few seconds holds speech, not room tone.
+    """
+    frame = max(1, int(0.02 * sample_rate))
+    n = len(samples) // frame
+    if n < 2:
+        return 0, len(samples)
+    power = (samples[: n * frame].reshape(n, frame).astype(np.float64) ** 2).mean(axis=1)
+    db = 10 * np.log10(power + 1e-12)
+    if db.max() < -80:
+        return 0, len(samples)
+    loud = np.flatnonzero(db > db.max() - top_db)
+    margin = int(margin_s * sample_rate)
+    return max(0, int(loud[0]) * frame - margin), min(
+        len(samples), (int(loud[-1]) + 1) * frame + margin
+    )
+
+
+def trim_silence(samples: np.ndarray, sample_rate: int) -> np.ndarray:
+    start, stop = speech_bounds(samples, sample_rate)
+    return samples[start:stop]
 
 
 # ----------------------------------------------------------------------------- features
@@ -279,7 +314,7 @@ def audio_features(audio: Audio) -> dict[str, float]:
         "duration_s": audio.duration,
         "sample_rate": float(audio.orig_sample_rate),
         "channels": float(audio.channels),
-        "rms_dbfs": 20 * np.log10(rms),
+        "rms_dbfs": float(20 * np.log10(rms)),
         "peak": audio.peak,
         "clipping_ratio": audio.clipping_ratio,
         "silence_ratio": float(1.0 - (frame_db > -50.0).mean()),

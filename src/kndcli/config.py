@@ -63,7 +63,7 @@ class ModelConfig:
     hop_ms: float = 10.0
     f_min: float = 40.0
     f_max: float = 8000.0
-    channels: int = 64
+    channels: int = 48
     dropout: float = 0.3
     freq_masks: int = 2
     freq_mask_width: int = 8

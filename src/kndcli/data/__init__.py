@@ -1,0 +1,1 @@
+"""Prepared sets: manifest, speaker-independent splits, waveform store, reference features."""

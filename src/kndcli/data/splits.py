@@ -1,0 +1,68 @@
+"""Speaker-independent splits: a speaker's clips all land in one split."""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from collections.abc import Iterable
+
+from kndcli.config import SplitConfig
+from kndcli.errors import KndError
+
+SPLITS = ("train", "val", "test")
+
+
+def assign_speakers(speakers: dict[str, str], cfg: SplitConfig) -> dict[str, str]:
+    """Map speaker -> split from explicit lists, else seeded fractions balanced by gender.
+
+    `speakers` maps speaker id -> gender. Explicit lists win; any speaker not named in
+    them goes to train. Fractions are taken per gender so val and test keep the mix.
+    """
+    unknown = (set(cfg.val_speakers) | set(cfg.test_speakers)) - set(speakers)
+    if unknown:
+        raise KndError(
+            f"data.split: speakers {sorted(unknown)} are not in the dataset "
+            f"(known: {', '.join(sorted(speakers))})"
+        )
+    both = set(cfg.val_speakers) & set(cfg.test_speakers)
+    if both and not cfg.allow_shared_speakers:
+        raise KndError(f"data.split: speakers {sorted(both)} are listed for both val and test")
+    if cfg.val_speakers or cfg.test_speakers:
+        split = {s: "train" for s in speakers}
+        split.update({s: "val" for s in cfg.val_speakers})
+        split.update({s: "test" for s in cfg.test_speakers})
+        return split
+
+    if cfg.val_fraction < 0 or cfg.test_fraction < 0 or cfg.val_fraction + cfg.test_fraction >= 1:
+        raise KndError(
+            f"data.split: val_fraction={cfg.val_fraction} and test_fraction={cfg.test_fraction} "
+            "must be >= 0 and leave speakers for training"
+        )
+    by_gender: dict[str, list[str]] = defaultdict(list)
+    for speaker, gender in sorted(speakers.items()):
+        by_gender[gender].append(speaker)
+    rng = random.Random(cfg.seed)
+    split: dict[str, str] = {}
+    for gender in sorted(by_gender):
+        group = by_gender[gender]
+        rng.shuffle(group)
+        n_test = _count(len(group), cfg.test_fraction)
+        n_val = _count(len(group) - n_test, cfg.val_fraction / max(1e-9, 1 - cfg.test_fraction))
+        for i, speaker in enumerate(group):
+            split[speaker] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
+    return split
+
+
+def _count(n: int, fraction: float) -> int:
+    """Round a fraction of n speakers, keeping at least one when the fraction asks for any."""
+    if fraction <= 0 or n <= 1:
+        return 0
+    return min(n - 1, max(1, round(n * fraction)))
+
+
+def shared_speakers(rows: Iterable[dict[str, str]]) -> dict[str, set[str]]:
+    """Speakers that appear in more than one split, with the splits they appear in."""
+    seen: dict[str, set[str]] = defaultdict(set)
+    for row in rows:
+        seen[row["speaker"]].add(row["split"])
+    return {speaker: splits for speaker, splits in seen.items() if len(splits) > 1}

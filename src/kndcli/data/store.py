@@ -1,0 +1,122 @@
+"""The prepared set on disk: what training reads so it never decodes audio again.
+
+Layout of a prepared directory:
+    prepare.json    sample rate, sample dtype, counts, provenance
+    manifest.csv    one row per clip: path, label, speaker, gender, split, offset, length...
+    waveforms.bin   every clip's mono samples back to back (int16 or float32), memory-mapped
+    features.csv    per-clip audio features (`kndcli.audio.audio_features`), the drift reference
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from kndcli.errors import KndError
+
+MANIFEST = "manifest.csv"
+WAVEFORMS = "waveforms.bin"
+FEATURES = "features.csv"
+INFO = "prepare.json"
+MANIFEST_FIELDS = (
+    "id",
+    "path",
+    "label",
+    "speaker",
+    "gender",
+    "dataset",
+    "split",
+    "duration",
+    "orig_sample_rate",
+    "channels",
+    "offset",
+    "length",
+    "size",
+    "mtime_ns",
+)
+DTYPES = {"int16": np.int16, "float32": np.float32}
+
+
+@dataclass
+class PreparedSet:
+    """Read-only view of a prepared directory."""
+
+    root: Path
+    info: dict = field(default_factory=dict)
+    rows: list[dict[str, str]] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, root: str | Path) -> PreparedSet:
+        root = Path(root)
+        info_path = root / INFO
+        if not info_path.is_file():
+            raise KndError(
+                f"no prepared set at {root}: run 'knd data prepare' (or pass data.prepared=DIR)"
+            )
+        info = json.loads(info_path.read_text())
+        with (root / MANIFEST).open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        return cls(root=root, info=info, rows=rows)
+
+    @property
+    def sample_rate(self) -> int:
+        return int(self.info["sample_rate"])
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.info["labels"])
+
+    @cached_property
+    def samples(self) -> np.ndarray:
+        dtype = DTYPES[self.info["dtype"]]
+        path = self.root / WAVEFORMS
+        if path.stat().st_size == 0:
+            return np.zeros(0, dtype=dtype)
+        return np.memmap(path, dtype=dtype, mode="r")
+
+    def waveform(self, index: int) -> np.ndarray:
+        """Float32 samples of clip `index`, scaled to [-1, 1]."""
+        row = self.rows[index]
+        start, length = int(row["offset"]), int(row["length"])
+        raw = self.samples[start : start + length]
+        if raw.dtype == np.int16:
+            return raw.astype(np.float32) / 32768.0
+        return np.array(raw, dtype=np.float32)
+
+    def indices(self, split: str | None = None) -> list[int]:
+        return [i for i, row in enumerate(self.rows) if split is None or row["split"] == split]
+
+    def features(self) -> list[dict[str, float]]:
+        """The per-clip audio feature table, in manifest order."""
+        with (self.root / FEATURES).open(newline="") as handle:
+            return [
+                {k: (v if k == "id" else float(v)) for k, v in row.items()}
+                for row in csv.DictReader(handle)
+            ]
+
+
+def to_stored(samples: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "int16":
+        return (np.clip(samples, -1.0, 32767 / 32768) * 32768.0).round().astype(np.int16)
+    return samples.astype(np.float32)
+
+
+def write_manifest(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=MANIFEST_FIELDS)
+        writer.writeheader()
+        writer.writerows({k: row[k] for k in MANIFEST_FIELDS} for row in rows)
+
+
+def write_features(path: Path, ids: list[str], features: list[dict[str, float]]) -> None:
+    names = list(features[0]) if features else []
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", *names])
+        for clip_id, feats in zip(ids, features, strict=True):
+            writer.writerow([clip_id, *(f"{feats[n]:.6g}" for n in names)])

@@ -1,0 +1,1 @@
+"""Bundle loading and the Predictor: ONNX Runtime by default, no training stack imported."""

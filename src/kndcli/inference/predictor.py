@@ -1,0 +1,237 @@
+"""The Predictor: a bundle's model behind the shared audio path, batched and windowed.
+
+The ONNX path imports numpy, soundfile, soxr and onnxruntime only; `backend="torch"`
+rebuilds the torch model from `weights.safetensors` for parity checks and profiling.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kndcli.audio import Audio, AudioError, AudioSource, audio_features, decode, speech_bounds
+from kndcli.errors import KndError
+from kndcli.inference.bundle import ONNX_FILE, WEIGHTS_FILE, Bundle, load_bundle
+from kndcli.inference.windowing import make_windows
+
+
+@dataclass
+class Prediction:
+    """One clip's result; `error` is set instead of a label when the clip was unusable."""
+
+    source: str
+    label: str | None = None
+    confidence: float = 0.0
+    probabilities: dict[str, float] = field(default_factory=dict)
+    duration: float = 0.0
+    windows: list[dict[str, Any]] | None = None
+    features: dict[str, float] | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def top(self, k: int = 3) -> list[tuple[str, float]]:
+        return sorted(self.probabilities.items(), key=lambda kv: -kv[1])[:k]
+
+    def to_dict(self, timeline: bool = False) -> dict[str, Any]:
+        if self.error is not None:
+            return {"file": self.source, "error": self.error}
+        out: dict[str, Any] = {
+            "file": self.source,
+            "label": self.label,
+            "confidence": round(self.confidence, 6),
+            "probabilities": {k: round(v, 6) for k, v in self.probabilities.items()},
+            "duration": round(self.duration, 4),
+        }
+        if timeline and self.windows is not None:
+            out["windows"] = self.windows
+        return out
+
+
+class Predictor:
+    """Scores clips with a bundle's model. Thread-safe: ONNX Runtime sessions are."""
+
+    def __init__(self, bundle: Bundle, backend: str = "onnx", threads: int | None = None) -> None:
+        self.bundle = bundle
+        self.labels = bundle.labels
+        self.sample_rate = bundle.sample_rate
+        self.window = int(round(bundle.window_seconds * self.sample_rate))
+        self.hop = max(1, int(round(bundle.hop_seconds * self.sample_rate)))
+        self.backend = backend
+        if backend == "onnx":
+            self._run = self._onnx_runner(threads)
+        elif backend == "torch":
+            self._run = self._torch_runner()
+        else:
+            raise KndError(f"backend {backend!r}: choose 'onnx' or 'torch'")
+
+    @classmethod
+    def from_bundle(
+        cls, path: str | os.PathLike, backend: str = "onnx", threads: int | None = None
+    ) -> Predictor:
+        return cls(load_bundle(path), backend=backend, threads=threads)
+
+    # ------------------------------------------------------------------ runners
+    def _onnx_runner(self, threads: int | None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or (os.cpu_count() or 1)
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session = ort.InferenceSession(
+            str(self.bundle.path(ONNX_FILE)), options, providers=["CPUExecutionProvider"]
+        )
+        name = session.get_inputs()[0].name
+
+        def run(batch: np.ndarray) -> np.ndarray:
+            return session.run(None, {name: batch})[0]
+
+        self.session = session
+        return run
+
+    def _torch_runner(self):
+        import torch
+        from safetensors.torch import load_file
+
+        from kndcli.config import ModelConfig
+        from kndcli.models import build_model
+        from kndcli.models.emotion import WithProbabilities
+
+        model = build_model(
+            ModelConfig(**self.bundle.meta["model"]), len(self.labels), self.sample_rate
+        )
+        model.load_state_dict(load_file(str(self.bundle.path(WEIGHTS_FILE))))
+        wrapped = WithProbabilities(model).eval()
+
+        def run(batch: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return wrapped(torch.from_numpy(batch)).numpy()
+
+        return run
+
+    # ------------------------------------------------------------------ scoring
+    def decode(
+        self,
+        source: AudioSource,
+        *,
+        name: str | None = None,
+        max_duration_s: float | None = None,
+        max_bytes: int | None = None,
+    ) -> Audio:
+        return decode(
+            source,
+            sample_rate=self.sample_rate,
+            max_duration_s=max_duration_s,
+            max_bytes=max_bytes,
+            name=name,
+        )
+
+    def prepare(self, samples: np.ndarray) -> tuple[np.ndarray, list[int], int]:
+        """Trim as in training, then cut into model windows: (windows, starts, trim offset)."""
+        offset = 0
+        if self.bundle.trim_silence:
+            offset, stop = speech_bounds(samples, self.sample_rate)
+            samples = samples[offset:stop]
+        windows, starts = make_windows(samples, self.window, self.hop)
+        return windows, starts, offset
+
+    def score_batches(self, batches: list[np.ndarray], max_batch: int = 64) -> list[np.ndarray]:
+        """Probabilities for each clip's windows, running all windows in shared batches."""
+        if not batches:
+            return []
+        stacked = np.concatenate(batches)
+        out = np.concatenate(
+            [self._run(stacked[i : i + max_batch]) for i in range(0, len(stacked), max_batch)]
+        )
+        bounds = np.cumsum([0] + [len(b) for b in batches])
+        return [out[a:b] for a, b in itertools.pairwise(bounds)]
+
+    def predict_audios(
+        self, audios: list[Audio], *, timeline: bool = False, features: bool = False
+    ) -> list[Prediction]:
+        prepared = [self.prepare(a.samples) for a in audios]
+        probs = self.score_batches([w for w, _, _ in prepared])
+        return [
+            self._prediction(audio, p, starts, offset, timeline, features)
+            for audio, (_, starts, offset), p in zip(audios, prepared, probs, strict=True)
+        ]
+
+    def predict_audio(self, audio: Audio, **kwargs: bool) -> Prediction:
+        return self.predict_audios([audio], **kwargs)[0]
+
+    def _prediction(
+        self,
+        audio: Audio,
+        probs: np.ndarray,
+        starts: list[int],
+        offset: int,
+        timeline: bool,
+        features: bool,
+    ) -> Prediction:
+        mean = probs.mean(axis=0)
+        best = int(mean.argmax())
+        windows = None
+        if timeline:
+            windows = [
+                {
+                    "start": round((offset + s) / self.sample_rate, 3),
+                    "end": round((offset + s + self.window) / self.sample_rate, 3),
+                    "label": self.labels[int(p.argmax())],
+                    "confidence": round(float(p.max()), 6),
+                }
+                for s, p in zip(starts, probs, strict=True)
+            ]
+        return Prediction(
+            source=audio.source,
+            label=self.labels[best],
+            confidence=float(mean[best]),
+            probabilities={label: float(v) for label, v in zip(self.labels, mean, strict=True)},
+            duration=audio.duration,
+            windows=windows,
+            features=audio_features(audio) if features else None,
+        )
+
+    def predict_paths(
+        self,
+        paths: Iterable[str | os.PathLike],
+        *,
+        batch_size: int = 32,
+        workers: int = 0,
+        timeline: bool = False,
+        features: bool = False,
+        max_duration_s: float | None = None,
+    ) -> Iterator[Prediction]:
+        """Decode in a thread pool and score in batches; bad files yield error predictions."""
+        paths = [Path(p) for p in paths]
+        workers = workers or min(8, (os.cpu_count() or 1) * 2)
+
+        def load(path: Path) -> Audio | Prediction:
+            try:
+                return self.decode(path, max_duration_s=max_duration_s)
+            except AudioError as exc:
+                return Prediction(source=str(path), error=exc.problem)
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            pending: list[Audio | Prediction] = []
+            for item in pool.map(load, paths):
+                pending.append(item)
+                if len(pending) >= batch_size:
+                    yield from self._flush(pending, timeline, features)
+                    pending = []
+            yield from self._flush(pending, timeline, features)
+
+    def _flush(
+        self, items: list[Audio | Prediction], timeline: bool, features: bool
+    ) -> list[Prediction]:
+        audios = [item for item in items if isinstance(item, Audio)]
+        scored = iter(self.predict_audios(audios, timeline=timeline, features=features))
+        return [item if isinstance(item, Prediction) else next(scored) for item in items]

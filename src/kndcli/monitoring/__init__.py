@@ -1,0 +1,1 @@
+"""Prediction logs, the drift reference and drift reports."""

@@ -1,0 +1,76 @@
+"""Shared fixtures: generated audio, the shared RAVDESS actors, a tiny model bundle."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_RAVDESS = REPO.parent / "shared" / "data" / "ravdess"
+
+
+@pytest.fixture(scope="session")
+def ravdess_root() -> Path:
+    """The real RAVDESS actors beside the checkout (read-only)."""
+    if not SHARED_RAVDESS.is_dir():
+        pytest.skip(f"shared RAVDESS data not found at {SHARED_RAVDESS}")
+    return SHARED_RAVDESS
+
+
+def tone(seconds: float = 1.0, rate: int = 16000, freq: float = 220.0, amp: float = 0.3,
+         channels: int = 1) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    x = (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+    return np.repeat(x[:, None], channels, axis=1) if channels > 1 else x
+
+
+@pytest.fixture
+def wav_factory(tmp_path: Path) -> Callable[..., Path]:
+    """Write a real audio file: `wav_factory("a.wav", seconds=1, rate=8000, subtype="PCM_24")`."""
+
+    def make(name: str = "clip.wav", *, seconds: float = 1.0, rate: int = 16000,
+             freq: float = 220.0, amp: float = 0.3, channels: int = 1,
+             subtype: str | None = None, fmt: str | None = None) -> Path:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = tone(seconds, rate, freq, amp, channels)
+        sf.write(path, data, rate, subtype=subtype, format=fmt)
+        return path
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained but complete bundle (ONNX, safetensors, reference): fast to build."""
+    from kndcli.audio import Audio, audio_features
+    from kndcli.config import LABELS, ModelConfig
+    from kndcli.models import build_model
+    from kndcli.monitoring.reference import build_reference
+    from kndcli.training.export import write_bundle
+
+    out = tmp_path_factory.mktemp("bundle") / "tiny"
+    cfg = ModelConfig(channels=8)
+    model = build_model(cfg, len(LABELS), 16000)
+    rng = np.random.default_rng(0)
+    clips = [tone(2.0, freq=f) + 0.01 * rng.standard_normal(32000).astype(np.float32)
+             for f in (150, 200, 250, 300)]
+    feats = [audio_features(Audio(c, 16000, 16000, 1, "gen", 0.3, 0.0)) for c in clips]
+    reference = build_reference(feats, ["happy"] * 4, feats, ["sad"] * 4, ["sad"] * 4, [0.5] * 4)
+    meta = {
+        "name": "tiny",
+        "labels": list(LABELS),
+        "sample_rate": 16000,
+        "clip_seconds": 2.0,
+        "window_seconds": 2.0,
+        "hop_seconds": 1.0,
+        "trim_silence": True,
+        "model": asdict(cfg),
+        "metrics": {},
+    }
+    return write_bundle(model, out, meta, np.stack(clips[:2]), reference=reference)
