@@ -2,15 +2,97 @@
 
 from __future__ import annotations
 
-from kndcli.cli.common import ConfigOpt, OverridesArg
-from kndcli.errors import KndError
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kndcli.cli.common import ConfigOpt, JsonOpt, OverridesArg, build_config, console
 
 
-def train(config: ConfigOpt = None, overrides: OverridesArg = None) -> None:
+def train(
+    config: ConfigOpt = None,
+    overrides: OverridesArg = None,
+    resume: Annotated[
+        Path | None, typer.Option(help="Continue a run directory from its last checkpoint.")
+    ] = None,
+) -> None:
     """Train a model on the prepared set and write a model bundle."""
-    raise KndError("knd train is not yet available")
+    from kndcli.training.train import load_run_config
+    from kndcli.training.train import train as run_training
+
+    cfg = load_run_config(resume, overrides) if resume else build_config(config, overrides)
+    result = run_training(cfg)
+    if result is None:  # a non-zero rank of a distributed run
+        return
+    con = console()
+    con.print(f"[green]trained[/] {result.epochs} epochs in {result.seconds:.0f} s")
+    for split, m in result.metrics.items():
+        con.print(
+            f"  {split:<5} accuracy {m['accuracy']:.1%}  macro-F1 {m['macro_f1']:.1%}  "
+            f"UAR {m['uar']:.1%}  ({m['n_clips']} clips)"
+        )
+    con.print(f"bundle: {result.bundle_dir}")
+    con.print(
+        f"next:   knd evaluate {result.bundle_dir}  |  knd predict -m {result.bundle_dir} clip.wav"
+    )
 
 
-def evaluate() -> None:
+def evaluate(
+    bundle: Annotated[
+        Path | None, typer.Argument(help="Bundle directory (default: latest).")
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="Prepared set (default: data.prepared).")
+    ] = None,
+    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
+    backend: Annotated[str, typer.Option(help="onnx or torch.")] = "onnx",
+    out: Annotated[
+        Path | None, typer.Option(help="Write metrics JSON and confusion PNG here.")
+    ] = None,
+    json_out: JsonOpt = False,
+    config: ConfigOpt = None,
+    overrides: OverridesArg = None,
+) -> None:
     """Evaluate a bundle: accuracy, macro-F1, UAR, per class and per speaker."""
-    raise KndError("knd evaluate is not yet available")
+    from kndcli.data.store import PreparedSet
+    from kndcli.inference.bundle import resolve_model
+    from kndcli.inference.evaluate import evaluate_predictor, save_evaluation
+    from kndcli.inference.predictor import Predictor
+
+    cfg = build_config(config, overrides)
+    path = resolve_model(bundle, cfg.inference.model)
+    predictor = Predictor.from_bundle(path, backend=backend)
+    result = evaluate_predictor(predictor, PreparedSet.open(data or cfg.data.prepared), split)
+    json_path, png_path = save_evaluation(result, out or path / "eval")
+    if json_out:
+        typer.echo(json.dumps(result.summary()))
+        return
+    print_evaluation(result)
+    console().print(f"wrote {json_path} and {png_path}")
+
+
+def print_evaluation(result) -> None:
+    """A rich table per class and per speaker, with the headline figures above."""
+    from rich.table import Table
+
+    con = console()
+    con.print(
+        f"[bold]{result.split}[/]: {result.n_clips} clips  accuracy {result.accuracy:.1%}  "
+        f"macro-F1 {result.macro_f1:.1%}  UAR {result.uar:.1%}"
+    )
+    table = Table("class", "precision", "recall", "F1", "support")
+    for label, m in result.per_class.items():
+        table.add_row(
+            label,
+            f"{m['precision']:.2f}",
+            f"{m['recall']:.2f}",
+            f"{m['f1']:.2f}",
+            str(m["support"]),
+        )
+    con.print(table)
+    speakers = Table("speaker", "accuracy")
+    for speaker, acc in result.per_speaker.items():
+        speakers.add_row(speaker, f"{acc:.1%}")
+    con.print(speakers)

@@ -140,3 +140,11 @@ def mark_latest(bundle_dir: Path) -> None:
         tmp.unlink()
     tmp.symlink_to(bundle_dir.name)
     os.replace(tmp, link)
+
+
+def update_bundle(root: Path, updates: dict[str, Any], add_files: list[str] = ()) -> Path:
+    """Merge `updates` into bundle.json and re-hash its files plus `add_files`."""
+    meta = json.loads((root / BUNDLE_JSON).read_text())
+    files = list(meta.get("files", {})) + [f for f in add_files if f not in meta.get("files", {})]
+    meta.update(updates)
+    return write_bundle_json(root, meta, files)

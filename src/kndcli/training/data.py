@@ -1,0 +1,136 @@
+"""Datasets over the prepared store: crop/pad, waveform augmentation, the DataModule."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from kndcli.audio import speech_bounds
+from kndcli.config import AugmentConfig, TrainConfig
+from kndcli.data.store import PreparedSet
+from kndcli.inference.windowing import center_fit
+
+
+class WaveformDataset(Dataset):
+    """Clips of one split as fixed-length float32 waveforms and label indices.
+
+    Training: random crop (or random placement in zero padding), speed perturbation,
+    gain and noise. Evaluation: the centre crop, as the Predictor does for one window.
+    """
+
+    def __init__(
+        self,
+        prepared: PreparedSet,
+        indices: list[int],
+        labels: list[str],
+        clip_seconds: float,
+        *,
+        train: bool,
+        augment: AugmentConfig | None = None,
+        trim_silence: bool = True,
+        seed: int = 0,
+    ) -> None:
+        self.prepared = prepared
+        self.indices = indices
+        self.label_index = {label: i for i, label in enumerate(labels)}
+        self.length = int(clip_seconds * prepared.sample_rate)
+        self.train = train
+        self.augment = augment or AugmentConfig()
+        self.trim = trim_silence
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def targets(self) -> list[int]:
+        return [self.label_index[self.prepared.rows[i]["label"]] for i in self.indices]
+
+    def __getitem__(self, item: int) -> tuple[torch.Tensor, int]:
+        index = self.indices[item]
+        x = self.prepared.waveform(index)
+        if self.trim:
+            start, stop = speech_bounds(x, self.prepared.sample_rate)
+            x = x[start:stop]
+        if self.train:
+            rng = np.random.default_rng((self.seed, self.epoch, index))
+            x = self._augment(x, rng)
+        else:
+            x = center_fit(x, self.length)
+        label = self.label_index[self.prepared.rows[index]["label"]]
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), label
+
+    def _augment(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        aug = self.augment
+        if aug.speeds:
+            speed = float(rng.choice(aug.speeds))
+            if speed != 1.0 and len(x) > 1:
+                positions = np.arange(0, len(x) - 1, speed)
+                x = np.interp(positions, np.arange(len(x)), x).astype(np.float32)
+        x = _random_fit(x, self.length, rng)
+        if aug.gain_db > 0:
+            x = x * np.float32(10 ** (rng.uniform(-aug.gain_db, aug.gain_db) / 20))
+        if aug.noise_prob > 0 and rng.random() < aug.noise_prob:
+            power = float(np.mean(x**2)) + 1e-10
+            noise_power = power / 10 ** (aug.noise_snr_db / 10)
+            x = x + rng.standard_normal(len(x)).astype(np.float32) * np.float32(
+                np.sqrt(noise_power)
+            )
+        return x
+
+
+def _random_fit(x: np.ndarray, length: int, rng: np.random.Generator) -> np.ndarray:
+    """Random crop of a long clip, or random placement of a short one in silence."""
+    if len(x) >= length:
+        start = int(rng.integers(0, len(x) - length + 1))
+        return x[start : start + length]
+    out = np.zeros(length, dtype=np.float32)
+    start = int(rng.integers(0, length - len(x) + 1))
+    out[start : start + len(x)] = x
+    return out
+
+
+class PreparedDataModule(pl.LightningDataModule):
+    """Train/val/test loaders over one prepared directory."""
+
+    def __init__(self, prepared: PreparedSet, labels: list[str], cfg: TrainConfig) -> None:
+        super().__init__()
+        self.prepared = prepared
+        self.labels = labels
+        self.cfg = cfg
+
+    def dataset(self, split: str) -> WaveformDataset:
+        return WaveformDataset(
+            self.prepared,
+            self.prepared.indices(split),
+            self.labels,
+            self.cfg.clip_seconds,
+            train=split == "train",
+            augment=self.cfg.augment,
+            trim_silence=self.cfg.trim_silence,
+            seed=self.cfg.seed,
+        )
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        ds = self.dataset(split)
+        if split == "train" and self.trainer is not None:
+            ds.epoch = self.trainer.current_epoch
+        return DataLoader(
+            ds,
+            batch_size=self.cfg.batch_size,
+            shuffle=shuffle,
+            num_workers=self.cfg.num_workers,
+            persistent_workers=False,
+            drop_last=shuffle and len(ds) > self.cfg.batch_size,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

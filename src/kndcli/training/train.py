@@ -1,0 +1,261 @@
+"""`knd train`: prepared set -> Lightning fit -> self-describing model bundle."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kndcli.config import KndConfig, load_config, to_yaml
+from kndcli.data.store import PreparedSet
+from kndcli.errors import ConfigError, KndError
+
+CONFIG_FILE = "config.yaml"
+SCHEDULERS = ("onecycle", "cosine", "none")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    bundle_dir: str
+    best_checkpoint: str
+    epochs: int
+    seconds: float
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> KndConfig:
+    """The configuration a run was started with, for `knd train --resume RUN_DIR`."""
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise KndError(f"{run_dir}: not a knd run directory (no {CONFIG_FILE})")
+    cfg = load_config([path], overrides)
+    cfg.train.run_name = run_dir.name
+    cfg.train.output_dir = str(run_dir.parent)
+    return cfg
+
+
+def train(cfg: KndConfig) -> TrainResult | None:
+    """Fit, then (on rank 0) export, evaluate and write the bundle. Resumes when it can.
+
+    Returns None on non-zero ranks of a distributed run: only rank 0 writes the bundle.
+    """
+    started = time.perf_counter()
+    _check(cfg)
+    _apply_cluster_env(cfg)
+    import pytorch_lightning as pl
+
+    _quiet_libraries()
+    from kndcli.training.data import PreparedDataModule
+    from kndcli.training.module import EmotionClassifier
+
+    prepared = PreparedSet.open(cfg.data.prepared)
+    labels = _labels(cfg, prepared)
+    run_name = (
+        cfg.train.run_name or os.environ.get("KND_RUN_NAME") or time.strftime("run-%Y%m%d-%H%M%S")
+    )
+    os.environ["KND_RUN_NAME"] = run_name  # DDP workers re-run this command: same run dir
+    cfg.train.run_name = run_name
+    run_dir = Path(cfg.train.output_dir) / run_name
+    ckpt_dir = os.environ.get("AIP_CHECKPOINT_DIR") or str(run_dir / "checkpoints")
+    if _rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / (CONFIG_FILE + ".tmp")
+        tmp.write_text(to_yaml(cfg))
+        tmp.replace(run_dir / CONFIG_FILE)
+
+    pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    module = EmotionClassifier(
+        model=asdict(cfg.model),
+        labels=labels,
+        sample_rate=prepared.sample_rate,
+        lr=cfg.train.lr,
+        weight_decay=cfg.train.weight_decay,
+        label_smoothing=cfg.train.label_smoothing,
+        mixup_alpha=cfg.train.augment.mixup_alpha,
+        scheduler=cfg.train.scheduler,
+    )
+    datamodule = PreparedDataModule(prepared, labels, cfg.train)
+    trainer, checkpoint = _trainer(cfg, run_dir, ckpt_dir)
+    last = _existing_last(ckpt_dir)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=last)
+    if not trainer.is_global_zero:
+        return None
+
+    best = checkpoint.best_model_path or checkpoint.last_model_path
+    from kndcli.training.bundle import build_bundle
+
+    metrics = build_bundle(
+        cfg, prepared, labels, best, run_dir, epochs=trainer.current_epoch, resumed_from=last
+    )
+    return TrainResult(
+        run_dir=run_dir,
+        bundle_dir=os.environ.get("AIP_MODEL_DIR") or str(run_dir),
+        best_checkpoint=best,
+        epochs=trainer.current_epoch,
+        seconds=time.perf_counter() - started,
+        metrics=metrics,
+    )
+
+
+def _quiet_libraries() -> None:
+    """Keep the console to what a user acts on: no hardware banners, tips or deprecations."""
+    import logging
+    import warnings
+
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*number of training batches.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+
+def _check(cfg: KndConfig) -> None:
+    if cfg.train.scheduler not in SCHEDULERS:
+        raise ConfigError(
+            f"key 'train.scheduler': {cfg.train.scheduler!r} is not one of {', '.join(SCHEDULERS)}"
+        )
+    if cfg.train.clip_seconds <= 0:
+        raise ConfigError(f"key 'train.clip_seconds': must be > 0, got {cfg.train.clip_seconds}")
+    from kndcli.models import available_models
+
+    if cfg.model.name not in available_models():
+        raise ConfigError(
+            f"key 'model.name': unknown model {cfg.model.name!r} "
+            f"(available: {', '.join(available_models())})"
+        )
+
+
+def _apply_cluster_env(cfg: KndConfig) -> None:
+    """On Vertex AI, translate its cluster variables into what Lightning reads."""
+    from kndcli.cloud.vertex_env import lightning_env, num_nodes_from_env
+
+    os.environ.update(lightning_env(os.environ))
+    nodes = num_nodes_from_env(os.environ)
+    if nodes > 1:
+        cfg.train.trainer.num_nodes = nodes
+
+
+def _rank() -> int:
+    """Global rank before the Trainer exists: 0 in the launching process."""
+    node, local = int(os.environ.get("NODE_RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    return node * 1000 + local
+
+
+def _labels(cfg: KndConfig, prepared: PreparedSet) -> list[str]:
+    present = {row["label"] for row in prepared.rows if row["split"] == "train"}
+    if not present:
+        raise KndError(f"{prepared.root}: the train split is empty")
+    unknown = present - set(cfg.labels)
+    if unknown:
+        raise KndError(f"labels {sorted(unknown)} are not in the configured vocabulary")
+    labels = [label for label in cfg.labels if label in present]
+    if len(labels) < 2:
+        raise KndError(f"{prepared.root}: need at least two labels to train, found {labels}")
+    return labels
+
+
+def _existing_last(ckpt_dir: str) -> str | None:
+    import fsspec
+
+    path = f"{ckpt_dir.rstrip('/')}/last.ckpt"
+    fs, _, [stripped] = fsspec.get_fs_token_paths(path)
+    return path if fs.exists(stripped) else None
+
+
+def _trainer(cfg: KndConfig, run_dir: Path, ckpt_dir: str):
+    import pytorch_lightning as pl
+    import torch
+    from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+    from pytorch_lightning.loggers import CSVLogger
+
+    from kndcli.training.callbacks import EpochSummary, ValidationPlots
+    from kndcli.training.checkpoint_io import AtomicCheckpointIO
+
+    tc = cfg.train.trainer
+    checkpoint = ModelCheckpoint(
+        dirpath=ckpt_dir,
+        filename="best",
+        monitor=cfg.train.monitor,
+        mode="min" if cfg.train.monitor.endswith("loss") else "max",
+        save_last=True,
+        save_top_k=1,
+        auto_insert_metric_name=False,
+        enable_version_counter=False,
+    )
+    callbacks: list[Any] = [checkpoint, ValidationPlots(run_dir)]
+    loggers: list[Any] = [CSVLogger(save_dir=str(run_dir), name="logs", version="")]
+    if cfg.wandb.enabled and cfg.wandb.mode != "disabled":
+        loggers.append(_wandb_logger(cfg, run_dir))
+    callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+    if cfg.train.early_stopping_patience > 0:
+        callbacks.append(
+            EarlyStopping(
+                monitor=cfg.train.monitor,
+                patience=cfg.train.early_stopping_patience,
+                mode=checkpoint.mode,
+            )
+        )
+    interactive = sys.stderr.isatty()
+    if interactive:
+        from pytorch_lightning.callbacks import RichProgressBar
+
+        callbacks.append(RichProgressBar())
+    else:
+        callbacks.append(EpochSummary())
+    precision = tc.precision
+    if precision == "auto":
+        precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
+    trainer = pl.Trainer(
+        max_epochs=tc.max_epochs,
+        accelerator=tc.accelerator,
+        devices=tc.devices,
+        strategy=tc.strategy,
+        num_nodes=tc.num_nodes,
+        precision=precision,
+        deterministic="warn" if tc.deterministic else False,
+        logger=loggers,
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=str(run_dir),
+        reload_dataloaders_every_n_epochs=1,
+        limit_train_batches=tc.limit_train_batches,
+        limit_val_batches=tc.limit_val_batches,
+        log_every_n_steps=tc.log_every_n_steps,
+        max_time={"minutes": tc.max_time_minutes} if tc.max_time_minutes > 0 else None,
+        enable_progress_bar=interactive,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    return trainer, checkpoint
+
+
+def _wandb_logger(cfg: KndConfig, run_dir: Path):
+    """W&B offline by default; online only when configured. The key comes from WANDB_API_KEY."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return WandbLogger(
+        project=cfg.wandb.project,
+        entity=cfg.wandb.entity or None,
+        name=cfg.train.run_name,
+        id=cfg.train.run_name,
+        save_dir=str(run_dir),
+        offline=cfg.wandb.mode == "offline",
+        resume="allow",
+        config=asdict(cfg),
+    )
+
+
+def parity_batch(prepared: PreparedSet, indices: list[int], length: int, n: int = 8) -> np.ndarray:
+    """A few real clips, centre-fitted, for the ONNX-vs-torch parity check."""
+    from kndcli.inference.windowing import center_fit
+
+    chosen = indices[:: max(1, len(indices) // n)][:n]
+    return np.stack([center_fit(prepared.waveform(i), length) for i in chosen]).astype(np.float32)
