@@ -1,13 +1,227 @@
-"""`knd predict` and `knd export`."""
+"""`knd predict` and `knd export`.
+
+`knd predict` is the command people run most, often on one clip, so nothing heavy is
+imported until it is needed: no omegaconf without --config/--set, no rich for --json/--csv,
+and the ONNX path never imports torch.
+"""
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from kndcli.cli.common import ConfigOpt, ModelOpt, SetOpt
 from kndcli.errors import KndError
 
+if TYPE_CHECKING:
+    from kndcli.config import KndConfig
+    from kndcli.inference.predictor import Prediction, Predictor
 
-def predict() -> None:
-    """Predict the emotion of each clip."""
-    raise KndError("knd predict is not yet available")
+PROGRESS_MIN_FILES = 20
+
+
+def predict(
+    paths: Annotated[
+        list[str],
+        typer.Argument(
+            help="Audio files, directories (searched recursively) or globs.", show_default=False
+        ),
+    ],
+    model: ModelOpt = None,
+    backend: Annotated[
+        str | None, typer.Option(help="onnx (default) or torch.", show_default=False)
+    ] = None,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="One JSON object per line on stdout.")
+    ] = False,
+    csv_out: Annotated[bool, typer.Option("--csv", help="CSV on stdout.")] = False,
+    timeline: Annotated[
+        bool, typer.Option("--timeline", help="Per-window labels for clips longer than a window.")
+    ] = False,
+    progress: Annotated[
+        bool | None,
+        typer.Option(
+            "--progress/--no-progress",
+            help="Progress bar on stderr (default: on a terminal, for many files).",
+        ),
+    ] = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Predict the emotion of each clip: label, confidence and top-3 (table, JSON or CSV)."""
+    if json_out and csv_out:
+        raise KndError("choose one of --json and --csv")
+    cfg = _config(config, overrides)
+    from kndcli.audio import find_audio_files
+    from kndcli.inference.bundle import resolve_model
+
+    files = find_audio_files(paths)
+    if not files:
+        raise KndError(f"no audio files found in {' '.join(paths)}")
+    bundle = resolve_model(model, default=cfg.inference.model)
+    predictor = load_predictor(bundle, cfg, backend)
+    predictions = predictor.predict_paths(
+        files,
+        batch_size=cfg.inference.batch_size,
+        workers=cfg.inference.workers,
+        timeline=timeline,
+        max_duration_s=cfg.audio.max_duration_s,
+    )
+    if progress is None:
+        progress = len(files) >= PROGRESS_MIN_FILES and sys.stderr.isatty()
+    if progress:
+        predictions = _with_progress(predictions, len(files))
+    if json_out:
+        failed = _write_json(predictions, timeline)
+    elif csv_out:
+        failed = _write_csv(predictions, predictor.labels, timeline)
+    else:
+        failed = _write_table(predictions, timeline)
+    if failed:
+        print(f"{failed} of {len(files)} files failed", file=sys.stderr)
+        raise typer.Exit(1)
+
+
+def load_predictor(bundle: Path, cfg: KndConfig, backend: str | None = None) -> Predictor:
+    """The bundle's Predictor, with the configured window and hop when they are set."""
+    from kndcli.inference.predictor import Predictor
+
+    inf = cfg.inference
+    predictor = Predictor.from_bundle(bundle, backend=backend or inf.backend)
+    if inf.window_s > 0:
+        predictor.window = int(round(inf.window_s * predictor.sample_rate))
+    if inf.hop_s > 0:
+        predictor.hop = max(1, int(round(inf.hop_s * predictor.sample_rate)))
+    return predictor
+
+
+def _config(files: list[Path] | None, overrides: list[str] | None) -> KndConfig:
+    """The defaults need no YAML parser; omegaconf is imported only to merge files or --set."""
+    if files or overrides:
+        from kndcli.cli.common import build_config
+
+        return build_config(files, overrides)
+    from kndcli.config import KndConfig
+
+    return KndConfig()
+
+
+def _error_line(pred: Prediction) -> None:
+    print(f"error: {pred.source}: {pred.error}", file=sys.stderr, flush=True)
+
+
+def _with_progress(predictions: Iterable[Prediction], total: int) -> Iterator[Prediction]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from kndcli.cli.common import console
+
+    columns = (
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console(stderr=True), transient=True) as bar:
+        task = bar.add_task("scoring", total=total)
+        for pred in predictions:
+            bar.advance(task)
+            yield pred
+
+
+def _write_json(predictions: Iterable[Prediction], timeline: bool) -> int:
+    import json
+
+    failed = 0
+    out = sys.stdout
+    for pred in predictions:
+        if not pred.ok:
+            failed += 1
+            _error_line(pred)
+        out.write(json.dumps(pred.to_dict(timeline=timeline)) + "\n")
+        out.flush()
+    return failed
+
+
+def _write_csv(predictions: Iterable[Prediction], labels: list[str], timeline: bool) -> int:
+    import csv
+
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    if timeline:
+        writer.writerow(["file", "start", "end", "label", "confidence", "error"])
+    else:
+        writer.writerow(["file", "label", "confidence", "duration", *labels, "error"])
+    failed = 0
+    for pred in predictions:
+        if not pred.ok:
+            failed += 1
+            _error_line(pred)
+            writer.writerow(
+                [pred.source, "", "", "", *([] if timeline else [""] * len(labels)), pred.error]
+            )
+        elif timeline:
+            for w in pred.windows or []:
+                writer.writerow(
+                    [pred.source, w["start"], w["end"], w["label"], w["confidence"], ""]
+                )
+        else:
+            writer.writerow(
+                [
+                    pred.source,
+                    pred.label,
+                    f"{pred.confidence:.6f}",
+                    f"{pred.duration:.4f}",
+                    *(f"{pred.probabilities[label]:.6f}" for label in labels),
+                    "",
+                ]
+            )
+        sys.stdout.flush()
+    return failed
+
+
+def _write_table(predictions: Iterable[Prediction], timeline: bool) -> int:
+    from rich.table import Table
+
+    from kndcli.cli.common import console
+
+    table = Table(show_edge=False, pad_edge=False)
+    table.add_column("file", overflow="fold")
+    if timeline:
+        table.add_column("window", justify="right")
+    table.add_column("label")
+    table.add_column("confidence", justify="right")
+    table.add_column("top-3")
+    failed = 0
+    for pred in predictions:
+        if not pred.ok:
+            failed += 1
+            _error_line(pred)
+            table.add_row(
+                pred.source,
+                *([""] if timeline else []),
+                "[red]error[/]",
+                "",
+                f"[red]{pred.error}[/]",
+            )
+            continue
+        top3 = ", ".join(f"{label} {p:.2f}" for label, p in pred.top(3))
+        if timeline:
+            table.add_row(pred.source, "all", pred.label, f"{pred.confidence:.3f}", top3)
+            for w in pred.windows or []:
+                table.add_row(
+                    "",
+                    f"{w['start']:.1f}-{w['end']:.1f} s",
+                    w["label"],
+                    f"{w['confidence']:.3f}",
+                    "",
+                )
+        else:
+            table.add_row(pred.source, pred.label, f"{pred.confidence:.3f}", top3)
+    console().print(table)
+    return failed
 
 
 def export() -> None:
