@@ -22,8 +22,13 @@ def ravdess_root() -> Path:
     return SHARED_RAVDESS
 
 
-def tone(seconds: float = 1.0, rate: int = 16000, freq: float = 220.0, amp: float = 0.3,
-         channels: int = 1) -> np.ndarray:
+def tone(
+    seconds: float = 1.0,
+    rate: int = 16000,
+    freq: float = 220.0,
+    amp: float = 0.3,
+    channels: int = 1,
+) -> np.ndarray:
     t = np.arange(int(seconds * rate)) / rate
     x = (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)
     return np.repeat(x[:, None], channels, axis=1) if channels > 1 else x
@@ -33,9 +38,17 @@ def tone(seconds: float = 1.0, rate: int = 16000, freq: float = 220.0, amp: floa
 def wav_factory(tmp_path: Path) -> Callable[..., Path]:
     """Write a real audio file: `wav_factory("a.wav", seconds=1, rate=8000, subtype="PCM_24")`."""
 
-    def make(name: str = "clip.wav", *, seconds: float = 1.0, rate: int = 16000,
-             freq: float = 220.0, amp: float = 0.3, channels: int = 1,
-             subtype: str | None = None, fmt: str | None = None) -> Path:
+    def make(
+        name: str = "clip.wav",
+        *,
+        seconds: float = 1.0,
+        rate: int = 16000,
+        freq: float = 220.0,
+        amp: float = 0.3,
+        channels: int = 1,
+        subtype: str | None = None,
+        fmt: str | None = None,
+    ) -> Path:
         path = tmp_path / name
         path.parent.mkdir(parents=True, exist_ok=True)
         data = tone(seconds, rate, freq, amp, channels)
@@ -58,8 +71,10 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg = ModelConfig(channels=8)
     model = build_model(cfg, len(LABELS), 16000)
     rng = np.random.default_rng(0)
-    clips = [tone(2.0, freq=f) + 0.01 * rng.standard_normal(32000).astype(np.float32)
-             for f in (150, 200, 250, 300)]
+    clips = [
+        tone(2.0, freq=f) + 0.01 * rng.standard_normal(32000).astype(np.float32)
+        for f in (150, 200, 250, 300)
+    ]
     feats = [audio_features(Audio(c, 16000, 16000, 1, "gen", 0.3, 0.0)) for c in clips]
     reference = build_reference(feats, ["happy"] * 4, feats, ["sad"] * 4, ["sad"] * 4, [0.5] * 4)
     meta = {
@@ -74,3 +89,80 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "metrics": {},
     }
     return write_bundle(model, out, meta, np.stack(clips[:2]), reference=reference)
+
+
+@pytest.fixture(scope="session")
+def ravdess_two_actors(ravdess_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Actors 01 (WAV, two stereo files) and 05 (FLAC, one stereo file), linked, not copied."""
+    root = tmp_path_factory.mktemp("ravdess2")
+    for actor in ("Actor_01", "Actor_05"):
+        (root / actor).mkdir()
+        for src in sorted((ravdess_root / actor).iterdir()):
+            (root / actor / src.name).symlink_to(src)
+    return root
+
+
+@pytest.fixture(scope="session")
+def synth_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four synthetic actors (240 clips), prepared: 2 train, 1 val, 1 test speaker."""
+    from kndcli.config import load_config
+    from kndcli.data.prepare import prepare_dataset
+    from kndcli.datasets.synth import synthesize
+
+    base = tmp_path_factory.mktemp("synth")
+    synthesize(base / "raw", actors=4, seed=0)
+    cfg = load_config(
+        overrides=[
+            "data.dataset=synth",
+            f"data.raw={base / 'raw'}",
+            f"data.prepared={base / 'prepared'}",
+            "data.split.val_speakers=['02']",
+            "data.split.test_speakers=['03']",
+        ]
+    )
+    prepare_dataset(cfg)
+    return base / "prepared"
+
+
+def ravdess_clips(root: Path, actors: range | list[int]) -> list[Path]:
+    """The speech clips of the given RAVDESS actors, sorted."""
+    from kndcli.audio import find_audio_files
+
+    return find_audio_files([root / f"Actor_{a:02d}" for a in actors])
+
+
+@pytest.fixture(scope="session")
+def drift_bundle(tiny_bundle: Path, ravdess_root: Path, tmp_path_factory) -> Path:
+    """A copy of `tiny_bundle` whose reference is real speech: features of RAVDESS actors
+    01-10 (train rows) and the model's predictions on actors 11-12 (val rows)."""
+    import json
+    import shutil
+
+    from kndcli.audio import audio_features, decode
+    from kndcli.inference.bundle import BUNDLE_JSON, REFERENCE_FILE, write_bundle_json
+    from kndcli.inference.predictor import Predictor
+    from kndcli.monitoring.reference import build_reference
+
+    root = tmp_path_factory.mktemp("drift") / "bundle"
+    shutil.copytree(tiny_bundle, root)
+    train = ravdess_clips(ravdess_root, range(1, 11))
+    train_feats = [audio_features(decode(p)) for p in train]
+    val = [
+        p
+        for p in Predictor.from_bundle(root).predict_paths(
+            ravdess_clips(ravdess_root, [11, 12]), features=True
+        )
+        if p.ok
+    ]
+    reference = build_reference(
+        train_feats,
+        ["?"] * len(train_feats),
+        [p.features for p in val],
+        ["?"] * len(val),
+        [p.label for p in val],
+        [p.confidence for p in val],
+    )
+    reference.to_parquet(root / REFERENCE_FILE, index=False)
+    meta = json.loads((root / BUNDLE_JSON).read_text())
+    write_bundle_json(root, meta, list(meta["files"]))
+    return root

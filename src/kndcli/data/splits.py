@@ -18,19 +18,21 @@ def assign_speakers(speakers: dict[str, str], cfg: SplitConfig) -> dict[str, str
     `speakers` maps speaker id -> gender. Explicit lists win; any speaker not named in
     them goes to train. Fractions are taken per gender so val and test keep the mix.
     """
-    unknown = (set(cfg.val_speakers) | set(cfg.test_speakers)) - set(speakers)
+    val_speakers = _canonical(cfg.val_speakers, speakers)
+    test_speakers = _canonical(cfg.test_speakers, speakers)
+    unknown = (set(val_speakers) | set(test_speakers)) - set(speakers)
     if unknown:
         raise KndError(
             f"data.split: speakers {sorted(unknown)} are not in the dataset "
             f"(known: {', '.join(sorted(speakers))})"
         )
-    both = set(cfg.val_speakers) & set(cfg.test_speakers)
+    both = set(val_speakers) & set(test_speakers)
     if both and not cfg.allow_shared_speakers:
         raise KndError(f"data.split: speakers {sorted(both)} are listed for both val and test")
-    if cfg.val_speakers or cfg.test_speakers:
+    if val_speakers or test_speakers:
         split = {s: "train" for s in speakers}
-        split.update({s: "val" for s in cfg.val_speakers})
-        split.update({s: "test" for s in cfg.test_speakers})
+        split.update({s: "val" for s in val_speakers})
+        split.update({s: "test" for s in test_speakers})
         return split
 
     if cfg.val_fraction < 0 or cfg.test_fraction < 0 or cfg.val_fraction + cfg.test_fraction >= 1:
@@ -42,15 +44,33 @@ def assign_speakers(speakers: dict[str, str], cfg: SplitConfig) -> dict[str, str
     for speaker, gender in sorted(speakers.items()):
         by_gender[gender].append(speaker)
     rng = random.Random(cfg.seed)
-    split: dict[str, str] = {}
     for gender in sorted(by_gender):
-        group = by_gender[gender]
-        rng.shuffle(group)
-        n_test = _count(len(group), cfg.test_fraction)
-        n_val = _count(len(group) - n_test, cfg.val_fraction / max(1e-9, 1 - cfg.test_fraction))
-        for i, speaker in enumerate(group):
-            split[speaker] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
+        rng.shuffle(by_gender[gender])
+    # Interleave the genders so every prefix of the order is as balanced as it can be.
+    order: list[str] = []
+    groups = [by_gender[g] for g in sorted(by_gender)]
+    for i in range(max(len(g) for g in groups)):
+        order.extend(g[i] for g in groups if i < len(g))
+    n = len(order)
+    n_test = _count(n, cfg.test_fraction)
+    n_val = _count(n - n_test, cfg.val_fraction)
+    if n - n_test - n_val < 1:
+        raise KndError(f"data.split: {n} speakers are too few for train, val and test splits")
+    split: dict[str, str] = {}
+    for i, speaker in enumerate(order):
+        split[speaker] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
     return split
+
+
+def _canonical(requested: list[str], known: dict[str, str]) -> list[str]:
+    """Match '1' to '01': YAML and key=value overrides read `[01, 02]` as integers."""
+    by_number = {int(s): s for s in known if s.isdigit()}
+    out = []
+    for speaker in map(str, requested):
+        if speaker not in known and speaker.isdigit() and int(speaker) in by_number:
+            speaker = by_number[int(speaker)]
+        out.append(speaker)
+    return out
 
 
 def _count(n: int, fraction: float) -> int:

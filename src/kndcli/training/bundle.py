@@ -42,6 +42,7 @@ def build_bundle(
     *,
     epochs: int,
     resumed_from: str | None,
+    world_size: int = 1,
 ) -> dict[str, Any]:
     """Write the bundle into run_dir, evaluate it on val and test, add the drift reference."""
     from kndcli.training.train import parity_batch
@@ -65,7 +66,12 @@ def build_bundle(
             "clips": counts,
             "speakers": prepared.info.get("speakers"),
         },
-        "training": {"epochs": epochs, "best_checkpoint": checkpoint, "resumed_from": resumed_from},
+        "training": {
+            "epochs": epochs,
+            "best_checkpoint": checkpoint,
+            "resumed_from": resumed_from,
+            "world_size": world_size,
+        },
     }
     length = int(clip * prepared.sample_rate)
     probe = prepared.indices("val") or prepared.indices("train")

@@ -91,7 +91,14 @@ def train(cfg: KndConfig) -> TrainResult | None:
     from kndcli.training.bundle import build_bundle
 
     metrics = build_bundle(
-        cfg, prepared, labels, best, run_dir, epochs=trainer.current_epoch, resumed_from=last
+        cfg,
+        prepared,
+        labels,
+        best,
+        run_dir,
+        epochs=trainer.current_epoch,
+        resumed_from=last,
+        world_size=trainer.world_size,
     )
     return TrainResult(
         run_dir=run_dir,
@@ -133,11 +140,16 @@ def _check(cfg: KndConfig) -> None:
 
 
 def _apply_cluster_env(cfg: KndConfig) -> None:
-    """On Vertex AI, translate its cluster variables into what Lightning reads."""
-    from kndcli.cloud.vertex_env import lightning_env, num_nodes_from_env
+    """On Vertex AI, translate its cluster variables into what Lightning reads.
 
-    os.environ.update(lightning_env(os.environ))
-    nodes = num_nodes_from_env(os.environ)
+    Only the launching process translates (Lightning's own DDP children already carry
+    process-level WORLD_SIZE); the node count travels to them in KND_NUM_NODES.
+    """
+    from kndcli.cloud.vertex_env import apply_lightning_env
+
+    if "LOCAL_RANK" not in os.environ and os.environ.get("CLUSTER_SPEC"):
+        os.environ["KND_NUM_NODES"] = str(apply_lightning_env(os.environ))
+    nodes = int(os.environ.get("KND_NUM_NODES", "0") or 0)
     if nodes > 1:
         cfg.train.trainer.num_nodes = nodes
 

@@ -1,0 +1,5 @@
+"""`python -m kndcli` runs the `knd` command."""
+
+from kndcli.cli.main import main
+
+main()

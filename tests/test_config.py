@@ -1,0 +1,99 @@
+"""Typed configuration: files, overrides, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kndcli.config import KndConfig, load_config
+from kndcli.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_file_matches_schema():
+    assert load_config([REPO / "configs" / "default.yaml"]) == KndConfig()
+
+
+def test_experiment_configs_load():
+    for name in ("exp1.yaml", "exp2.yaml"):
+        cfg = load_config([REPO / "configs" / name])
+        assert isinstance(cfg, KndConfig)
+
+
+def test_later_files_and_overrides_win(tmp_path):
+    a = tmp_path / "a.yaml"
+    b = tmp_path / "b.yaml"
+    a.write_text("train:\n  lr: 0.1\n  batch_size: 8\n")
+    b.write_text("train:\n  lr: 0.2\n")
+    cfg = load_config([a, b], ["train.batch_size=4", "data.split.test_speakers=[01,02]"])
+    assert cfg.train.lr == 0.2
+    assert cfg.train.batch_size == 4
+    assert [int(s) for s in cfg.data.split.test_speakers] == [1, 2]
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key 'train.learning_rate'"):
+        load_config([bad])
+
+
+def test_wrong_type_names_key_and_value():
+    with pytest.raises(ConfigError, match=r"key 'train.lr'.*'fast'"):
+        load_config(overrides=["train.lr=fast"])
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="nothere.yaml: config file not found"):
+        load_config(["nothere.yaml"])
+
+
+def test_not_a_mapping(tmp_path):
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="list.yaml: top level must be a mapping"):
+        load_config([bad])
+
+
+def test_override_without_equals():
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        load_config(overrides=["train.lr"])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train.nope=1"], "unknown key 'train.nope'"),
+        (["train.batch_size=big"], "key 'train.batch_size'"),
+        (["--config", "missing.yaml"], "missing.yaml: config file not found"),
+    ],
+)
+def test_cli_config_errors_are_one_line_exit_2(args, message):
+    proc = subprocess.run(
+        [sys.executable, "-m", "kndcli", "config", "show", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_config_show_prints_resolved_yaml():
+    proc = subprocess.run(
+        [sys.executable, "-m", "kndcli", "config", "show", "train.lr=0.5"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert proc.returncode == 0
+    assert "lr: 0.5" in proc.stdout
+    assert "sample_rate: 16000" in proc.stdout

@@ -1,0 +1,147 @@
+"""`knd data prepare` and `knd data split-report` on real RAVDESS files and generated audio."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from kndcli.audio import decode
+from kndcli.cli.main import app
+from kndcli.config import load_config
+from kndcli.data.prepare import prepare_dataset
+from kndcli.data.store import PreparedSet
+from kndcli.errors import KndError
+
+runner = CliRunner()
+
+
+def _cfg(raw: Path, out: Path, *extra: str):
+    return load_config(
+        overrides=["data.dataset=ravdess", f"data.raw={raw}", f"data.prepared={out}", *extra]
+    )
+
+
+@pytest.fixture
+def two_actor_copy(ravdess_two_actors: Path, tmp_path: Path) -> Path:
+    """A writable copy (of the links) so a test can add or touch files."""
+    root = tmp_path / "raw"
+    shutil.copytree(ravdess_two_actors, root, symlinks=True)
+    return root
+
+
+def test_prepares_real_ravdess_with_stereo_and_flac(ravdess_two_actors, tmp_path):
+    out = tmp_path / "prep"
+    result = prepare_dataset(_cfg(ravdess_two_actors, out, "data.split.test_speakers=['05']"))
+    assert result.n_clips == 120
+    assert result.failures == []
+    ps = PreparedSet.open(out)
+    assert ps.sample_rate == 16000
+    assert {r["split"] for r in ps.rows if r["speaker"] == "05"} == {"test"}
+    assert {r["split"] for r in ps.rows if r["speaker"] == "01"} == {"train"}
+    stereo = {Path(r["path"]).name for r in ps.rows if r["channels"] == "2"}
+    assert stereo == {
+        "03-01-02-01-01-02-01.wav",
+        "03-01-08-01-02-02-01.wav",
+        "03-01-02-01-02-02-05.flac",
+    }
+    assert {r["orig_sample_rate"] for r in ps.rows} == {"48000"}
+    # The stored waveform is what the shared audio path decodes (to int16 precision).
+    i = next(i for i, r in enumerate(ps.rows) if r["path"].endswith(".flac"))
+    expected = decode(ps.rows[i]["path"]).samples
+    assert np.abs(ps.waveform(i) - expected).max() < 1e-4
+    assert len(ps.features()) == 120
+
+
+def test_bad_file_is_reported_and_skipped(two_actor_copy, tmp_path):
+    bad = two_actor_copy / "Actor_01" / "03-01-05-02-02-02-01.wav"
+    bad.unlink()
+    bad.write_bytes(b"RIFF....WAVEjunk")
+    result = prepare_dataset(_cfg(two_actor_copy, tmp_path / "prep"))
+    assert result.n_clips == 119
+    assert len(result.failures) == 1
+    assert "03-01-05-02-02-02-01.wav" in result.failures[0]
+    with pytest.raises(KndError, match="03-01-05-02-02-02-01.wav"):
+        prepare_dataset(_cfg(two_actor_copy, tmp_path / "strict"), strict=True)
+
+
+def test_rerun_reuses_unchanged_clips(two_actor_copy, tmp_path):
+    cfg = _cfg(two_actor_copy, tmp_path / "prep")
+    first = prepare_dataset(cfg)
+    assert first.n_reused == 0
+    again = prepare_dataset(cfg)
+    assert again.n_reused == 120
+    link = next((two_actor_copy / "Actor_05").iterdir())
+    target = link.resolve()
+    link.unlink()
+    shutil.copy(target, link)  # a new file at the same path: different size/mtime key
+    os.utime(link, ns=(1, 1))
+    third = prepare_dataset(cfg)
+    assert third.n_reused == 119
+    ps = PreparedSet.open(tmp_path / "prep")
+    assert len(ps.rows) == 120
+    assert ps.info["total_samples"] == sum(int(r["length"]) for r in ps.rows)
+
+
+def test_changed_sample_rate_reprocesses_everything(two_actor_copy, tmp_path):
+    prepare_dataset(_cfg(two_actor_copy, tmp_path / "prep"))
+    result = prepare_dataset(_cfg(two_actor_copy, tmp_path / "prep", "audio.sample_rate=8000"))
+    assert result.n_reused == 0
+    assert PreparedSet.open(tmp_path / "prep").sample_rate == 8000
+
+
+def test_cli_prepare_and_split_report(ravdess_two_actors, tmp_path):
+    out = tmp_path / "prep"
+    result = runner.invoke(
+        app,
+        [
+            "data",
+            "prepare",
+            "--dataset",
+            "ravdess",
+            "--raw",
+            str(ravdess_two_actors),
+            "--out",
+            str(out),
+            "data.split.test_speakers=['01']",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "prepared 120 clips" in result.output
+    report = runner.invoke(app, ["data", "split-report", "--prepared", str(out)])
+    assert report.exit_code == 0
+    assert "no speaker appears in more than one split" in report.output
+
+
+def test_split_report_fails_on_a_leaked_speaker(ravdess_two_actors, tmp_path):
+    out = tmp_path / "prep"
+    prepare_dataset(_cfg(ravdess_two_actors, out, "data.split.test_speakers=['01']"))
+    manifest = out / "manifest.csv"
+    rows = list(csv.DictReader(manifest.open()))
+    rows[0]["split"] = "test" if rows[0]["split"] == "train" else "train"
+    with manifest.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    report = runner.invoke(app, ["data", "split-report", "--prepared", str(out)])
+    assert report.exit_code == 1
+    assert "appears in" in report.output
+
+
+def test_split_lists_naming_unknown_speakers_fail(ravdess_two_actors, tmp_path):
+    with pytest.raises(KndError, match=r"speakers \['77'\] are not in the dataset"):
+        prepare_dataset(_cfg(ravdess_two_actors, tmp_path / "p", "data.split.test_speakers=['77']"))
+
+
+def test_synth_prepared_has_disjoint_speaker_splits(synth_prepared):
+    ps = PreparedSet.open(synth_prepared)
+    by_split = {
+        s: {r["speaker"] for r in ps.rows if r["split"] == s} for s in ("train", "val", "test")
+    }
+    assert by_split == {"train": {"01", "04"}, "val": {"02"}, "test": {"03"}}
+    assert len(ps.rows) == 240

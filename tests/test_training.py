@@ -1,0 +1,227 @@
+"""`knd train` / `knd evaluate` on generated audio: bundle, tracking, resume, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from kndcli.cli.main import app
+from kndcli.config import load_config
+from kndcli.data.store import PreparedSet
+from kndcli.inference.bundle import BundleError, load_bundle
+from kndcli.inference.predictor import Predictor
+from kndcli.inference.windowing import center_fit
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    "model.channels=8",
+    "train.clip_seconds=1.5",
+    "train.batch_size=16",
+    "train.trainer.max_epochs=2",
+    "train.trainer.limit_train_batches=4",
+    "train.trainer.log_every_n_steps=1",
+]
+
+
+def tiny_overrides(prepared: Path, out: Path, *extra: str) -> list[str]:
+    return [f"data.prepared={prepared}", f"train.output_dir={out}", *TINY, *extra]
+
+
+@pytest.fixture(scope="module")
+def trained_run(synth_prepared: Path, tmp_path_factory: pytest.TempPathFactory):
+    from kndcli.training.train import train
+
+    out = tmp_path_factory.mktemp("runs")
+    saved_key = os.environ.pop("WANDB_API_KEY", None)
+    try:
+        result = train(
+            load_config(overrides=tiny_overrides(synth_prepared, out, "train.run_name=t1"))
+        )
+    finally:
+        if saved_key is not None:
+            os.environ["WANDB_API_KEY"] = saved_key
+    return result
+
+
+def test_train_writes_a_complete_bundle(trained_run):
+    run = trained_run.run_dir
+    bundle = load_bundle(run)  # verifies every sha256
+    meta = bundle.meta
+    assert meta["labels"] == [
+        "neutral",
+        "calm",
+        "happy",
+        "sad",
+        "angry",
+        "fearful",
+        "disgust",
+        "surprised",
+    ]
+    assert meta["sample_rate"] == 16000 and meta["clip_seconds"] == 1.5
+    assert meta["model"]["name"] == "cnn" and meta["model"]["channels"] == 8
+    assert set(meta["files"]) == {"model.onnx", "weights.safetensors", "reference.parquet"}
+    assert meta["onnx"]["parity_max_abs_diff"] < 1e-4
+    assert meta["versions"]["torch"].startswith("2.11")
+    assert meta["data"]["clips"] == {"train": 120, "val": 60, "test": 60}
+    for split in ("val", "test"):
+        m = meta["metrics"][split]
+        assert 0 <= m["accuracy"] <= 1 and 0 <= m["uar"] <= 1 and m["n_clips"] == 60
+    for name in (
+        "config.yaml",
+        "learning_curve.png",
+        "confusion_val.png",
+        "eval/test_confusion.png",
+        "eval/test_metrics.json",
+        "logs/metrics.csv",
+        "checkpoints/last.ckpt",
+        "checkpoints/best.ckpt",
+    ):
+        assert (run / name).is_file(), name
+    assert (run.parent / "latest").resolve() == run.resolve()
+
+
+def test_wandb_runs_offline_without_a_key(trained_run):
+    offline = list((trained_run.run_dir / "wandb").glob("offline-run-*"))
+    assert offline, "no offline W&B run directory"
+    assert not list((trained_run.run_dir / "wandb").glob("run-*"))
+
+
+def test_reference_table_holds_train_features_and_val_predictions(trained_run):
+    import pandas as pd
+
+    ref = pd.read_parquet(trained_run.run_dir / "reference.parquet")
+    assert (ref["source"] == "train").sum() == 120
+    val = ref[ref["source"] == "val"]
+    assert len(val) == 60 and val["predicted"].notna().all()
+    assert ((val["confidence"] > 0) & (val["confidence"] <= 1)).all()
+
+
+def test_onnx_and_torch_agree_on_real_clips(trained_run, synth_prepared):
+    ps = PreparedSet.open(synth_prepared)
+    clips = [center_fit(ps.waveform(i), 24000) for i in ps.indices("test")[:6]]
+    onnx = Predictor.from_bundle(trained_run.run_dir)
+    torch_backend = Predictor.from_bundle(trained_run.run_dir, backend="torch")
+    batch = np.stack(clips).astype(np.float32)
+    assert np.abs(onnx._run(batch) - torch_backend._run(batch)).max() < 1e-4
+
+
+def test_tampered_bundle_is_refused(trained_run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(
+        trained_run.run_dir, copy, ignore=shutil.ignore_patterns("wandb", "checkpoints")
+    )
+    with (copy / "model.onnx").open("ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(BundleError, match="sha256 .* does not match"):
+        load_bundle(copy)
+
+
+def test_evaluate_cli_matches_bundle_metrics(trained_run, synth_prepared):
+    result = CliRunner().invoke(
+        app, ["evaluate", str(trained_run.run_dir), "--data", str(synth_prepared), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    expected = load_bundle(trained_run.run_dir).meta["metrics"]["test"]
+    assert summary["accuracy"] == pytest.approx(expected["accuracy"])
+    assert summary["per_speaker"].keys() == {"03"}
+    assert np.array(summary["confusion"]).sum() == 60
+
+
+def test_unknown_model_is_a_config_error(synth_prepared, tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kndcli",
+            "train",
+            *tiny_overrides(synth_prepared, tmp_path),
+            "model.name=transformer9000",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "unknown model 'transformer9000'" in proc.stderr
+
+
+def _knd(*args: str, **kwargs) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "kndcli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        **kwargs,
+    )
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill(synth_prepared, tmp_path):
+    args = [
+        "train",
+        *tiny_overrides(
+            synth_prepared,
+            tmp_path,
+            "train.run_name=killed",
+            "train.trainer.max_epochs=4",
+            "wandb.enabled=false",
+            "train.trainer.limit_train_batches=1.0",
+        ),
+    ]
+    proc = _knd(*args)
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert last.exists(), proc.stdout.read() if proc.poll() is not None else "no checkpoint"
+    time.sleep(1.0)  # into the second epoch
+    assert proc.poll() is None, "run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "bundle.json").exists()
+
+    resumed = _knd("train", "--resume", str(tmp_path / "killed"))
+    output, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, output
+    meta = load_bundle(tmp_path / "killed").meta
+    assert meta["training"]["resumed_from"].endswith("last.ckpt")
+    assert meta["training"]["epochs"] == 4
+    epochs = {
+        row.split(",")[0]
+        for row in (tmp_path / "killed" / "logs" / "metrics.csv").read_text().splitlines()
+    }
+    assert epochs
+
+
+@pytest.mark.slow
+def test_ddp_with_two_cpu_processes(synth_prepared, tmp_path):
+    proc = _knd(
+        "train",
+        *tiny_overrides(
+            synth_prepared,
+            tmp_path,
+            "train.run_name=ddp",
+            "wandb.enabled=false",
+            "train.trainer.strategy=ddp",
+            "train.trainer.devices=2",
+            "train.trainer.accelerator=cpu",
+        ),
+    )
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output
+    meta = load_bundle(tmp_path / "ddp").meta
+    assert meta["training"]["world_size"] == 2
