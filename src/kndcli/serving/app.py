@@ -1,0 +1,150 @@
+"""The FastAPI app factory. Importing this module does no work; the model loads in the lifespan.
+
+`create_app(settings)` for one process (tests, `knd serve`); `create_app_from_env()` is the
+zero-argument factory uvicorn calls in each worker process when `workers > 1`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import anyio.to_thread
+from fastapi import APIRouter, FastAPI
+
+from kndcli.serving.errors import install_error_handlers
+from kndcli.serving.metrics import Metrics, RequestStampMiddleware
+from kndcli.serving.settings import SETTINGS_ENV, ServeSettings
+
+log = logging.getLogger(__name__)
+
+# A hook entered after the model is loaded and exited before the log is closed, e.g. a
+# periodic drift check: `def hook(app) -> AbstractAsyncContextManager`.
+LifespanHook = Callable[[FastAPI], contextlib.AbstractAsyncContextManager[Any]]
+
+
+def _load_service(settings: ServeSettings, metrics: Metrics) -> Any:
+    """Bundle (sha256-checked), ONNX session, batcher and prediction log: the slow part."""
+    from kndcli.inference.predictor import Predictor
+    from kndcli.monitoring.predlog import open_log
+    from kndcli.serving.batcher import MicroBatcher
+    from kndcli.serving.service import ServiceState
+
+    predictor = Predictor.from_bundle(
+        settings.model, backend=settings.backend, threads=settings.threads or None
+    )
+    plog = open_log(settings.log_sink, flush_s=settings.log_flush_s)
+
+    def score(audios: list) -> list:
+        return predictor.predict_audios(audios, timeline=True)
+
+    batcher = MicroBatcher(
+        score,
+        max_batch_size=settings.max_batch_size,
+        max_wait_ms=settings.max_wait_ms,
+        on_batch=metrics.observe_batch,
+    )
+    return ServiceState(
+        settings=settings,
+        bundle=predictor.bundle,
+        predictor=predictor,
+        batcher=batcher,
+        log=plog,
+        metrics=metrics,
+    )
+
+
+def create_app(
+    settings: ServeSettings,
+    *,
+    extra_routers: Sequence[APIRouter] = (),
+    lifespan_hooks: Sequence[LifespanHook] = (),
+) -> FastAPI:
+    """A new app for `settings`. Cheap: nothing is loaded until the server starts it."""
+    from kndcli.serving.routes import router
+
+    metrics = Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service = await anyio.to_thread.run_sync(_load_service, settings, metrics)
+        app.state.service = service
+        app.state.bundle = service.bundle
+        app.state.log = service.log
+        app.state.predictor = service.predictor
+        app.state.batcher = service.batcher
+        metrics.model_info.labels(service.model_version).set(1)
+        metrics.ready.set(1)
+        log.info("serving %s (%s) from %s", service.model_version, settings.backend, settings.model)
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                for hook in lifespan_hooks:
+                    await stack.enter_async_context(hook(app))
+                yield
+        finally:
+            service.ready = False
+            metrics.ready.set(0)
+            # uvicorn has finished in-flight requests by now: drain the batcher, then make
+            # every acknowledged request's log record durable.
+            await anyio.to_thread.run_sync(service.batcher.close)
+            await anyio.to_thread.run_sync(service.log.close)
+
+    app = FastAPI(
+        title="knd",
+        summary="Speech emotion recognition",
+        version=_version(),
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.api_token = settings.token()
+    app.state.service = None
+    install_error_handlers(app)
+    app.include_router(router)
+    for extra in extra_routers:
+        app.include_router(extra)
+    app.add_middleware(RequestStampMiddleware, metrics=metrics)
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """uvicorn's factory in worker processes: settings come from KND_SERVE_SETTINGS."""
+    text = os.environ.get(SETTINGS_ENV)
+    if not text:
+        raise RuntimeError(f"{SETTINGS_ENV} is not set: start the service with 'knd serve'")
+    return create_app(ServeSettings.from_json(text))
+
+
+def run_server(
+    settings: ServeSettings, *, access_log: bool = False, log_level: str = "info"
+) -> None:
+    """Run uvicorn: the app object for one worker, an import string + factory for several."""
+    import uvicorn
+
+    common: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "access_log": access_log,
+        "log_level": log_level,
+        "timeout_graceful_shutdown": 20,
+        "server_header": False,
+    }
+    if settings.workers > 1:
+        os.environ[SETTINGS_ENV] = settings.to_json()
+        uvicorn.run(
+            "kndcli.serving.app:create_app_from_env",
+            factory=True,
+            workers=settings.workers,
+            **common,
+        )
+    else:
+        uvicorn.run(create_app(settings), **common)
+
+
+def _version() -> str:
+    from kndcli import __version__
+
+    return __version__

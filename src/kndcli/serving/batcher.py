@@ -1,0 +1,148 @@
+"""Dynamic micro-batching: concurrent requests share one forward pass.
+
+Requests put their decoded audio on a queue and await a future. One worker thread takes
+the first waiting item, then gathers more until the batch is full or `max_wait_ms` has
+passed since that first item, runs the model once on all of them and resolves each
+request's future. The event loop never runs the model, and the model never runs on more
+than one thread at a time, so ONNX Runtime's own threads are not oversubscribed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from typing import Any, Generic, TypeVar
+
+log = logging.getLogger(__name__)
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+
+_STOP = object()
+
+
+class BatcherClosedError(RuntimeError):
+    """The batcher is shutting down and takes no new work."""
+
+
+class MicroBatcher(Generic[In, Out]):
+    """Run `fn(list_of_items) -> list_of_results` on batches gathered from concurrent callers."""
+
+    def __init__(
+        self,
+        fn: Callable[[list[In]], Sequence[Out]],
+        *,
+        max_batch_size: int = 16,
+        max_wait_ms: float = 5.0,
+        on_batch: Callable[[int, float], None] | None = None,
+        name: str = "knd-batcher",
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be at least 1")
+        self.fn = fn
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max(0.0, max_wait_ms) / 1000
+        self.on_batch = on_batch
+        self.batches = 0  # forward passes run
+        self.items = 0  # items scored
+        self.largest_batch = 0
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ callers
+    def submit_future(self, item: In) -> Future[Out]:
+        """Queue one item; its result (or exception) arrives on the returned future."""
+        if self._closed:
+            raise BatcherClosedError("the service is shutting down")
+        future: Future[Out] = Future()
+        self._queue.put((item, future))
+        return future
+
+    async def submit(self, item: In, timeout: float | None = None) -> Out:
+        """Await one item's result from the event loop, without blocking it."""
+        future = self.submit_future(item)
+        return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Finish the queued work, then stop the worker thread."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+
+    # ------------------------------------------------------------------ worker
+    def _gather(self, first: tuple[In, Future[Out]]) -> tuple[list[tuple[In, Future[Out]]], bool]:
+        batch = [first]
+        deadline = time.monotonic() + self.max_wait_s
+        while len(batch) < self.max_batch_size:
+            remaining = deadline - time.monotonic()
+            try:
+                entry = (
+                    self._queue.get(timeout=remaining)
+                    if remaining > 0
+                    else (self._queue.get_nowait())
+                )
+            except queue.Empty:
+                break
+            if entry is _STOP:
+                return batch, True
+            batch.append(entry)
+        return batch, False
+
+    def _loop(self) -> None:
+        stop = False
+        while not stop:
+            entry = self._queue.get()
+            if entry is _STOP:
+                break
+            batch, stop = self._gather(entry)
+            # A caller that gave up (timeout, disconnect) cancelled its future: skip it.
+            live = [(item, fut) for item, fut in batch if fut.set_running_or_notify_cancel()]
+            if live:
+                self._run(live)
+        # Anything queued after the stop marker is refused, not left hanging.
+        while True:
+            try:
+                entry = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if entry is not _STOP:
+                _, fut = entry
+                if fut.set_running_or_notify_cancel():
+                    fut.set_exception(BatcherClosedError("the service is shutting down"))
+
+    def _run(self, batch: list[tuple[In, Future[Out]]]) -> None:
+        start = time.perf_counter()
+        try:
+            results = self.fn([item for item, _ in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(
+                    f"batch function returned {len(results)} results for {len(batch)} items"
+                )
+        except Exception as exc:
+            if len(batch) > 1:
+                # One poisoned item must not fail its neighbours: score them one by one.
+                for entry in batch:
+                    self._run([entry])
+                return
+            log.exception("inference failed")
+            batch[0][1].set_exception(exc)
+            return
+        self.batches += 1
+        self.items += len(batch)
+        self.largest_batch = max(self.largest_batch, len(batch))
+        if self.on_batch is not None:
+            try:
+                self.on_batch(len(batch), time.perf_counter() - start)
+            except Exception:  # metrics must never take inference down
+                log.exception("on_batch callback failed")
+        for (_, fut), result in zip(batch, results, strict=True):
+            fut.set_result(result)

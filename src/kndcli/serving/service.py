@@ -1,0 +1,122 @@
+"""What the routes call: decode off the loop, score through the batcher, log, count.
+
+`ServiceState` lives on `app.state.service` from the lifespan handler on; the hook for
+later features (drift monitoring) is `app.state.settings`, `.bundle` and `.log`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import anyio.to_thread
+
+from kndcli.audio import AudioError, audio_features
+from kndcli.monitoring.predlog import PredictionLogError, prediction_record, safe_filename
+from kndcli.serving.batcher import BatcherClosedError
+from kndcli.serving.errors import ApiError
+
+if TYPE_CHECKING:
+    from kndcli.audio import Audio
+    from kndcli.inference.bundle import Bundle
+    from kndcli.inference.predictor import Prediction, Predictor
+    from kndcli.monitoring.predlog import PredictionLog
+    from kndcli.serving.batcher import MicroBatcher
+    from kndcli.serving.body import Upload
+    from kndcli.serving.metrics import Metrics
+    from kndcli.serving.settings import ServeSettings
+
+
+@dataclass
+class Scored:
+    """One upload's outcome: a prediction, or the reason it was refused."""
+
+    upload: Upload
+    request_id: str
+    prediction: Prediction | None = None
+    features: dict[str, float] | None = None
+    error: ApiError | None = None
+
+
+@dataclass
+class ServiceState:
+    settings: ServeSettings
+    bundle: Bundle
+    predictor: Predictor
+    batcher: MicroBatcher[Audio, Prediction]
+    log: PredictionLog
+    metrics: Metrics
+    ready: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model_version(self) -> str:
+        return self.bundle.version
+
+    # ------------------------------------------------------------------ stages
+    def _decode(self, upload: Upload) -> tuple[Audio, dict[str, float]]:
+        audio = self.predictor.decode(
+            upload.data,
+            name=safe_filename(upload.filename) or "upload",
+            max_duration_s=self.settings.max_duration_s,
+            max_bytes=self.settings.max_body_bytes,
+        )
+        return audio, audio_features(audio)
+
+    async def _score_one(self, upload: Upload, request_id: str) -> Scored:
+        scored = Scored(upload=upload, request_id=request_id)
+        try:
+            audio, scored.features = await anyio.to_thread.run_sync(self._decode, upload)
+        except AudioError as exc:
+            scored.error = ApiError(422, str(exc))
+            return scored
+        try:
+            scored.prediction = await self.batcher.submit(
+                audio, timeout=self.settings.request_timeout_s
+            )
+        except BatcherClosedError as exc:
+            scored.error = ApiError(503, str(exc))
+        except TimeoutError:
+            scored.error = ApiError(504, "inference timed out")
+        return scored
+
+    async def score(self, uploads: list[Upload], request_ids: list[str]) -> list[Scored]:
+        """Decode and score all uploads concurrently; they share forward passes."""
+        return list(
+            await asyncio.gather(
+                *(self._score_one(u, rid) for u, rid in zip(uploads, request_ids, strict=True))
+            )
+        )
+
+    async def log_scored(self, scored: list[Scored], start: float) -> float:
+        """Write one log record per scored upload before the response is sent.
+
+        Returns the latency recorded. A request is acknowledged only once it is logged, so a
+        log failure is a 503, not a silent gap in the drift data.
+        """
+        latency_ms = (time.perf_counter() - start) * 1000
+        records = [
+            prediction_record(
+                request_id=s.request_id,
+                model_version=self.model_version,
+                label=s.prediction.label or "",
+                confidence=s.prediction.confidence,
+                latency_ms=latency_ms,
+                filename=s.upload.filename,
+                features=s.features or {},
+            )
+            for s in scored
+            if s.prediction is not None
+        ]
+        if records:
+            try:
+                await anyio.to_thread.run_sync(functools.partial(self.log.write, records))
+            except PredictionLogError as exc:
+                raise ApiError(503, f"prediction log unavailable: {exc}") from None
+        for s in scored:
+            if s.prediction is not None:
+                self.metrics.predictions.labels(s.prediction.label).inc()
+        return latency_ms

@@ -1,0 +1,518 @@
+"""`knd serve` through a real uvicorn on 127.0.0.1: routes, limits, auth, batching, the log."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+
+from kndcli.config import LABELS
+from kndcli.monitoring.predlog import open_log
+from kndcli.serving.app import create_app
+from kndcli.serving.settings import ServeSettings
+from test_predlog import gcs_emulator  # noqa: F401 - a fixture used below
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wav_bytes(
+    seconds: float = 1.0,
+    rate: int = 16000,
+    freq: float = 220.0,
+    fmt: str = "WAV",
+    channels: int = 1,
+) -> bytes:
+    t = np.arange(int(seconds * rate)) / rate
+    x = (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+    if channels > 1:
+        x = np.repeat(x[:, None], channels, axis=1)
+    buf = io.BytesIO()
+    sf.write(buf, x, rate, format=fmt)
+    return buf.getvalue()
+
+
+class LiveServer:
+    """A real uvicorn serving `create_app(settings)` in a thread, on a loopback port."""
+
+    def __init__(self, settings: ServeSettings) -> None:
+        import uvicorn
+
+        self.settings = settings
+        self.app = create_app(settings)
+        self.url = f"http://127.0.0.1:{settings.port}"
+        config = uvicorn.Config(
+            self.app, host="127.0.0.1", port=settings.port, log_level="warning", access_log=False
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def start(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.02)
+        raise RuntimeError("server did not become ready")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture
+def settings(tiny_bundle: Path, tmp_path: Path) -> ServeSettings:
+    return ServeSettings(
+        model=str(tiny_bundle),
+        port=free_port(),
+        max_body_mb=1.0,
+        max_duration_s=10.0,
+        max_batch_files=4,
+        max_wait_ms=5.0,
+        log_sink=str(tmp_path / "predictions.sqlite"),
+        api_token="",
+    )
+
+
+@pytest.fixture
+def serve(settings: ServeSettings) -> Iterator[Callable[..., LiveServer]]:
+    """Start a server with the default test settings plus overrides; stopped at teardown."""
+    started: list[LiveServer] = []
+
+    def start(**overrides: object) -> LiveServer:
+        live = LiveServer(replace(settings, **overrides)).start()
+        started.append(live)
+        return live
+
+    yield start
+    for live in started:
+        if live.thread.is_alive():
+            live.stop()
+
+
+@pytest.fixture
+def server(serve: Callable[..., LiveServer]) -> LiveServer:
+    return serve()
+
+
+def post_file(url: str, data: bytes, name: str = "clip.wav", **kw: object) -> httpx.Response:
+    return httpx.post(url + "/predict", files={"file": (name, data, "audio/wav")}, timeout=30, **kw)
+
+
+def assert_error(response: httpx.Response, status: int, *words: str) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["status"] == status
+    for word in words:
+        assert word in body["error"], body
+    return body
+
+
+# ----------------------------------------------------------------------------- routes
+
+
+def test_health_ready_docs_metrics(server: LiveServer) -> None:
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    ready = httpx.get(server.url + "/ready").json()
+    assert ready["status"] == "ready" and ready["labels"] == LABELS
+    assert ready["model_version"].startswith("tiny@")
+    assert "swagger" in httpx.get(server.url + "/docs").text.lower()
+    spec = httpx.get(server.url + "/openapi.json").json()
+    assert {"/predict", "/predict/batch", "/health", "/ready", "/metrics"} <= set(spec["paths"])
+    for path in spec["paths"].values():  # no route takes a path, URL or model name
+        for op in path.values():
+            assert [p["name"] for p in op.get("parameters", [])] in ([], ["timeline"])
+    metrics = httpx.get(server.url + "/metrics")
+    assert metrics.headers["content-type"].startswith("text/plain")
+    assert 'knd_requests_total{route="/health",status="200"} 1.0' in metrics.text
+    assert "knd_request_latency_seconds_bucket" in metrics.text
+
+
+def test_predict_multipart_and_raw(server: LiveServer) -> None:
+    response = post_file(server.url, wav_bytes(1.0))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["label"] in LABELS and set(body["probabilities"]) == set(LABELS)
+    assert body["request_id"] == response.headers["x-request-id"]
+    assert body["duration"] == pytest.approx(1.0, abs=0.01)
+    assert body["model_version"] == server.app.state.bundle.version
+    assert "windows" not in body
+    raw = httpx.post(
+        server.url + "/predict?timeline=true",
+        content=wav_bytes(5.0, rate=44100),
+        headers={"content-type": "audio/wav"},
+        timeout=30,
+    )
+    assert raw.status_code == 200, raw.text
+    assert len(raw.json()["windows"]) >= 3
+    flac = httpx.post(
+        server.url + "/predict",
+        content=wav_bytes(1.0, fmt="FLAC", channels=2),
+        headers={"content-type": "audio/flac"},
+        timeout=30,
+    )
+    assert flac.status_code == 200, flac.text
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'knd_requests_total{route="/predict",status="200"} 3.0' in metrics
+    assert (
+        sum(
+            float(line.split()[-1])
+            for line in metrics.splitlines()
+            if line.startswith("knd_predictions_total{")
+        )
+        == 3
+    )
+
+
+def test_batch_route_scores_good_files_and_reports_bad_ones(server: LiveServer) -> None:
+    files = [
+        ("files", ("a.wav", wav_bytes(1.0, freq=200), "audio/wav")),
+        ("files", ("junk.wav", b"definitely not audio" * 10, "audio/wav")),
+        ("files", ("b.flac", wav_bytes(2.0, fmt="FLAC"), "audio/flac")),
+    ]
+    response = httpx.post(server.url + "/predict/batch", files=files, timeout=30)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["scored"] == 2 and body["failed"] == 1
+    a, junk, b = body["results"]
+    assert a["label"] in LABELS and b["label"] in LABELS
+    assert "not a readable audio file" in junk["error"] and "label" not in junk
+    logged = {r["request_id"]: r for r in open_log(server.settings.log_sink).read()}
+    assert set(logged) == {a["request_id"], b["request_id"]}
+    assert logged[b["request_id"]]["filename"] == "b.flac"
+
+
+def test_unknown_route_and_method_are_json(server: LiveServer) -> None:
+    assert_error(httpx.get(server.url + "/nope"), 404, "Not Found")
+    assert_error(httpx.get(server.url + "/predict"), 405)
+
+
+# ----------------------------------------------------------------------------- limits
+
+
+def test_oversized_body_with_content_length_is_413(server: LiveServer) -> None:
+    big = wav_bytes(40.0)  # 1.28 MB of PCM over the 1 MB limit
+    body = assert_error(post_file(server.url, big), 413, "1 MB limit")
+    assert body["request_id"]
+    raw = httpx.post(
+        server.url + "/predict", content=big, headers={"content-type": "audio/wav"}, timeout=30
+    )
+    assert_error(raw, 413, "limit")
+
+
+def test_oversized_chunked_body_without_length_is_413(server: LiveServer) -> None:
+    sent = 0
+
+    def chunks() -> Iterator[bytes]:
+        nonlocal sent
+        for _ in range(64):  # 4 MB in 64 kB chunks, no Content-Length
+            sent += 65536
+            yield b"\0" * 65536
+
+    response = httpx.post(
+        server.url + "/predict", content=chunks(), headers={"content-type": "audio/wav"}, timeout=30
+    )
+    assert_error(response, 413, "limit")
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_chunked_multipart_over_limit_is_413(server: LiveServer) -> None:
+    boundary = b"knd-boundary"
+    head = (
+        b"--" + boundary + b'\r\nContent-Disposition: form-data; name="file"; '
+        b'filename="big.wav"\r\nContent-Type: audio/wav\r\n\r\n'
+    )
+
+    def chunks() -> Iterator[bytes]:
+        yield head
+        for _ in range(40):
+            yield b"\1" * 65536
+        yield b"\r\n--" + boundary + b"--\r\n"
+
+    response = httpx.post(
+        server.url + "/predict",
+        content=chunks(),
+        timeout=30,
+        headers={"content-type": "multipart/form-data; boundary=knd-boundary"},
+    )
+    assert_error(response, 413, "limit")
+
+
+def test_wrong_content_type_is_415(server: LiveServer) -> None:
+    assert_error(
+        httpx.post(
+            server.url + "/predict", content=b"hello", headers={"content-type": "text/plain"}
+        ),
+        415,
+        "text/plain",
+    )
+    assert_error(
+        httpx.post(server.url + "/predict", json={"path": "/etc/passwd"}), 415, "application/json"
+    )
+    assert_error(
+        httpx.post(
+            server.url + "/predict/batch",
+            content=wav_bytes(),
+            headers={"content-type": "audio/wav"},
+        ),
+        415,
+        "multipart",
+    )
+
+
+def test_bad_audio_is_422(serve: Callable[..., LiveServer]) -> None:
+    server = serve(max_duration_s=2.0)
+    assert_error(post_file(server.url, wav_bytes(3.0)), 422, "too long")
+    assert_error(
+        post_file(server.url, b"GIF89a garbage bytes" * 50), 422, "not a readable audio file"
+    )
+    assert_error(post_file(server.url, b""), 422, "empty")
+    assert_error(
+        httpx.post(server.url + "/predict", content=b"", headers={"content-type": "audio/wav"}),
+        422,
+        "empty",
+    )
+    truncated = wav_bytes(1.0)[:5000]
+    assert_error(post_file(server.url, truncated), 422, "truncated")
+    no_file = httpx.post(
+        server.url + "/predict",
+        data={"note": "no file here"},
+        files={"other": ("x.txt", b"", "text/plain")},
+    )
+    assert no_file.status_code in (200, 422)
+    only_fields = httpx.post(
+        server.url + "/predict",
+        content=b'--b\r\nContent-Disposition: form-data; name="a"\r\n\r\nv\r\n--b--\r\n',
+        headers={"content-type": "multipart/form-data; boundary=b"},
+    )
+    assert_error(only_fields, 422, "no file")
+    # The worker survived all of it.
+    assert post_file(server.url, wav_bytes(1.0)).status_code == 200
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'knd_errors_total{reason="bad_input",route="/predict"}' in metrics
+
+
+def test_too_many_files_in_a_batch(server: LiveServer) -> None:
+    files = [("files", (f"{i}.wav", wav_bytes(0.5), "audio/wav")) for i in range(5)]
+    assert_error(
+        httpx.post(server.url + "/predict/batch", files=files, timeout=30), 413, "at most 4"
+    )
+    empty = httpx.post(
+        server.url + "/predict/batch",
+        data={"a": "b"},
+        headers={"content-type": "multipart/form-data; boundary=x"},
+        content=b"--x--\r\n",
+    )
+    assert empty.status_code in (413, 422)
+
+
+# ----------------------------------------------------------------------------- auth, state
+
+
+def test_bearer_token(serve: Callable[..., LiveServer]) -> None:
+    server = serve(api_token="s3cret")
+    clip = wav_bytes(0.5)
+    assert_error(post_file(server.url, clip), 401, "bearer")
+    assert_error(post_file(server.url, clip, headers={"authorization": "Bearer nope"}), 401)
+    assert_error(post_file(server.url, clip, headers={"authorization": "Basic s3cret"}), 401)
+    ok = post_file(server.url, clip, headers={"authorization": "Bearer s3cret"})
+    assert ok.status_code == 200
+    batch = httpx.post(
+        server.url + "/predict/batch", files=[("files", ("a.wav", clip, "audio/wav"))]
+    )
+    assert_error(batch, 401)
+    assert httpx.get(server.url + "/health").status_code == 200  # probes need no token
+    assert httpx.get(server.url + "/ready").status_code == 200
+
+
+def test_token_from_environment(
+    serve: Callable[..., LiveServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KND_API_TOKEN", "from-env")
+    server = serve(api_token=None)
+    assert post_file(server.url, wav_bytes(0.5)).status_code == 401
+    assert (
+        post_file(
+            server.url, wav_bytes(0.5), headers={"authorization": "Bearer from-env"}
+        ).status_code
+        == 200
+    )
+
+
+def test_not_ready_is_503(server: LiveServer) -> None:
+    server.app.state.service.ready = False  # as during shutdown
+    assert_error(httpx.get(server.url + "/ready"), 503, "not loaded")
+    assert_error(post_file(server.url, wav_bytes(0.5)), 503, "not loaded")
+    assert httpx.get(server.url + "/health").status_code == 200
+    server.app.state.service.ready = True
+    assert post_file(server.url, wav_bytes(0.5)).status_code == 200
+
+
+# ----------------------------------------------------------------------------- concurrency
+
+
+async def fire(url: str, n: int, clip: bytes) -> list[httpx.Response]:
+    limits = httpx.Limits(max_connections=n)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        return list(
+            await asyncio.gather(
+                *(
+                    client.post(url + "/predict", files={"file": (f"c{i}.wav", clip, "audio/wav")})
+                    for i in range(n)
+                )
+            )
+        )
+
+
+def test_concurrent_requests_share_forward_passes(serve: Callable[..., LiveServer]) -> None:
+    server = serve(max_wait_ms=50.0, max_batch_size=16)
+    responses = asyncio.run(fire(server.url, 16, wav_bytes(3.0, rate=48000)))
+    assert [r.status_code for r in responses] == [200] * 16
+    batcher = server.app.state.batcher
+    assert batcher.items == 16
+    assert batcher.batches < 16
+    assert batcher.largest_batch > 1
+    metrics = httpx.get(server.url + "/metrics").text
+    assert f"knd_batches_total {float(batcher.batches)}" in metrics
+
+
+def test_log_reconciles_with_acknowledged_requests(server: LiveServer) -> None:
+    responses = asyncio.run(fire(server.url, 24, wav_bytes(1.5)))
+    assert all(r.status_code == 200 for r in responses)
+    ids = [r.json()["request_id"] for r in responses]
+    assert len(set(ids)) == 24
+    rows = open_log(server.settings.log_sink).read()
+    logged = [r["request_id"] for r in rows]
+    assert sorted(logged) == sorted(ids)  # every acknowledged request exactly once
+    row = rows[0]
+    assert row["model_version"] == server.app.state.bundle.version
+    assert row["filename"].startswith("c") and row["latency_ms"] > 0
+    assert row["duration_s"] == pytest.approx(1.5, abs=0.01)
+    assert row["rms_dbfs"] < 0 and row["sample_rate"] == 16000
+
+
+def test_restart_keeps_the_log(serve: Callable[..., LiveServer]) -> None:
+    first = serve()
+    old = [post_file(first.url, wav_bytes(0.5)).json()["request_id"] for _ in range(3)]
+    first.stop()
+    second = serve(port=free_port())
+    new = [post_file(second.url, wav_bytes(0.5)).json()["request_id"] for _ in range(2)]
+    second.stop()
+    logged = [r["request_id"] for r in open_log(first.settings.log_sink).read()]
+    assert logged == old + new
+
+
+@pytest.mark.usefixtures("gcs_emulator")
+def test_gcs_log_is_flushed_at_shutdown(serve: Callable[..., LiveServer]) -> None:
+    server = serve(log_sink="gs://knd-logs/serve", log_flush_s=3600)
+    ids = [post_file(server.url, wav_bytes(0.5)).json()["request_id"] for _ in range(3)]
+    assert open_log("gs://knd-logs/serve", flush_s=0).fs.find("knd-logs/serve") == []
+    server.stop()
+    rows = open_log("gs://knd-logs/serve", flush_s=0).read()
+    assert sorted(r["request_id"] for r in rows) == sorted(ids)
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+@contextmanager
+def knd_serve(args: list[str], env: dict[str, str], cwd: Path) -> Iterator[subprocess.Popen]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from kndcli.cli.main import main; main()", "serve", *args],
+        env={**os.environ, **env},
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"knd serve exited: {proc.stdout.read()}")
+        try:
+            if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError("knd serve never became ready")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_knd_serve_command_honours_port_env(
+    tiny_bundle: Path, tmp_path: Path, workers: int
+) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    sink = tmp_path / "log.sqlite"
+    args = [
+        "--model",
+        str(tiny_bundle),
+        "--workers",
+        str(workers),
+        "--set",
+        f"serve.log_sink={sink}",
+    ]
+    with knd_serve(args, {"PORT": str(port), "KND_API_TOKEN": ""}, tmp_path) as proc:
+        wait_ready(url, proc)
+        ids = [post_file(url, wav_bytes(0.5)).json()["request_id"] for _ in range(6)]
+        proc.send_signal(signal.SIGTERM)
+        # uvicorn shuts down gracefully, then re-raises the signal it caught.
+        assert proc.wait(30) in (0, -signal.SIGTERM)
+        assert "Application shutdown complete" in proc.stdout.read()
+    assert sorted(r["request_id"] for r in open_log(sink).read()) == sorted(ids)
+
+
+def test_knd_serve_without_a_bundle_is_one_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from kndcli.cli.main import main; main()",
+            "serve",
+            "--port",
+            str(free_port()),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "no bundle at models/latest" in result.stderr and "Traceback" not in result.stderr
