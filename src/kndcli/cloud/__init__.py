@@ -1,0 +1,1 @@
+"""Vertex AI training jobs and Cloud Run services, through the Google SDKs (imported lazily)."""

@@ -1,0 +1,281 @@
+"""`knd cloud submit` / `status` for Vertex AI: the real JobServiceClient (REST) against a
+loopback fake that records what it sends."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from gcp_fake import FakeGoogle, error_body
+from kndcli.cli.main import app
+from kndcli.cloud import jobs
+
+JOBS = r"/v1/projects/p1/locations/europe-west4/customJobs"
+JOB = r"/v1/projects/p1/locations/europe-west4/customJobs/(\d+)"
+JOB_NAME = "projects/p1/locations/europe-west4/customJobs/4242"
+BASE_ARGS = ["cloud", "submit", "--project", "p1", "--region", "europe-west4"]
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch):
+    server = FakeGoogle().start()
+    monkeypatch.setenv("KND_VERTEX_ENDPOINT", server.endpoint)
+    for name in ("KND_PROJECT", "KND_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    yield server
+    server.stop()
+
+
+def _job(state: str, **extra) -> dict:
+    return {
+        "name": JOB_NAME,
+        "displayName": "knd-train",
+        "state": state,
+        "createTime": "2025-01-01T10:00:00Z",
+        **extra,
+    }
+
+
+def _enum(enum: type, value: int | str) -> str:
+    """The REST transport sends enums as numbers (enum-encoding=int); name them."""
+    return enum(value).name if isinstance(value, int) else value
+
+
+def _accelerator(value: int | str) -> str:
+    from google.cloud import aiplatform_v1
+
+    return _enum(aiplatform_v1.AcceleratorType, value)
+
+
+def _strategy(value: int | str) -> str:
+    from google.cloud import aiplatform_v1
+
+    return _enum(aiplatform_v1.Scheduling.Strategy, value)
+
+
+def _created(fake: FakeGoogle) -> None:
+    fake.route("POST", JOBS, lambda r, _m: (200, {**r.body, **_job("JOB_STATE_PENDING")}))
+
+
+def _states(fake: FakeGoogle, states: list[str], **final) -> None:
+    """GET answers each state in turn, then the last one (with `final` fields) forever."""
+    seen = iter(states[:-1])
+
+    def answer(_r, _m):
+        state = next(seen, None)
+        return 200, _job(state) if state else _job(states[-1], **final)
+
+    fake.route("GET", JOB, answer)
+
+
+def test_submit_sends_the_custom_job(fake: FakeGoogle, tmp_path) -> None:
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text("train:\n  run_name: exp\ncloud:\n  train_image: ignored-by-flag\n")
+    _created(fake)
+    args = [
+        *BASE_ARGS,
+        "--config",
+        str(cfg),
+        "--image",
+        "europe-docker.pkg.dev/p1/knd/train:abc",
+        "--machine",
+        "g2-standard-24",
+        "--accelerator",
+        "NVIDIA_L4",
+        "--accelerator-count",
+        "2",
+        "--replicas",
+        "3",
+        "--spot",
+        "--timeout",
+        "6h",
+        "--service-account",
+        "trainer@p1.iam.gserviceaccount.com",
+        "--base-output-dir",
+        "gs://bucket/runs/exp",
+        "--label",
+        "team=speech",
+        "--env",
+        "WANDB_MODE=offline",
+        "train.trainer.max_epochs=5",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert JOB_NAME in result.output
+    [call] = fake.calls("POST", JOBS)
+    spec = call.body["jobSpec"]
+    primary, workers = spec["workerPoolSpecs"]
+    machine = primary["machineSpec"]
+    assert machine["machineType"] == "g2-standard-24"
+    assert _accelerator(machine["acceleratorType"]) == "NVIDIA_L4"
+    assert machine["acceleratorCount"] == 2
+    assert workers["machineSpec"] == machine
+    assert int(primary["replicaCount"]) == 1
+    assert int(workers["replicaCount"]) == 2
+    container = primary["containerSpec"]
+    assert container["imageUri"] == "europe-docker.pkg.dev/p1/knd/train:abc"
+    assert container["args"] == [
+        "train",
+        "--config",
+        str(cfg),
+        "train.trainer.max_epochs=5",
+        "train.trainer.num_nodes=3",
+    ]
+    assert container["env"] == [{"name": "WANDB_MODE", "value": "offline"}]
+    assert workers["containerSpec"] == container
+    assert _strategy(spec["scheduling"]["strategy"]) == "SPOT"
+    assert spec["scheduling"]["timeout"] == "21600s"
+    assert spec["scheduling"]["restartJobOnWorkerRestart"] is True
+    assert spec["serviceAccount"] == "trainer@p1.iam.gserviceaccount.com"
+    assert spec["baseOutputDirectory"] == {"outputUriPrefix": "gs://bucket/runs/exp"}
+    assert call.body["labels"] == {"created-by": "knd", "team": "speech"}
+    assert call.body["displayName"].startswith("knd-train-exp-")
+
+
+def test_single_node_on_demand_has_one_pool_and_no_strategy(fake: FakeGoogle) -> None:
+    _created(fake)
+    result = CliRunner().invoke(app, [*BASE_ARGS, "--image", "img"])
+    assert result.exit_code == 0, result.output
+    [call] = fake.calls("POST", JOBS)
+    spec = call.body["jobSpec"]
+    [pool] = spec["workerPoolSpecs"]
+    assert pool["machineSpec"] == {"machineType": "n1-highcpu-32"}
+    assert pool["containerSpec"]["args"] == ["train"]
+    assert "strategy" not in spec["scheduling"]
+    assert spec["scheduling"]["timeout"] == "86400s"
+
+
+def test_defaults_come_from_config_and_environment(fake: FakeGoogle, tmp_path, monkeypatch):
+    cfg = tmp_path / "cloud.yaml"
+    cfg.write_text(
+        "cloud:\n  project: from-config\n  train_image: img:cfg\n  machine: a2-highgpu-1g\n"
+        "  accelerator: NVIDIA_TESLA_A100\n  accelerator_count: 1\n  spot: true\n"
+    )
+    monkeypatch.setenv("KND_PROJECT", "p1")
+    monkeypatch.setenv("KND_REGION", "europe-west4")
+    _created(fake)
+    result = CliRunner().invoke(app, ["cloud", "submit", "--config", str(cfg)])
+    assert result.exit_code == 0, result.output
+    [call] = fake.calls("POST", JOBS)  # the project and region from the environment won
+    pool = call.body["jobSpec"]["workerPoolSpecs"][0]
+    assert pool["containerSpec"]["imageUri"] == "img:cfg"
+    assert _accelerator(pool["machineSpec"]["acceleratorType"]) == "NVIDIA_TESLA_A100"
+    assert _strategy(call.body["jobSpec"]["scheduling"]["strategy"]) == "SPOT"
+
+
+def test_dry_run_prints_the_request_and_calls_nothing(fake: FakeGoogle) -> None:
+    args = [*BASE_ARGS, "--image", "img", "--spot", "--replicas", "2", "--dry-run"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    request = json.loads(result.output)
+    assert request["parent"] == "projects/p1/locations/europe-west4"
+    assert request["customJob"]["jobSpec"]["scheduling"]["strategy"] == "SPOT"
+    assert len(request["customJob"]["jobSpec"]["workerPoolSpecs"]) == 2
+    assert fake.requests == []
+
+
+def test_wait_polls_until_the_job_ends(fake: FakeGoogle) -> None:
+    _created(fake)
+    _states(fake, ["JOB_STATE_PENDING", "JOB_STATE_RUNNING", "JOB_STATE_SUCCEEDED"])
+    result = CliRunner().invoke(app, [*BASE_ARGS, "--image", "img", "--wait", "--poll", "0.01"])
+    assert result.exit_code == 0, result.output
+    assert len(fake.calls("GET", JOB)) == 3
+    assert "JOB_STATE_RUNNING" in result.output
+    assert "JOB_STATE_SUCCEEDED" in result.output
+
+
+def test_wait_reports_a_failed_job(fake: FakeGoogle) -> None:
+    _created(fake)
+    _states(fake, ["JOB_STATE_FAILED"], error={"code": 13, "message": "CUDA out of memory"})
+    result = CliRunner().invoke(app, [*BASE_ARGS, "--image", "img", "--wait", "--poll", "0.01"])
+    assert isinstance(result.exception, jobs.KndError)
+    assert "JOB_STATE_FAILED" in str(result.exception)
+    assert "CUDA out of memory" in str(result.exception)
+
+
+@pytest.mark.parametrize(
+    ("code", "words"),
+    [
+        (403, "permission denied (403)"),
+        (404, "not found (404)"),
+        (429, "quota exceeded (429)"),
+        (401, "not authenticated (401)"),
+    ],
+)
+def test_google_errors_become_one_line(fake: FakeGoogle, code: int, words: str) -> None:
+    fake.reply("POST", JOBS, code, error_body(code, "the fake says no"))
+    result = CliRunner().invoke(app, [*BASE_ARGS, "--image", "img"])
+    assert result.exception.exit_code == 3
+    message = str(result.exception)
+    assert words in message
+    if code != 401:  # a 401 ends in the client's failed credential refresh, not the body
+        assert "the fake says no" in message
+    assert "\n" not in message
+
+
+def test_error_through_the_entry_point_is_one_line(fake: FakeGoogle) -> None:
+    fake.reply("POST", JOBS, 429, error_body(429, "Quota exceeded for NVIDIA_L4"))
+    env = {**os.environ, "KND_VERTEX_ENDPOINT": fake.endpoint}
+    knd = Path(sys.executable).parent / "knd"
+    proc = subprocess.run(
+        [str(knd), *BASE_ARGS, "--image", "img"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0
+    assert "quota exceeded (429)" in proc.stderr
+
+
+def test_status_of_a_job(fake: FakeGoogle) -> None:
+    _states(fake, ["JOB_STATE_RUNNING"])
+    result = CliRunner().invoke(
+        app, ["cloud", "status", JOB_NAME, "--project", "p1", "--region", "us-east1", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["state"] == "JOB_STATE_RUNNING"
+    assert summary["create_time"].startswith("2025-01-01T10:00:00")
+    assert fake.calls("GET", JOB)
+
+
+def test_status_of_a_bare_job_id(fake: FakeGoogle) -> None:
+    _states(fake, ["JOB_STATE_QUEUED"])
+    args = ["cloud", "status", "4242", "--project", "p1", "--region", "europe-west4", "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["state"] == "JOB_STATE_QUEUED"
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"image": ""}, "no training image"),
+        ({"project": ""}, "no Google Cloud project"),
+        ({"replicas": 0}, "--replicas"),
+        ({"accelerator_count": 2}, "needs --accelerator"),
+        ({"base_output_dir": "/local"}, "gs://"),
+        ({"labels": {"Team": "x"}}, "label Team"),
+        ({"timeout": "soon"}, "timeout 'soon'"),
+    ],
+)
+def test_bad_options_name_the_problem(change: dict, words: str) -> None:
+    opts = jobs.JobOptions(project="p", region="r", image="img", display_name="d")
+    for key, value in change.items():
+        setattr(opts, key, value)
+    with pytest.raises(jobs.KndError, match=words):
+        jobs.build_custom_job(opts)
+
+
+def test_durations() -> None:
+    assert jobs.parse_duration("90m") == 5400
+    assert jobs.parse_duration("2d") == 172800
+    assert jobs.parse_duration("3600") == 3600

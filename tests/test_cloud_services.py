@@ -1,0 +1,258 @@
+"""`knd cloud deploy` / `status` for Cloud Run: the real ServicesClient (REST) against a
+loopback fake that records the requests and runs the long-running operation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from gcp_fake import FakeGoogle, error_body
+from kndcli.cli.main import app
+from kndcli.cloud import services
+from kndcli.errors import KndError
+
+NAME = "projects/p1/locations/europe-west1/services/emotions"
+SERVICE = f"/v2/{NAME}"
+OPERATION = r"/v2/projects/p1/locations/europe-west1/operations/op-(\d+)"
+URL = "https://emotions-abc-ew.a.run.app"
+BASE_ARGS = [
+    "cloud",
+    "deploy",
+    "--project",
+    "p1",
+    "--region",
+    "europe-west1",
+    "--service",
+    "emotions",
+    "--image",
+    "europe-docker.pkg.dev/p1/knd/serve:abc",
+]
+POLLS_BEFORE_DONE = 2
+
+
+def _deployed(body: dict, ready: bool = True) -> dict:
+    condition = {
+        "type": "Ready",
+        "state": "CONDITION_SUCCEEDED" if ready else "CONDITION_FAILED",
+        "message": "" if ready else "container failed the startup probe on /ready",
+    }
+    return {
+        **body,
+        "@type": "type.googleapis.com/google.cloud.run.v2.Service",
+        "name": NAME,
+        "uri": URL,
+        "latestReadyRevision": f"{NAME}/revisions/emotions-00002-abc",
+        "latestCreatedRevision": f"{NAME}/revisions/emotions-00002-abc",
+        "terminalCondition": condition,
+        "createTime": "2025-02-01T09:00:00Z",
+        "updateTime": "2025-02-02T09:00:00Z",
+    }
+
+
+def _run_service_api(fake: FakeGoogle, ready: bool = True, policy: dict | None = None) -> None:
+    """PATCH starts an operation that is done after POLLS_BEFORE_DONE polls; IAM is kept."""
+    state: dict = {"polls": 0, "body": {}, "policy": policy or {"etag": "BwE="}}
+
+    def update(request, _m):
+        state["body"] = request.body
+        return 200, {"name": "projects/p1/locations/europe-west1/operations/op-1", "done": False}
+
+    def poll(_request, match):
+        state["polls"] += 1
+        operation = {"name": f"projects/p1/locations/europe-west1/operations/op-{match[1]}"}
+        if state["polls"] <= POLLS_BEFORE_DONE:
+            return 200, {**operation, "done": False}
+        return 200, {**operation, "done": True, "response": _deployed(state["body"], ready)}
+
+    def set_policy(request, _m):
+        state["policy"] = request.body["policy"]
+        return 200, state["policy"]
+
+    fake.route("PATCH", SERVICE, update)
+    fake.route("GET", OPERATION, poll)
+    fake.route("GET", SERVICE + ":getIamPolicy", lambda _r, _m: (200, state["policy"]))
+    fake.route("POST", SERVICE + ":setIamPolicy", set_policy)
+    fake.route("GET", SERVICE, lambda _r, _m: (200, _deployed(state["body"], ready)))
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch):
+    server = FakeGoogle().start()
+    monkeypatch.setenv("KND_RUN_ENDPOINT", server.endpoint)
+    for name in ("KND_PROJECT", "KND_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    yield server
+    server.stop()
+
+
+def _env(container: dict) -> dict:
+    return {e["name"]: e.get("value", e.get("valueSource")) for e in container["env"]}
+
+
+def test_deploy_creates_or_updates_in_one_call_and_waits(fake: FakeGoogle) -> None:
+    _run_service_api(fake)
+    args = [
+        *BASE_ARGS,
+        "--model",
+        "gs://knd-models/runs/exp1/bundle",
+        "--log-sink",
+        "gs://knd-logs/predictions",
+        "--token-secret",
+        "knd-token:3",
+        "--cpu",
+        "4",
+        "--memory",
+        "4Gi",
+        "--min-instances",
+        "1",
+        "--max-instances",
+        "20",
+        "--concurrency",
+        "16",
+        "--timeout",
+        "120",
+        "--service-account",
+        "serve@p1.iam.gserviceaccount.com",
+        "--env",
+        "LOG_LEVEL=info",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert URL in result.output
+
+    [patch] = fake.calls("PATCH", SERVICE)
+    assert patch.query["allowMissing"] == ["true"]  # create or update, one call
+    template = patch.body["template"]
+    [container] = template["containers"]
+    assert container["image"] == "europe-docker.pkg.dev/p1/knd/serve:abc"
+    assert container["ports"] == [{"name": "http1", "containerPort": 8080}]
+    assert container["resources"] == {
+        "limits": {"cpu": "4", "memory": "4Gi"},
+        "cpuIdle": True,
+        "startupCpuBoost": True,
+    }
+    probe = container["startupProbe"]
+    assert probe["httpGet"] == {"path": "/ready", "port": 8080}
+    assert template["scaling"] == {"minInstanceCount": 1, "maxInstanceCount": 20}
+    assert template["maxInstanceRequestConcurrency"] == 16
+    assert template["timeout"] == "120s"
+    assert template["serviceAccount"] == "serve@p1.iam.gserviceaccount.com"
+    env = _env(container)
+    assert env["KND_MODEL"] == "/mnt/models/runs/exp1/bundle"
+    assert env["KND_LOG_SINK"] == "gs://knd-logs/predictions"
+    assert env["KND_API_TOKEN"] == {"secretKeyRef": {"secret": "knd-token", "version": "3"}}
+    assert env["LOG_LEVEL"] == "info"
+    assert template["volumes"] == [
+        {"name": "models", "gcs": {"bucket": "knd-models", "readOnly": True}}
+    ]
+    assert container["volumeMounts"] == [{"name": "models", "mountPath": "/mnt/models"}]
+    # The long-running operation was polled until done; IAM was left alone (private).
+    assert len(fake.calls("GET", OPERATION)) == POLLS_BEFORE_DONE + 1
+    assert not fake.calls("GET", SERVICE + ":getIamPolicy")
+    assert not fake.calls("POST", SERVICE + ":setIamPolicy")
+
+
+def test_allow_unauthenticated_adds_the_invoker_binding(fake: FakeGoogle) -> None:
+    owner = {"role": "roles/run.admin", "members": ["user:ops@example.com"]}
+    _run_service_api(fake, policy={"bindings": [owner], "etag": "BwE="})
+    result = CliRunner().invoke(app, [*BASE_ARGS, "--allow-unauthenticated"])
+    assert result.exit_code == 0, result.output
+    [call] = fake.calls("POST", SERVICE + ":setIamPolicy")
+    bindings = call.body["policy"]["bindings"]
+    assert {"role": "roles/run.invoker", "members": ["allUsers"]} in bindings
+    assert owner in bindings  # nothing else is dropped
+    assert call.body["policy"]["etag"] == "BwE="
+
+    # Deploying again with the flag changes nothing; --no-allow-unauthenticated revokes it.
+    assert CliRunner().invoke(app, [*BASE_ARGS, "--allow-unauthenticated"]).exit_code == 0
+    assert len(fake.calls("POST", SERVICE + ":setIamPolicy")) == 1
+    result = CliRunner().invoke(app, [*BASE_ARGS, "--no-allow-unauthenticated"])
+    assert result.exit_code == 0, result.output
+    revoked = fake.calls("POST", SERVICE + ":setIamPolicy")[-1].body["policy"]["bindings"]
+    assert revoked == [owner]
+
+
+def test_config_log_sink_used_only_when_durable(tmp_path) -> None:
+    from kndcli.config import load_config
+
+    cfg = load_config(overrides=["serve.log_sink=gs://logs/knd", "cloud.serve_image=img"])
+    opts = services.service_options(cfg.cloud, log_sink_default=cfg.serve.log_sink, project="p")
+    assert opts.log_sink == "gs://logs/knd"
+    cfg = load_config(overrides=["cloud.serve_image=img"])  # predictions.sqlite: local disk
+    opts = services.service_options(cfg.cloud, log_sink_default=cfg.serve.log_sink, project="p")
+    assert opts.log_sink == ""
+    names = [e["name"] for e in services.build_service(opts)["template"]["containers"][0]["env"]]
+    assert "KND_LOG_SINK" not in names
+
+
+def test_failed_rollout_is_an_error(fake: FakeGoogle) -> None:
+    _run_service_api(fake, ready=False)
+    result = CliRunner().invoke(app, BASE_ARGS)
+    assert isinstance(result.exception, KndError)
+    assert "startup probe on /ready" in str(result.exception)
+
+
+def test_dry_run_prints_the_request_and_calls_nothing(fake: FakeGoogle) -> None:
+    result = CliRunner().invoke(app, [*BASE_ARGS, "--dry-run"])
+    assert result.exit_code == 0, result.output
+    request = json.loads(result.output)
+    assert request["allowMissing"] is True
+    assert request["service"]["name"] == NAME
+    assert request["service"]["template"]["containers"][0]["startupProbe"]["httpGet"] == {
+        "path": "/ready",
+        "port": 8080,
+    }
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize(
+    ("code", "words"), [(403, "permission denied (403)"), (429, "quota exceeded (429)")]
+)
+def test_google_errors_become_one_line(fake: FakeGoogle, code: int, words: str) -> None:
+    fake.reply("PATCH", SERVICE, code, error_body(code, "the fake says no"))
+    result = CliRunner().invoke(app, BASE_ARGS)
+    assert result.exception.exit_code == 3
+    assert words in str(result.exception) and "the fake says no" in str(result.exception)
+
+
+def test_status_of_a_service(fake: FakeGoogle) -> None:
+    _run_service_api(fake)
+    args = ["cloud", "status", "emotions", "--project", "p1", "--region", "europe-west1"]
+    result = CliRunner().invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["url"] == URL
+    assert summary["state"] == "CONDITION_SUCCEEDED"
+    assert summary["latest_ready_revision"].endswith("emotions-00002-abc")
+    assert summary["update_time"].startswith("2025-02-02T09:00:00")
+    table = CliRunner().invoke(app, args)
+    assert table.exit_code == 0 and URL in table.output
+
+
+def test_status_of_a_missing_service_is_one_line(fake: FakeGoogle) -> None:
+    fake.reply("GET", SERVICE, 404, error_body(404, f"Resource '{NAME}' was not found"))
+    args = ["cloud", "status", NAME]
+    result = CliRunner().invoke(app, args)
+    assert result.exception.exit_code == 3
+    assert "not found (404)" in str(result.exception)
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"image": ""}, "no serve image"),
+        ({"service": "Bad_Name"}, "service name"),
+        ({"min_instances": 5, "max_instances": 2}, "exceeds"),
+        ({"concurrency": 0}, "--concurrency"),
+        ({"env": {"PORT": "9000"}}, "set by Cloud Run"),
+        ({"model": "gs://"}, "gs://bucket/path"),
+    ],
+)
+def test_bad_options_name_the_problem(change: dict, words: str) -> None:
+    opts = services.ServiceOptions(project="p", region="r", service="knd", image="img")
+    for key, value in change.items():
+        setattr(opts, key, value)
+    with pytest.raises(KndError, match=words):
+        services.build_service(opts)
