@@ -153,6 +153,10 @@ class DriftConfig:
     min_samples: int = 30
     p_value: float = 0.05
     max_drifted_share: float = 0.3
+    # A column drifts when its test is significant AND its 0..1 statistic (KS, or total
+    # variation for categories) reaches min_effect; one column at severe_effect is drift alone.
+    min_effect: float = 0.25
+    severe_effect: float = 0.9
 
 
 @dataclass
