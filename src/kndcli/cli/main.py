@@ -8,7 +8,18 @@ from typing import Annotated
 import typer
 
 from kndcli import __version__
-from kndcli.cli import cloud, config_cmd, data, demo, drift, predict, profile, serve, train
+from kndcli.cli import (
+    cloud,
+    config_cmd,
+    data,
+    demo,
+    drift,
+    export,
+    predict,
+    profile,
+    serve,
+    train,
+)
 from kndcli.errors import KndError
 
 app = typer.Typer(
@@ -40,7 +51,7 @@ app.add_typer(data.app, name="data")
 app.command("train")(train.train)
 app.command("evaluate")(train.evaluate)
 app.command("predict")(predict.predict)
-app.command("export")(predict.export)
+app.command("export")(export.export)
 app.command("serve")(serve.serve)
 app.add_typer(profile.app, name="profile")
 app.add_typer(drift.app, name="drift")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import platform
 import subprocess
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,8 @@ def export_onnx(model: nn.Module, path: Path, sample_rate: int, clip_seconds: fl
     batch = torch.export.Dim("batch", min=1, max=4096)
     samples = torch.export.Dim("samples", min=sample_rate // 4, max=sample_rate * 600)
     tmp = path.with_suffix(".onnx.tmp")
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
         torch.onnx.export(
             wrapped,
             (example,),
@@ -118,3 +120,111 @@ def git_commit() -> str | None:
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def load_bundle_model(bundle: Any) -> nn.Module:
+    """Rebuild a bundle's torch model from `weights.safetensors` (no pickle involved)."""
+    from safetensors.torch import load_file
+
+    from kndcli.config import ModelConfig
+    from kndcli.models import build_model
+
+    model = build_model(ModelConfig(**bundle.meta["model"]), len(bundle.labels), bundle.sample_rate)
+    model.load_state_dict(load_file(str(bundle.path(WEIGHTS_FILE))))
+    return model.eval()
+
+
+def export_bundle(
+    src: Path,
+    out: Path,
+    *,
+    quantize: str | None = None,
+    data: Path | None = None,
+    split: str = "test",
+) -> dict[str, float]:
+    """Re-export `src`'s ONNX graph into a new bundle `out`, optionally int8-quantized.
+
+    A plain re-export must match the torch model within PARITY_TOLERANCE; a quantized
+    graph is expected to differ a little, so its difference is reported, not enforced.
+    With `data`, accuracy and speed of both bundles are compared on one split.
+    """
+    import shutil
+
+    from kndcli.data.store import PreparedSet
+    from kndcli.inference.bundle import load_bundle
+    from kndcli.inference.windowing import center_fit
+    from kndcli.training.train import parity_batch
+
+    bundle = load_bundle(src)
+    if out.resolve() == src.resolve():
+        raise KndError(f"--out {out}: choose a directory other than the source bundle")
+    model = load_bundle_model(bundle)
+    length = int(bundle.clip_seconds * bundle.sample_rate)
+    prepared_dir = data or Path(bundle.meta.get("data", {}).get("prepared", ""))
+    if data is not None or (prepared_dir / "prepare.json").is_file():
+        prepared = PreparedSet.open(prepared_dir)
+        clips = parity_batch(prepared, prepared.indices(split) or prepared.indices(), length)
+    else:
+        rng = np.random.default_rng(0)
+        clips = np.stack(
+            [
+                center_fit(0.1 * rng.standard_normal(length, dtype=np.float32), length)
+                for _ in range(4)
+            ]
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    files = [ONNX_FILE, WEIGHTS_FILE]
+    for name in bundle.meta["files"]:
+        if name != ONNX_FILE:
+            shutil.copy2(bundle.path(name), out / name)
+            if name not in files:
+                files.append(name)
+    export_onnx(model, out / ONNX_FILE, bundle.sample_rate, bundle.clip_seconds)
+    if quantize == "int8":
+        _quantize_int8(out / ONNX_FILE)
+        parity = check_parity(model, out / ONNX_FILE, clips, tolerance=float("inf"))
+    else:
+        parity = check_parity(model, out / ONNX_FILE, clips)
+    meta = {
+        **{k: v for k, v in bundle.meta.items() if k not in ("files", "schema_version")},
+        "name": bundle.meta.get("name", src.name) + (f"-{quantize}" if quantize else ""),
+        "export": {"from": str(src), "quantize": quantize, "parity_max_abs_diff": parity},
+        "versions": versions(),
+    }
+    write_bundle_json(out, meta, files)
+    report = {
+        "parity": parity,
+        "size_before": float(bundle.path(ONNX_FILE).stat().st_size),
+        "size_after": float((out / ONNX_FILE).stat().st_size),
+    }
+    if data is not None:
+        report.update(_compare(src, out, PreparedSet.open(data), split))
+    return report
+
+
+def _quantize_int8(path: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = path.with_suffix(".pre.onnx")
+    tmp = path.with_suffix(".int8.onnx")
+    try:
+        quant_pre_process(str(path), str(pre), skip_symbolic_shape=True)
+        quantize_dynamic(str(pre), str(tmp), weight_type=QuantType.QInt8)
+    finally:
+        pre.unlink(missing_ok=True)
+    tmp.replace(path)
+
+
+def _compare(before: Path, after: Path, prepared: Any, split: str) -> dict[str, float]:
+    from kndcli.inference.evaluate import evaluate_predictor
+    from kndcli.inference.predictor import Predictor
+
+    report: dict[str, float] = {}
+    for tag, path in (("before", before), ("after", after)):
+        predictor = Predictor.from_bundle(path)
+        started = time.perf_counter()
+        result = evaluate_predictor(predictor, prepared, split)
+        report[f"ms_per_clip_{tag}"] = 1000 * (time.perf_counter() - started) / result.n_clips
+        report[f"accuracy_{tag}"] = result.accuracy
+    return report
