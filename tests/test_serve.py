@@ -516,3 +516,48 @@ def test_knd_serve_without_a_bundle_is_one_line(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "no bundle at models/latest" in result.stderr and "Traceback" not in result.stderr
+
+
+# ----------------------------------------------------------------------------- batcher
+
+
+def test_batcher_isolates_a_failing_item_and_refuses_work_after_close() -> None:
+    from kndcli.serving.batcher import BatcherClosedError, MicroBatcher
+
+    calls: list[list[int]] = []
+
+    def square(items: list[int]) -> list[int]:
+        calls.append(list(items))
+        if 13 in items:
+            raise ValueError("unlucky")
+        return [i * i for i in items]
+
+    batcher = MicroBatcher(square, max_batch_size=8, max_wait_ms=200)
+    futures = [batcher.submit_future(i) for i in (2, 13, 3, 4)]
+    assert futures[0].result(10) == 4 and futures[2].result(10) == 9
+    with pytest.raises(ValueError, match="unlucky"):
+        futures[1].result(10)
+    assert calls[0] == [2, 13, 3, 4]  # gathered into one batch, then retried one by one
+    assert batcher.items == 3 and batcher.largest_batch == 1
+    batcher.close()
+    with pytest.raises(BatcherClosedError):
+        batcher.submit_future(5)
+
+
+def test_batcher_respects_max_batch_size() -> None:
+    from kndcli.serving.batcher import MicroBatcher
+
+    sizes: list[int] = []
+    gate = threading.Event()
+
+    def run(items: list[int]) -> list[int]:
+        gate.wait(10)
+        sizes.append(len(items))
+        return items
+
+    batcher = MicroBatcher(run, max_batch_size=4, max_wait_ms=100)
+    futures = [batcher.submit_future(i) for i in range(10)]
+    gate.set()
+    assert [f.result(10) for f in futures] == list(range(10))
+    assert max(sizes) <= 4 and sum(sizes) == 10
+    batcher.close()

@@ -28,6 +28,8 @@ LifespanHook = Callable[[FastAPI], contextlib.AbstractAsyncContextManager[Any]]
 
 def _load_service(settings: ServeSettings, metrics: Metrics) -> Any:
     """Bundle (sha256-checked), ONNX session, batcher and prediction log: the slow part."""
+    import numpy as np
+
     from kndcli.inference.predictor import Predictor
     from kndcli.monitoring.predlog import open_log
     from kndcli.serving.batcher import MicroBatcher
@@ -36,6 +38,8 @@ def _load_service(settings: ServeSettings, metrics: Metrics) -> Any:
     predictor = Predictor.from_bundle(
         settings.model, backend=settings.backend, threads=settings.threads or None
     )
+    # One throw-away pass so the first request does not pay for ONNX Runtime's warm-up.
+    predictor.score_batches([np.zeros((1, predictor.window), np.float32)])
     plog = open_log(settings.log_sink, flush_s=settings.log_flush_s)
 
     def score(audios: list) -> list:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
     from kndcli.serving.body import Upload
     from kndcli.serving.metrics import Metrics
     from kndcli.serving.settings import ServeSettings
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -57,30 +60,34 @@ class ServiceState:
         return self.bundle.version
 
     # ------------------------------------------------------------------ stages
-    def _decode(self, upload: Upload) -> tuple[Audio, dict[str, float]]:
-        audio = self.predictor.decode(
+    def _decode(self, upload: Upload) -> Audio:
+        return self.predictor.decode(
             upload.data,
             name=safe_filename(upload.filename) or "upload",
             max_duration_s=self.settings.max_duration_s,
             max_bytes=self.settings.max_body_bytes,
         )
-        return audio, audio_features(audio)
 
     async def _score_one(self, upload: Upload, request_id: str) -> Scored:
         scored = Scored(upload=upload, request_id=request_id)
         try:
-            audio, scored.features = await anyio.to_thread.run_sync(self._decode, upload)
+            audio = await anyio.to_thread.run_sync(self._decode, upload)
         except AudioError as exc:
             scored.error = ApiError(422, str(exc))
             return scored
+        # The drift features are computed in a thread while the batcher runs the model.
+        features = anyio.to_thread.run_sync(audio_features, audio)
         try:
-            scored.prediction = await self.batcher.submit(
-                audio, timeout=self.settings.request_timeout_s
+            scored.prediction, scored.features = await asyncio.gather(
+                self.batcher.submit(audio, timeout=self.settings.request_timeout_s), features
             )
         except BatcherClosedError as exc:
             scored.error = ApiError(503, str(exc))
         except TimeoutError:
             scored.error = ApiError(504, "inference timed out")
+        except Exception as exc:  # the batcher isolated this clip: it alone cannot be scored
+            logger.exception("scoring %s failed", upload.filename or "upload")
+            scored.error = ApiError(422, f"could not score this clip ({type(exc).__name__})")
         return scored
 
     async def score(self, uploads: list[Upload], request_ids: list[str]) -> list[Scored]:
