@@ -193,3 +193,25 @@ def test_missing_file_is_reported_and_others_scored(
     rows = json_lines(result.stdout)
     assert rows[0] == {"file": "/no/such/clip.wav", "error": "no such file"}
     assert rows[1]["label"] in LABELS
+
+
+def test_torch_backend_agrees_with_onnx(tiny_bundle: Path, good_files: dict[str, Path]) -> None:
+    clips = [good_files["stereo"], good_files["long_window"]]
+    onnx = json_lines(knd("predict", "-m", tiny_bundle, "--json", *clips).stdout)
+    torch = knd("predict", "-m", tiny_bundle, "--json", "--backend", "torch", *clips)
+    assert torch.returncode == 0, torch.stderr
+    for a, b in zip(onnx, json_lines(torch.stdout), strict=True):
+        assert a["label"] == b["label"]
+        for label in LABELS:
+            assert a["probabilities"][label] == pytest.approx(b["probabilities"][label], abs=1e-4)
+    bad = knd("predict", "-m", tiny_bundle, "--backend", "tf", clips[0])
+    assert bad.returncode == 1 and "choose 'onnx' or 'torch'" in bad.stderr
+
+
+def test_forced_progress_keeps_stdout_clean(
+    tiny_bundle: Path, wav_factory: Callable[..., Path]
+) -> None:
+    clips = [wav_factory(f"many/{i}.wav", seconds=0.3) for i in range(25)]
+    result = knd("predict", "-m", tiny_bundle, "--json", "--progress", *clips)
+    assert result.returncode == 0, result.stderr
+    assert len(json_lines(result.stdout)) == 25

@@ -55,7 +55,7 @@ def predict(
     """Predict the emotion of each clip: label, confidence and top-3 (table, JSON or CSV)."""
     if json_out and csv_out:
         raise KndError("choose one of --json and --csv")
-    cfg = _config(config, overrides)
+    cfg = cli_config(config, overrides)
     from kndcli.audio import find_audio_files
     from kndcli.inference.bundle import resolve_model
 
@@ -99,7 +99,7 @@ def load_predictor(bundle: Path, cfg: KndConfig, backend: str | None = None) -> 
     return predictor
 
 
-def _config(files: list[Path] | None, overrides: list[str] | None) -> KndConfig:
+def cli_config(files: list[Path] | None, overrides: list[str] | None) -> KndConfig:
     """The defaults need no YAML parser; omegaconf is imported only to merge files or --set."""
     if files or overrides:
         from kndcli.cli.common import build_config

@@ -28,12 +28,12 @@ def serve(
     overrides: SetOpt = None,
 ) -> None:
     """Serve a bundle over HTTP: /predict, /predict/batch, /health, /ready, /metrics, /docs."""
-    from kndcli.cli.predict import _config
+    from kndcli.cli.predict import cli_config
     from kndcli.inference.bundle import load_bundle, resolve_model
     from kndcli.serving.app import run_server
     from kndcli.serving.settings import ServeSettings
 
-    cfg = _config(config, overrides)
+    cfg = cli_config(config, overrides)
     bundle = resolve_model(model, default=cfg.inference.model)
     load_bundle(bundle)  # fail here, in one line, rather than in every worker
     settings = ServeSettings.from_config(
