@@ -145,3 +145,15 @@ def test_synth_prepared_has_disjoint_speaker_splits(synth_prepared):
     }
     assert by_split == {"train": {"01", "04"}, "val": {"02"}, "test": {"03"}}
     assert len(ps.rows) == 240
+
+
+def test_remote_prepared_set_is_fetched_once(synth_prepared, tmp_path):
+    from kndcli.data.store import local_prepared
+
+    cache = tmp_path / "cache"
+    local = local_prepared(f"file://{synth_prepared}", cache=cache)
+    assert local.parent == cache
+    assert PreparedSet.open(local).rows == PreparedSet.open(synth_prepared).rows
+    assert local_prepared(f"file://{synth_prepared}", cache=cache) == local
+    with pytest.raises(KndError, match="no prepared set at file://"):
+        local_prepared(f"file://{tmp_path}/nothing", cache=cache)

@@ -64,6 +64,9 @@ class ModelConfig:
     f_min: float = 40.0
     f_max: float = 8000.0
     channels: int = 48
+    # "bin": each mel bin to zero mean, unit variance over the clip (removes channel colour);
+    # "global": one mean and variance per clip (keeps spectral tilt, an arousal cue).
+    normalize: str = "bin"
     dropout: float = 0.3
     freq_masks: int = 2
     freq_mask_width: int = 8
@@ -76,7 +79,6 @@ class AugmentConfig:
     gain_db: float = 6.0
     noise_snr_db: float = 0.0
     noise_prob: float = 0.0
-    time_shift_s: float = 0.3
     speeds: list[float] = field(default_factory=lambda: [0.9, 1.0, 1.1])
     mixup_alpha: float = 0.0
 
@@ -257,7 +259,22 @@ def _merge(base: Any, update: Any, source: str) -> Any:
     try:
         return OmegaConf.merge(base, update)
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"{source}: {_describe(exc)}") from None
+        message = _describe(exc)
+        key = getattr(exc, "full_key", None)
+        if type(exc).__name__ == "ConfigKeyError" and key:
+            value = OmegaConf.select(update, str(key), default=None, throw_on_missing=False)
+            if value is not None and not OmegaConf.is_config(value):
+                message += f" (value {value!r})"
+            message += f"; valid keys of '{str(key).rpartition('.')[0] or 'top level'}': "
+            message += ", ".join(_valid_keys(base, str(key).rpartition(".")[0]))
+        raise ConfigError(f"{source}: {message}") from None
+
+
+def _valid_keys(base: Any, parent: str) -> list[str]:
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.select(base, parent) if parent else base
+    return sorted(node.keys()) if OmegaConf.is_dict(node) else []
 
 
 def _describe(exc: Exception) -> str:

@@ -120,3 +120,31 @@ def write_features(path: Path, ids: list[str], features: list[dict[str, float]])
         writer.writerow(["id", *names])
         for clip_id, feats in zip(ids, features, strict=True):
             writer.writerow([clip_id, *(f"{feats[n]:.6g}" for n in names)])
+
+
+def local_prepared(location: str | Path, cache: Path | None = None) -> Path:
+    """A local directory for a prepared set, downloading it once if it lives at gs://...
+
+    Vertex AI jobs read their data from a bucket; the memory-mapped store needs a file.
+    """
+    text = str(location)
+    if "://" not in text:
+        return Path(text)
+    import hashlib
+
+    import fsspec
+
+    target = (cache or Path.home() / ".cache" / "knd" / "prepared") / hashlib.sha256(
+        text.encode()
+    ).hexdigest()[:16]
+    if (target / INFO).is_file():
+        return target
+    fs, _, [root] = fsspec.get_fs_token_paths(text)
+    if not fs.exists(f"{root.rstrip('/')}/{INFO}"):
+        raise KndError(f"no prepared set at {text}: upload one made by 'knd data prepare'")
+    partial = target.with_name(target.name + ".partial")
+    partial.mkdir(parents=True, exist_ok=True)
+    for name in (MANIFEST, WAVEFORMS, FEATURES, INFO):
+        fs.get_file(f"{root.rstrip('/')}/{name}", str(partial / name))
+    partial.replace(target)
+    return target

@@ -6,17 +6,26 @@ import numpy as np
 
 
 def center_fit(samples: np.ndarray, length: int) -> np.ndarray:
-    """Centre-crop or zero-pad to exactly `length` samples (evaluation and short clips)."""
+    """Centre-crop a long clip, or repeat a short one, to exactly `length` samples.
+
+    Repeating instead of zero-padding keeps every frame of the window speech: digital
+    silence would dominate a per-utterance normalised log-mel of a short clip.
+    """
     n = len(samples)
     if n == length:
         return samples
     if n > length:
         start = (n - length) // 2
         return samples[start : start + length]
-    out = np.zeros(length, dtype=np.float32)
-    start = (length - n) // 2
-    out[start : start + n] = samples
-    return out
+    return repeat_fit(samples, length)
+
+
+def repeat_fit(samples: np.ndarray, length: int, shift: int = 0) -> np.ndarray:
+    """Tile a short clip to `length` samples, starting `shift` samples into it."""
+    if len(samples) == 0:
+        return np.zeros(length, dtype=np.float32)
+    reps = -(-(length + shift) // len(samples))
+    return np.tile(samples, reps)[shift : shift + length].astype(np.float32, copy=False)
 
 
 def window_starts(n_samples: int, window: int, hop: int) -> list[int]:

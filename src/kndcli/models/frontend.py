@@ -7,6 +7,7 @@ import torchaudio
 from torch import nn
 
 from kndcli.config import ModelConfig
+from kndcli.errors import ConfigError
 
 
 class LogMel(nn.Module):
@@ -19,6 +20,9 @@ class LogMel(nn.Module):
 
     def __init__(self, cfg: ModelConfig, sample_rate: int) -> None:
         super().__init__()
+        if cfg.normalize not in ("bin", "global"):
+            raise ConfigError(f"key 'model.normalize': {cfg.normalize!r} is not 'bin' or 'global'")
+        self.normalize = cfg.normalize
         win = int(round(cfg.win_ms * sample_rate / 1000))
         hop = int(round(cfg.hop_ms * sample_rate / 1000))
         self.melspec = torchaudio.transforms.MelSpectrogram(
@@ -38,8 +42,9 @@ class LogMel(nn.Module):
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
         mel = torch.log(self.melspec(waveform) + 1e-6)
-        mean = mel.mean(dim=-1, keepdim=True)
-        std = mel.std(dim=-1, keepdim=True)
+        dims = (-2, -1) if self.normalize == "global" else (-1,)
+        mean = mel.mean(dim=dims, keepdim=True)
+        std = mel.std(dim=dims, keepdim=True)
         mel = (mel - mean) / (std + 1e-5)
         if self.training and len(self.spec_augment):
             mel = self.spec_augment(mel)

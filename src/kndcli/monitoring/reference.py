@@ -30,13 +30,27 @@ def build_reference(
 
     rows: list[dict[str, Any]] = []
     for feats, label in zip(train_features, train_labels, strict=True):
-        rows.append({"source": "train", "label": label, "predicted": None, "confidence": None,
-                     **{k: feats[k] for k in FEATURE_NAMES}})
+        rows.append(
+            {
+                "source": "train",
+                "label": label,
+                "predicted": None,
+                "confidence": None,
+                **{k: feats[k] for k in FEATURE_NAMES},
+            }
+        )
     for feats, label, pred, conf in zip(
         val_features, val_labels, val_predicted, val_confidence, strict=True
     ):
-        rows.append({"source": "val", "label": label, "predicted": pred, "confidence": conf,
-                     **{k: feats[k] for k in FEATURE_NAMES}})
+        rows.append(
+            {
+                "source": "val",
+                "label": label,
+                "predicted": pred,
+                "confidence": conf,
+                **{k: feats[k] for k in FEATURE_NAMES},
+            }
+        )
     return pd.DataFrame(rows, columns=list(REFERENCE_COLUMNS))
 
 

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 from kndcli.audio import speech_bounds
 from kndcli.config import AugmentConfig, TrainConfig
 from kndcli.data.store import PreparedSet
-from kndcli.inference.windowing import center_fit
+from kndcli.inference.windowing import center_fit, repeat_fit
 
 
 class WaveformDataset(Dataset):
@@ -82,14 +82,11 @@ class WaveformDataset(Dataset):
 
 
 def _random_fit(x: np.ndarray, length: int, rng: np.random.Generator) -> np.ndarray:
-    """Random crop of a long clip, or random placement of a short one in silence."""
+    """Random crop of a long clip, or a short one repeated from a random start."""
     if len(x) >= length:
         start = int(rng.integers(0, len(x) - length + 1))
         return x[start : start + length]
-    out = np.zeros(length, dtype=np.float32)
-    start = int(rng.integers(0, length - len(x) + 1))
-    out[start : start + len(x)] = x
-    return out
+    return repeat_fit(x, length, int(rng.integers(0, max(1, len(x)))))
 
 
 class PreparedDataModule(pl.LightningDataModule):

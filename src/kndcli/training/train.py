@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from kndcli.config import KndConfig, load_config, to_yaml
-from kndcli.data.store import PreparedSet
+from kndcli.data.store import PreparedSet, local_prepared
 from kndcli.errors import ConfigError, KndError
 
 CONFIG_FILE = "config.yaml"
@@ -54,7 +54,7 @@ def train(cfg: KndConfig) -> TrainResult | None:
     from kndcli.training.data import PreparedDataModule
     from kndcli.training.module import EmotionClassifier
 
-    prepared = PreparedSet.open(cfg.data.prepared)
+    prepared = PreparedSet.open(local_prepared(cfg.data.prepared))
     labels = _labels(cfg, prepared)
     run_name = (
         cfg.train.run_name or os.environ.get("KND_RUN_NAME") or time.strftime("run-%Y%m%d-%H%M%S")

@@ -1,0 +1,151 @@
+"""Speaker-independent accuracy on the shared RAVDESS actors: k folds of held-out actors.
+
+Each fold holds out 4 actors (2 male, 2 female) for test, takes 2 more for validation
+(checkpoint selection and early stopping only), and trains on the other 10. Every fold
+trains the default configuration from scratch within the same wall-clock budget, so the
+figure says what `knd train` gives a user on this machine.
+
+    uv run python -m bench.accuracy_cv [--folds 4] [--budget-min 15] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data" / "ravdess"
+WORK = REPO / "bench" / "work" / "accuracy"
+RESULTS = REPO / "bench" / "results" / "accuracy_cv.json"
+
+
+def fold_speakers(fold: int, folds: int = 4) -> tuple[list[str], list[str]]:
+    """Test and validation actors of one fold; every actor is tested exactly once."""
+    actors = [f"{i:02d}" for i in range(1, 17)]
+    size = len(actors) // folds
+    test = actors[fold * size : (fold + 1) * size]
+    rest = [a for a in actors if a not in test]
+    # One male (odd) and one female (even) validation actor, rotating with the fold.
+    males = [a for a in rest if int(a) % 2]
+    females = [a for a in rest if not int(a) % 2]
+    return test, [males[fold % len(males)], females[fold % len(females)]]
+
+
+def fold_prepared(base: Path, out: Path, test: list[str], val: list[str]) -> Path:
+    """A prepared set that shares `base`'s waveforms but assigns this fold's splits."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = list(csv.DictReader((base / "manifest.csv").open(newline="")))
+    for row in rows:
+        row["split"] = (
+            "test" if row["speaker"] in test else "val" if row["speaker"] in val else "train"
+        )
+    with (out / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    info = json.loads((base / "prepare.json").read_text())
+    info["speakers"] = {
+        s: sorted({r["speaker"] for r in rows if r["split"] == s}) for s in ("train", "val", "test")
+    }
+    info["split_counts"] = {s: sum(r["split"] == s for r in rows) for s in ("train", "val", "test")}
+    (out / "prepare.json").write_text(json.dumps(info, indent=2))
+    for name in ("waveforms.bin", "features.csv"):
+        link = out / name
+        if not link.exists():
+            link.symlink_to((base / name).resolve())
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--folds", type=int, default=4)
+    parser.add_argument("--only", type=int, nargs="*", help="run only these fold numbers")
+    parser.add_argument("--budget-min", type=float, default=15.0)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+
+    from kndcli.config import load_config
+    from kndcli.data.prepare import prepare_dataset
+    from kndcli.training.train import train
+
+    base = WORK / "prepared"
+    prepare_dataset(
+        load_config(
+            overrides=[
+                "data.dataset=ravdess",
+                f"data.raw={SHARED}",
+                f"data.prepared={base}",
+            ]
+        )
+    )
+    folds = []
+    for fold in args.only if args.only is not None else range(args.folds):
+        test, val = fold_speakers(fold, args.folds)
+        prepared = fold_prepared(base, WORK / f"fold{fold}", test, val)
+        cfg = load_config(
+            overrides=[
+                f"data.prepared={prepared}",
+                f"train.output_dir={WORK / 'runs'}",
+                f"train.run_name=fold{fold}",
+                "wandb.enabled=false",
+                # A guard, not a tuning knob: the run stops at the budget whatever its epochs.
+                f"train.trainer.max_time_minutes={args.budget_min - 1.0}",
+                *args.overrides,
+            ]
+        )
+        os.environ.pop("KND_RUN_NAME", None)
+        started = time.perf_counter()
+        result = train(cfg)
+        seconds = time.perf_counter() - started
+        test_m = result.metrics["test"]
+        folds.append(
+            {
+                "fold": fold,
+                "test_actors": test,
+                "val_actors": val,
+                "accuracy": test_m["accuracy"],
+                "macro_f1": test_m["macro_f1"],
+                "uar": test_m["uar"],
+                "val_accuracy": result.metrics["val"]["accuracy"],
+                "per_speaker": test_m["per_speaker"],
+                "epochs": result.epochs,
+                "train_seconds": seconds,
+            }
+        )
+        print(json.dumps(folds[-1]), flush=True)
+
+    def spread(key: str) -> dict:
+        values = [f[key] for f in folds]
+        return {
+            "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values),
+            "max": max(values),
+        }
+
+    summary = {
+        "benchmark": "accuracy_cv",
+        "protocol": f"{args.folds} folds x 4 held-out RAVDESS actors (01-16), 2 val actors, "
+        "10 train actors; default config unless overrides",
+        "overrides": args.overrides,
+        "budget_minutes": args.budget_min,
+        "folds": folds,
+        "accuracy": spread("accuracy"),
+        "macro_f1": spread("macro_f1"),
+        "uar": spread("uar"),
+        "train_seconds": spread("train_seconds"),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
