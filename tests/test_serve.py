@@ -561,3 +561,26 @@ def test_batcher_respects_max_batch_size() -> None:
     assert [f.result(10) for f in futures] == list(range(10))
     assert max(sizes) <= 4 and sum(sizes) == 10
     batcher.close()
+
+
+# ----------------------------------------------------------------------------- monitoring
+
+
+def test_monitoring_needs_a_configured_token(server: LiveServer) -> None:
+    response = httpx.get(server.url + "/monitoring", timeout=30)
+    assert response.status_code == 404
+    assert "KND_API_TOKEN" in response.json()["error"]
+
+
+def test_monitoring_report_of_logged_requests(serve: Callable[..., LiveServer]) -> None:
+    live = serve(api_token="s3cret")
+    auth = {"authorization": "Bearer s3cret"}
+    for i in range(5):
+        assert post_file(live.url, wav_bytes(0.5 + 0.1 * i), headers=auth).status_code == 200
+    assert httpx.get(live.url + "/monitoring", timeout=60).status_code == 401
+    response = httpx.get(live.url + "/monitoring", headers=auth, timeout=120)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    assert "<html" in response.text.lower()
+    # Five requests are too few to judge: the page says so instead of inventing a verdict.
+    assert "cannot" in response.text.lower()

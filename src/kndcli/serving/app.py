@@ -68,6 +68,7 @@ def create_app(
     lifespan_hooks: Sequence[LifespanHook] = (),
 ) -> FastAPI:
     """A new app for `settings`. Cheap: nothing is loaded until the server starts it."""
+    from kndcli.serving.monitoring import router as monitoring_router
     from kndcli.serving.routes import router
 
     metrics = Metrics()
@@ -108,6 +109,7 @@ def create_app(
     app.state.service = None
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(monitoring_router)
     for extra in extra_routers:
         app.include_router(extra)
     app.add_middleware(RequestStampMiddleware, metrics=metrics)
