@@ -5,7 +5,7 @@ training reference, 11-12 the validation reference, and 10,000 records are drawn
 little jitter) from actors 13-16 and written to a real SQLite prediction log. Predicted
 labels and confidences are synthetic (no trained model is needed to time the report).
 
-    uv run python bench/drift_report.py [--records 10000] [--out bench/results/drift.json]
+    uv run python bench/drift_report.py [--records 10000] [--out bench/results/drift_report.json]
 """
 
 from __future__ import annotations
@@ -116,7 +116,9 @@ def main(records: int = 10_000, seed: int = 0) -> dict[str, Any]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=10_000)
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "drift.json")
+    parser.add_argument(
+        "--out", type=Path, default=REPO / "bench" / "results" / "drift_report.json"
+    )
     args = parser.parse_args()
     figures = main(args.records)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,1 @@
+"""knd bench suite: every figure the issues ask for, side by side with its baseline."""

@@ -1,0 +1,602 @@
+"""The benchmarks: each measures knd and its course-project baseline in the same run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    RAVDESS,
+    REPO,
+    WORK,
+    BenchResult,
+    Figure,
+    bench_env,
+    knd_command,
+    stats,
+    timed_run,
+)
+
+COURSE = "course project: VGG19 on a 3-channel 128-mel image of 3 s at 48 kHz"
+
+
+class Context:
+    """What the benchmarks share, built lazily: clip lists, the bundle, the course checkpoint."""
+
+    def __init__(
+        self, *, quick: bool, reps: int | None, model: Path | None, work: Path = WORK
+    ) -> None:
+        self.quick = quick
+        self.reps = reps or (1 if quick else 3)
+        self.model_arg = model
+        self.work = work
+        self.work.mkdir(parents=True, exist_ok=True)
+        self._bundle: Path | None = None
+        self.bundle_note = ""
+        self.train_epoch_s: float | None = None
+
+    # ------------------------------------------------------------------ data
+    def all_clips(self) -> list[Path]:
+        from kndcli.audio import find_audio_files
+
+        if not RAVDESS.is_dir():
+            raise RuntimeError(f"shared RAVDESS data not found at {RAVDESS}")
+        return find_audio_files([RAVDESS])
+
+    def clips(self) -> list[Path]:
+        """All 960 clips, or actor 01's 60 in quick mode."""
+        clips = self.all_clips()
+        return clips[:60] if self.quick else clips
+
+    def raw_dir(self) -> Path:
+        """A directory holding exactly `clips()` (links), for whole-directory commands."""
+        clips = self.clips()
+        if not self.quick:
+            return RAVDESS
+        root = self.work / "raw-quick"
+        if not root.is_dir():
+            tmp = self.work / "raw-quick.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            for clip in clips:
+                (tmp / clip.parent.name).mkdir(parents=True, exist_ok=True)
+                (tmp / clip.parent.name / clip.name).symlink_to(clip)
+            tmp.replace(root)
+        return root
+
+    def prepared(self) -> Path:
+        """The full shared set, prepared once (reused by later runs)."""
+        out = self.work / "prepared"
+        if not (out / "prepare.json").is_file():
+            from kndcli.config import load_config
+            from kndcli.data.prepare import prepare_dataset
+
+            cfg = load_config(
+                overrides=["data.dataset=ravdess", f"data.raw={RAVDESS}", f"data.prepared={out}"]
+            )
+            prepare_dataset(cfg)
+        return out
+
+    def speech_clips(self, n: int) -> list[Path]:
+        """`n` clips of 3-4 s (the serving load), spread over actors."""
+        import soundfile as sf
+
+        picked = []
+        clips = self.all_clips()
+        for clip in clips[:: max(1, len(clips) // (4 * n))]:
+            if 3.0 <= sf.info(str(clip)).duration <= 4.0:
+                picked.append(clip)
+            if len(picked) == n:
+                break
+        return picked or clips[:n]
+
+    # ------------------------------------------------------------------ models
+    def bundle(self) -> Path:
+        """--model, else models/latest, else a bundle trained here (or untrained in quick)."""
+        if self._bundle is not None:
+            return self._bundle
+        from kndcli.inference.bundle import BUNDLE_JSON
+
+        if self.model_arg is not None:
+            self._bundle, self.bundle_note = self.model_arg, f"given: {self.model_arg}"
+        elif (REPO / "models" / "latest" / BUNDLE_JSON).is_file():
+            self._bundle, self.bundle_note = REPO / "models" / "latest", "models/latest"
+        elif (self.work / "bundle" / BUNDLE_JSON).is_file():
+            self._bundle = self.work / "bundle"
+            self.bundle_note = "bench/work/bundle (trained by an earlier bench run)"
+        elif self.quick:
+            self._bundle = untrained_bundle(self.work / "bundle-untrained")
+            self.bundle_note = "untrained default cnn (quick mode: numbers not judged)"
+        else:
+            self._bundle = self._train_bundle()
+        return self._bundle
+
+    def _train_bundle(self, epochs: int = 2) -> Path:
+        from kndcli.config import load_config
+        from kndcli.training.train import train
+
+        runs = self.work / "runs"
+        cfg = load_config(
+            overrides=[
+                f"data.prepared={self.prepared()}",
+                f"train.output_dir={runs}",
+                "train.run_name=bench",
+                f"train.trainer.max_epochs={epochs}",
+                "wandb.enabled=false",
+            ]
+        )
+        shutil.rmtree(runs / "bench", ignore_errors=True)
+        result = train(cfg)
+        target = self.work / "bundle"
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(result.bundle_dir, target, ignore=shutil.ignore_patterns("*.ckpt"))
+        self.train_epoch_s = result.seconds / max(1, result.epochs)
+        self.bundle_note = f"default config trained here for {epochs} epochs"
+        return target
+
+    def course_checkpoint(self) -> Path:
+        from bench.course import make_checkpoint
+
+        return make_checkpoint(self.work / "course" / "vgg19.pt")
+
+
+def untrained_bundle(out: Path) -> Path:
+    """A complete bundle of the default model with random weights: same cost, no training."""
+    from dataclasses import asdict
+
+    import numpy as np
+
+    from kndcli.audio import Audio, audio_features
+    from kndcli.config import LABELS, ModelConfig
+    from kndcli.inference.bundle import BUNDLE_JSON
+    from kndcli.models import build_model
+    from kndcli.monitoring.reference import build_reference
+    from kndcli.training.export import write_bundle
+
+    if (out / BUNDLE_JSON).is_file():
+        return out
+    cfg = ModelConfig()
+    model = build_model(cfg, len(LABELS), 16000)
+    rng = np.random.default_rng(0)
+    clips = [0.1 * rng.standard_normal(48000).astype(np.float32) for _ in range(4)]
+    feats = [audio_features(Audio(c, 16000, 16000, 1, "gen", 0.3, 0.0)) for c in clips]
+    reference = build_reference(feats, ["happy"] * 4, feats, ["sad"] * 4, ["sad"] * 4, [0.5] * 4)
+    meta = {
+        "name": "bench-untrained",
+        "labels": list(LABELS),
+        "sample_rate": 16000,
+        "clip_seconds": 3.0,
+        "window_seconds": 3.0,
+        "hop_seconds": 1.5,
+        "trim_silence": True,
+        "model": asdict(cfg),
+        "metrics": {},
+    }
+    return write_bundle(model, out, meta, np.stack(clips[:2]), reference=reference)
+
+
+def _read_all(paths: list[Path]) -> None:
+    """Read every input once so knd and the baseline both start from a warm page cache."""
+    for path in paths:
+        path.read_bytes()
+
+
+# ----------------------------------------------------------------------------- prepare
+def bench_prepare(ctx: Context) -> BenchResult:
+    clips = ctx.clips()
+    raw = ctx.raw_dir()
+    _read_all(clips)
+    knd_s, base_s = [], []
+    with tempfile.TemporaryDirectory(prefix="knd-bench-prepare-") as tmp:
+        for rep in range(ctx.reps):
+            out = Path(tmp) / f"knd{rep}"
+            knd_s.append(
+                timed_run(
+                    [
+                        *knd_command(),
+                        "data",
+                        "prepare",
+                        "--dataset",
+                        "ravdess",
+                        "--raw",
+                        str(raw),
+                        "--out",
+                        str(out),
+                    ]
+                )
+            )
+            info = json.loads((out / "prepare.json").read_text())
+            if info["n_clips"] != len(clips):
+                raise RuntimeError(f"knd prepared {info['n_clips']} of {len(clips)} clips")
+            shutil.rmtree(out)
+            base = Path(tmp) / f"base{rep}"
+            base_s.append(
+                timed_run(
+                    [sys.executable, "-m", "bench.course", "prepare", str(raw), str(base)],
+                    env=bench_env(),
+                )
+            )
+            shutil.rmtree(base)
+    return BenchResult(
+        "prepare",
+        [
+            Figure(
+                f"knd data prepare, {len(clips)} shared files, cold (fresh output dir), wall",
+                "s",
+                "lower",
+                stats(knd_s),
+                stats(base_s),
+                "one process: soundfile read + soxr resample per file, one array out",
+                target=20.0,
+            )
+        ],
+        details={"files": len(clips), "cores": os.cpu_count()},
+        notes=[
+            "whole process, as a user runs it; fresh output directory each repetition",
+            "page cache warm: every input file is read once before timing (no drop_caches "
+            "on a shared machine), for knd and the baseline alike",
+        ],
+    )
+
+
+# ----------------------------------------------------------------------------- train
+def bench_train(ctx: Context) -> BenchResult:
+
+    from bench.course import CLIP_SAMPLES, load_48k, train_steps
+    from kndcli.config import load_config
+    from kndcli.profiling import profile_train
+
+    steps = 2 if ctx.quick else 8
+    cfg = load_config(overrides=[f"data.prepared={ctx.prepared()}"])
+    knd = profile_train(cfg, steps=steps, warmup=1, profile_ops=False)
+    knd_rates = [s["samples"] / (s["data_s"] + s["compute_s"]) for s in knd["per_step"]]
+
+    base_steps, base_batch = (1, 4) if ctx.quick else (3, 8)
+    waves = [load_48k(p) for p in ctx.all_clips()[:: 960 // 32][:32]]
+    assert all(len(w) == CLIP_SAMPLES for w in waves)
+    train_steps(waves, 1, base_batch)  # warm-up, not counted, as for knd
+    base = train_steps(waves, base_steps, base_batch)
+    base_rates = [s["samples"] / (s["data_s"] + s["compute_s"]) for s in base]
+    n_train = knd["train_clips"]
+    knd_epoch = [n_train / r for r in knd_rates]
+    base_epoch = [n_train / r for r in base_rates]
+    figures = [
+        Figure(
+            f"training throughput, default config ({cfg.model.name}, batch "
+            f"{cfg.train.batch_size}, {cfg.train.clip_seconds:g} s clips)",
+            "clips/s",
+            "higher",
+            stats(knd_rates),
+            stats(base_rates),
+            f"{COURSE}, batch {base_batch}, Adam",
+        ),
+        Figure(
+            f"training epoch time ({n_train} train clips, from per-step throughput)",
+            "s",
+            "lower",
+            stats(knd_epoch),
+            stats(base_epoch),
+            "VGG19 at its measured throughput",
+        ),
+    ]
+    details: dict[str, Any] = {
+        "knd": {k: v for k, v in knd.items() if k not in ("operators", "per_step")},
+        "knd_per_step": knd["per_step"],
+        "baseline_per_step": base,
+        "baseline_batch": base_batch,
+    }
+    if ctx.train_epoch_s is not None:
+        details["bundle_training_s_per_epoch_incl_validation"] = ctx.train_epoch_s
+    return BenchResult(
+        "train",
+        figures,
+        details=details,
+        notes=[
+            "each measured step is one repetition; one warm-up step first for both",
+            "knd: the real LightningModule and train DataModule (augmentation on), "
+            "data-loader wait included; baseline: mel image computed per batch",
+        ],
+    )
+
+
+# ----------------------------------------------------------------------------- predict
+def bench_predict_cold(ctx: Context) -> BenchResult:
+    bundle = ctx.bundle()
+    clip = ctx.speech_clips(1)[0]
+    checkpoint = ctx.course_checkpoint()
+    _read_all([clip, checkpoint, *Path(bundle).iterdir()])
+    reps = ctx.reps if ctx.quick else max(5, ctx.reps)
+    timed_run([*knd_command(), "predict", "--model", str(bundle), str(clip)])  # warm disk
+    knd_s = [
+        timed_run([*knd_command(), "predict", "--model", str(bundle), str(clip)])
+        for _ in range(reps)
+    ]
+    base_s = [
+        timed_run(
+            [sys.executable, "-m", "bench.course", "predict", str(checkpoint), str(clip)],
+            env=bench_env(),
+        )
+        for _ in range(ctx.reps)
+    ]
+    return BenchResult(
+        "predict_cold",
+        [
+            Figure(
+                "knd predict one.wav, cold, whole process wall",
+                "s",
+                "lower",
+                stats(knd_s),
+                stats(base_s),
+                f"{COURSE}: imports torch + torchvision, reads the "
+                f"{checkpoint.stat().st_size / 1e6:.0f} MB checkpoint, predicts",
+                target=0.6,
+            )
+        ],
+        details={"clip": str(clip), "bundle": ctx.bundle_note},
+        notes=["files read once before timing (warm page cache) for both sides"],
+    )
+
+
+def bench_predict_dir(ctx: Context) -> BenchResult:
+    bundle = ctx.bundle()
+    raw = ctx.raw_dir()
+    clips = ctx.clips()
+    checkpoint = ctx.course_checkpoint()
+    _read_all(clips)
+    knd_rates = []
+    for _ in range(ctx.reps):
+        seconds = timed_run([*knd_command(), "predict", "--model", str(bundle), "--json", str(raw)])
+        knd_rates.append(len(clips) / seconds)
+    subset = [str(p) for p in ctx.all_clips()[:: 960 // (2 if ctx.quick else 10)]]
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.course", "predict-each", str(checkpoint), *subset],
+        capture_output=True,
+        env=bench_env(),
+        cwd=REPO,
+        check=True,
+        timeout=900,
+    )
+    per_clip = json.loads(out.stdout.decode().strip().splitlines()[-1])
+    return BenchResult(
+        "predict_dir",
+        [
+            Figure(
+                f"knd predict on a directory of {len(clips)} RAVDESS clips, whole process",
+                "clips/s",
+                "higher",
+                stats(knd_rates),
+                stats([1 / s for s in per_clip]),
+                f"{COURSE}, checkpoint reloaded per clip ({len(subset)} clips; each one "
+                "is a repetition; imports not counted)",
+                target=300.0,
+            )
+        ],
+        details={
+            "clips": len(clips),
+            "output": "--json to /dev/null",
+            "bundle": ctx.bundle_note,
+            "baseline_seconds_per_clip": per_clip,
+        },
+    )
+
+
+# ----------------------------------------------------------------------------- serve
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(port: int, proc: subprocess.Popen, start: float, timeout: float = 120) -> float:
+    """Seconds from `start` (just before the process was spawned) to GET /ready == 200."""
+    import http.client
+
+    while time.perf_counter() - start < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before /ready")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", "/ready")
+            if conn.getresponse().status == 200:
+                return time.perf_counter() - start
+        except OSError:
+            pass
+        time.sleep(0.01)
+    raise RuntimeError(f"/ready not reached within {timeout} s")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _serve_round(
+    cmd: Callable[[int], list[str]], bodies: list[tuple[bytes, str]], load: dict[str, Any]
+) -> tuple[float, dict[str, Any]]:
+    from bench.loadgen import run_load
+
+    port = _free_port()
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd(port), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=bench_env(), cwd=REPO
+    )
+    try:
+        ready = _wait_ready(port, proc, start)
+        result = run_load(port, bodies, clients=16, **load)
+    finally:
+        _stop(proc)
+    return ready, result
+
+
+def bench_serve(ctx: Context) -> BenchResult:
+    bundle = ctx.bundle()
+    checkpoint = ctx.course_checkpoint()
+    bodies = [
+        (p.read_bytes(), "audio/flac" if p.suffix == ".flac" else "audio/wav")
+        for p in ctx.speech_clips(16)
+    ]
+    duration = 3.0 if ctx.quick else 10.0
+    rounds = []
+    with tempfile.TemporaryDirectory(prefix="knd-bench-serve-") as tmp:
+        for rep in range(ctx.reps):
+
+            def knd_cmd(port: int, rep: int = rep) -> list[str]:
+                return [
+                    *knd_command(),
+                    "serve",
+                    "--model",
+                    str(bundle),
+                    "--port",
+                    str(port),
+                    "--set",
+                    f"serve.log_sink={Path(tmp) / f'log{rep}.sqlite'}",
+                ]
+
+            rounds.append(_serve_round(knd_cmd, bodies, {"duration_s": duration}))
+        base_ready, base = _serve_round(
+            lambda port: [
+                sys.executable,
+                "-m",
+                "bench.course",
+                "serve",
+                str(checkpoint),
+                str(port),
+            ],
+            bodies,
+            {"duration_s": None, "max_requests": 4 if ctx.quick else 16},
+        )
+    loads = [r for _, r in rounds]
+    one = {k: stats([float(r[k]) for r in loads]) for k in ("requests_per_s", "p50_ms", "p99_ms")}
+    base_stats = {k: stats([float(base[k])]) for k in ("requests_per_s", "p50_ms", "p99_ms")}
+    base_desc = (
+        f"{COURSE}: single-threaded HTTP handler reloading the checkpoint per request, "
+        f"{base['ok']} requests from 16 clients"
+    )
+    figures = [
+        Figure(
+            "knd serve throughput, 16 loopback clients, 3-4 s clips",
+            "req/s",
+            "higher",
+            one["requests_per_s"],
+            base_stats["requests_per_s"],
+            base_desc,
+            target=200.0,
+        ),
+        Figure(
+            "knd serve p50 latency", "ms", "lower", one["p50_ms"], base_stats["p50_ms"], base_desc
+        ),
+        Figure(
+            "knd serve p99 latency",
+            "ms",
+            "lower",
+            one["p99_ms"],
+            base_stats["p99_ms"],
+            base_desc,
+            target=100.0,
+        ),
+        Figure(
+            "knd serve errors under load",
+            "errors",
+            "lower",
+            stats([float(r["errors"]) for r in loads]),
+            stats([float(base["errors"])]),
+            base_desc,
+            target=0.5,
+            note="target: zero errors",
+        ),
+        Figure(
+            "knd serve process start to /ready",
+            "s",
+            "lower",
+            stats([r for r, _ in rounds]),
+            stats([base_ready]),
+            "baseline process start to listening (imports only)",
+            target=1.5,
+        ),
+    ]
+    return BenchResult(
+        "serve",
+        figures,
+        details={
+            "rounds": loads,
+            "baseline": base,
+            "duration_s": duration,
+            "bundle": ctx.bundle_note,
+        },
+        notes=[
+            "server and load generator share the machine's cores (loopback)",
+            "each repetition starts a fresh server, waits for /ready, then loads it",
+        ],
+    )
+
+
+# ----------------------------------------------------------------------------- drift
+def bench_drift(ctx: Context) -> BenchResult:
+    records = 500 if ctx.quick else 10_000
+    totals, walls, runs = [], [], []
+    with tempfile.TemporaryDirectory(prefix="knd-bench-drift-") as tmp:
+        for rep in range(ctx.reps):
+            out = Path(tmp) / f"drift{rep}.json"
+            walls.append(
+                timed_run(
+                    [
+                        sys.executable,
+                        str(REPO / "bench" / "drift_report.py"),
+                        "--records",
+                        str(records),
+                        "--out",
+                        str(out),
+                    ],
+                    env=bench_env(),
+                )
+            )
+            run = json.loads(out.read_text())
+            runs.append(run)
+            totals.append(run["total_report_s"])
+    no_base = "none: the course project had no drift monitoring"
+    return BenchResult(
+        "drift",
+        [
+            Figure(
+                f"drift report for {records} logged requests (read + analyse + HTML/JSON)",
+                "s",
+                "lower",
+                stats(totals),
+                None,
+                no_base,
+            ),
+            Figure(
+                "drift benchmark whole process (features, log write, evidently import, report)",
+                "s",
+                "lower",
+                stats(walls),
+                None,
+                no_base,
+            ),
+        ],
+        details={"runs": runs},
+    )
+
+
+BENCHMARKS: dict[str, Callable[[Context], BenchResult]] = {
+    "prepare": bench_prepare,
+    "train": bench_train,
+    "predict_cold": bench_predict_cold,
+    "predict_dir": bench_predict_dir,
+    "serve": bench_serve,
+    "drift": bench_drift,
+}

@@ -1,0 +1,488 @@
+"""Where the time goes: stage timings plus operator profiles for prediction and training.
+
+`profile_predict` runs a bundle's model over files stage by stage (decode, resample,
+windowing, frontend, backbone, post-processing), timing each with `perf_counter` while
+torch.profiler (torch backend) or ONNX Runtime's profiler (onnx backend) records the
+operators. `profile_train` runs a few steps of the real LightningModule over the real
+DataModule and separates data-loader wait from compute. Both return plain dicts (the
+`--json` output) and can write a Chrome trace.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kndcli.errors import KndError
+
+PREDICT_STAGES = ("decode", "resample", "windowing", "frontend", "backbone", "post_processing")
+ONNX_STAGES = ("decode", "resample", "windowing", "model", "post_processing")
+MAX_BATCH = 64
+
+
+class StageTimer:
+    """Accumulates wall seconds per named stage; optionally syncs CUDA around each one."""
+
+    def __init__(self, names: Sequence[str], sync: Any = None) -> None:
+        self.seconds: dict[str, float] = dict.fromkeys(names, 0.0)
+        self._sync = sync
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        from_torch = _record_function(name)
+        with from_torch:
+            if self._sync:
+                self._sync()
+            start = time.perf_counter()
+            try:
+                yield
+            finally:
+                if self._sync:
+                    self._sync()
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def _record_function(name: str) -> Any:
+    """A torch.profiler label when torch is already loaded, so stages show in the trace."""
+    import sys
+    from contextlib import nullcontext
+
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return nullcontext()
+    return torch.profiler.record_function(f"knd/{name}")
+
+
+# ----------------------------------------------------------------------------- predict
+def _read_and_resample(
+    path: Path, sample_rate: int, timer: StageTimer
+) -> tuple[np.ndarray, float] | str:
+    """Decode (soundfile + down-mix) and resample (soxr) as two timed stages, like `decode`.
+
+    Returns the samples and duration, or the reason the file is unusable.
+    """
+    import soundfile as sf
+    import soxr
+
+    with timer.stage("decode"):
+        try:
+            data, orig_sr = sf.read(str(path), dtype="float32", always_2d=True)
+        except Exception as exc:  # soundfile raises several types for unreadable files
+            return f"not a readable audio file ({str(exc).split(':')[-1].strip()})"
+        if len(data) == 0:
+            return "contains no audio frames"
+        mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+    with timer.stage("resample"):
+        if orig_sr != sample_rate:
+            mono = soxr.resample(mono, orig_sr, sample_rate, quality="HQ").astype(np.float32)
+    return np.ascontiguousarray(mono, dtype=np.float32), len(mono) / sample_rate
+
+
+def _windows(samples: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
+    """The Predictor's windowing: trim silence as in training, then sliding windows."""
+    from kndcli.audio import speech_bounds
+    from kndcli.inference.windowing import make_windows
+
+    rate = meta["sample_rate"]
+    if meta["trim"]:
+        start, stop = speech_bounds(samples, rate)
+        samples = samples[start:stop]
+    windows, _ = make_windows(samples, meta["window"], meta["hop"])
+    return windows
+
+
+def _bundle_meta(bundle: Any) -> dict[str, Any]:
+    rate = bundle.sample_rate
+    return {
+        "sample_rate": rate,
+        "window": int(round(bundle.window_seconds * rate)),
+        "hop": max(1, int(round(bundle.hop_seconds * rate))),
+        "trim": bundle.trim_silence,
+    }
+
+
+def _decode_all(
+    paths: Sequence[Path], meta: dict[str, Any], timer: StageTimer
+) -> tuple[list[np.ndarray], list[str], list[dict[str, str]], float]:
+    """Windows per good file, their names, the failures, and the audio seconds."""
+    batches, names, failed = [], [], []
+    audio_s = 0.0
+    for path in paths:
+        got = _read_and_resample(path, meta["sample_rate"], timer)
+        if isinstance(got, str):
+            failed.append({"file": str(path), "error": got})
+            continue
+        samples, seconds = got
+        audio_s += seconds
+        with timer.stage("windowing"):
+            batches.append(_windows(samples, meta))
+        names.append(str(path))
+    return batches, names, failed, audio_s
+
+
+def _aggregate(
+    labels: list[str], names: list[str], batches: list[np.ndarray], probs: np.ndarray
+) -> list[dict[str, Any]]:
+    """Mean probabilities per clip and the winning label, as the Predictor reports them."""
+    out = []
+    start = 0
+    for name, windows in zip(names, batches, strict=True):
+        mean = probs[start : start + len(windows)].mean(axis=0)
+        start += len(windows)
+        best = int(mean.argmax())
+        out.append({"file": name, "label": labels[best], "confidence": float(mean[best])})
+    return out
+
+
+def profile_predict(
+    bundle_dir: str | os.PathLike,
+    files: Sequence[str | os.PathLike],
+    *,
+    backend: str = "torch",
+    trace: str | os.PathLike | None = None,
+    top: int = 15,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Profile scoring `files` with a bundle: stage seconds, top operators, optional trace."""
+    from kndcli.audio import find_audio_files
+    from kndcli.inference.bundle import load_bundle
+
+    paths = find_audio_files(files)
+    if not paths:
+        raise KndError(f"no audio files found in {' '.join(map(str, files))}")
+    bundle = load_bundle(bundle_dir)
+    if backend == "torch":
+        result = _profile_predict_torch(bundle, paths, trace, top, threads)
+    elif backend == "onnx":
+        result = _profile_predict_onnx(bundle, paths, trace, top, threads)
+    else:
+        raise KndError(f"backend {backend!r}: choose 'onnx' or 'torch'")
+    stages = result["stages"]
+    total = sum(stages.values())
+    result.update(
+        kind="predict",
+        backend=backend,
+        bundle=str(bundle_dir),
+        files=len(paths),
+        total_s=total,
+        clips_per_s=(len(paths) - len(result["failed"])) / total if total > 0 else 0.0,
+    )
+    return result
+
+
+def _profile_predict_torch(
+    bundle: Any, paths: list[Path], trace: Any, top: int, threads: int | None
+) -> dict[str, Any]:
+    import torch
+    from safetensors.torch import load_file
+    from torch.profiler import ProfilerActivity, profile
+
+    from kndcli.config import ModelConfig
+    from kndcli.inference.bundle import WEIGHTS_FILE
+    from kndcli.models import build_model
+
+    if threads:
+        torch.set_num_threads(threads)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    model = build_model(ModelConfig(**bundle.meta["model"]), len(bundle.labels), bundle.sample_rate)
+    model.load_state_dict(load_file(str(bundle.path(WEIGHTS_FILE))))
+    model = model.eval().to(device)
+    meta = _bundle_meta(bundle)
+    timer = StageTimer(PREDICT_STAGES, sync=torch.cuda.synchronize if cuda else None)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities, acc_events=True) as prof:
+        batches, names, failed, audio_s = _decode_all(paths, meta, timer)
+        probs: list[np.ndarray] = []
+        if batches:
+            stacked = np.concatenate(batches)
+            with torch.inference_mode():
+                for i in range(0, len(stacked), MAX_BATCH):
+                    x = torch.from_numpy(stacked[i : i + MAX_BATCH]).to(device)
+                    with timer.stage("frontend"):
+                        mel = model.frontend(x)
+                    with timer.stage("backbone"):
+                        logits = model.backbone(mel)
+                    with timer.stage("post_processing"):
+                        probs.append(torch.softmax(logits, dim=-1).cpu().numpy())
+        with timer.stage("post_processing"):
+            results = (
+                _aggregate(bundle.labels, names, batches, np.concatenate(probs)) if probs else []
+            )
+    trace_path = None
+    if trace:
+        trace_path = str(trace)
+        Path(trace_path).parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(trace_path)
+    return {
+        "device": "cuda" if cuda else "cpu",
+        "stages": timer.seconds,
+        "operators": torch_operators(prof, top, cuda=cuda),
+        "windows": int(sum(len(b) for b in batches)),
+        "audio_s": audio_s,
+        "failed": failed,
+        "predictions": results,
+        "trace": trace_path,
+    }
+
+
+def torch_operators(prof: Any, top: int, *, cuda: bool = False) -> list[dict[str, Any]]:
+    """Top operators by self CPU time from a finished torch.profiler run (labels excluded)."""
+    rows = []
+    for event in prof.key_averages():
+        if event.key.startswith(("knd/", "ProfilerStep")):
+            continue
+        row = {
+            "name": event.key,
+            "calls": int(event.count),
+            "self_ms": event.self_cpu_time_total / 1000.0,
+            "total_ms": event.cpu_time_total / 1000.0,
+        }
+        if cuda:
+            row["self_device_ms"] = getattr(event, "self_device_time_total", 0.0) / 1000.0
+        rows.append(row)
+    rows.sort(key=lambda r: -r["self_ms"])
+    return rows[:top]
+
+
+def _profile_predict_onnx(
+    bundle: Any, paths: list[Path], trace: Any, top: int, threads: int | None
+) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    from kndcli.inference.bundle import ONNX_FILE
+
+    meta = _bundle_meta(bundle)
+    timer = StageTimer(ONNX_STAGES)
+    with tempfile.TemporaryDirectory(prefix="knd-ort-profile-") as tmp:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or (os.cpu_count() or 1)
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "ort")
+        session = ort.InferenceSession(
+            str(bundle.path(ONNX_FILE)), options, providers=["CPUExecutionProvider"]
+        )
+        name = session.get_inputs()[0].name
+        batches, names, failed, audio_s = _decode_all(paths, meta, timer)
+        probs: list[np.ndarray] = []
+        if batches:
+            stacked = np.concatenate(batches)
+            for i in range(0, len(stacked), MAX_BATCH):
+                with timer.stage("model"):
+                    probs.append(session.run(None, {name: stacked[i : i + MAX_BATCH]})[0])
+        with timer.stage("post_processing"):
+            results = (
+                _aggregate(bundle.labels, names, batches, np.concatenate(probs)) if probs else []
+            )
+        profile_file = session.end_profiling()
+        events = json.loads(Path(profile_file).read_text())
+        trace_path = None
+        if trace:
+            trace_path = str(trace)
+            Path(trace_path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(profile_file, trace_path)
+    operators, parts = onnx_operators(events, top, _onnx_node_parts(bundle.path(ONNX_FILE)))
+    return {
+        "device": "cpu",
+        "stages": timer.seconds,
+        "model_breakdown_ms": parts,
+        "operators": operators,
+        "windows": int(sum(len(b) for b in batches)),
+        "audio_s": audio_s,
+        "failed": failed,
+        "predictions": results,
+        "trace": trace_path,
+    }
+
+
+def _onnx_node_parts(model_path: Path) -> dict[str, str]:
+    """Graph node name -> "frontend" or "backbone", from the module scopes torch's exporter
+    stores in each node's metadata. Empty when the `onnx` package is not installed."""
+    try:
+        import onnx
+    except ImportError:
+        return {}
+    parts = {}
+    for node in onnx.load(str(model_path), load_external_data=False).graph.node:
+        scopes = next(
+            (p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), ""
+        )
+        if "model.frontend" in scopes:
+            parts[node.name] = "frontend"
+        elif "model.backbone" in scopes:
+            parts[node.name] = "backbone"
+    return parts
+
+
+def onnx_operators(
+    events: list[dict[str, Any]], top: int, node_parts: dict[str, str] | None = None
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Summarise ONNX Runtime profiler events by op type, and split node time by model part."""
+    node_parts = node_parts or {}
+    by_op: dict[str, dict[str, float]] = defaultdict(lambda: {"calls": 0, "self_ms": 0.0})
+    parts: dict[str, float] = defaultdict(float)
+    for event in events:
+        if event.get("cat") != "Node" or not str(event.get("name", "")).endswith("_kernel_time"):
+            continue
+        op = event.get("args", {}).get("op_name", "?")
+        ms = float(event.get("dur", 0)) / 1000.0
+        by_op[op]["calls"] += 1
+        by_op[op]["self_ms"] += ms
+        parts[_node_part(event["name"].removesuffix("_kernel_time"), node_parts)] += ms
+    rows = [
+        {"name": op, "calls": int(v["calls"]), "self_ms": v["self_ms"], "total_ms": v["self_ms"]}
+        for op, v in by_op.items()
+    ]
+    rows.sort(key=lambda r: -r["self_ms"])
+    return rows[:top], dict(parts)
+
+
+def _node_part(node: str, node_parts: dict[str, str]) -> str:
+    """ONNX Runtime renames the nodes it rewrites: fusions become `<first node>/<fusion>/`,
+    NCHWc layout nodes drop the `node_` prefix and gain `_nchwc`; map them back."""
+    base = node.split("/")[0]
+    stripped = base.removesuffix("_nchwc")
+    for candidate in (node, base, stripped, f"node_{stripped}"):
+        if candidate in node_parts:
+            return node_parts[candidate]
+    return "other"
+
+
+# ----------------------------------------------------------------------------- train
+def profile_train(
+    cfg: Any,
+    *,
+    steps: int = 5,
+    warmup: int = 1,
+    trace: str | os.PathLike | None = None,
+    top: int = 15,
+    profile_ops: bool = True,
+) -> dict[str, Any]:
+    """A few optimiser steps of the real module over the real train loader, timed per step.
+
+    Data wait is the time `next(loader)` blocks (with `num_workers=0` the loading itself);
+    compute is forward, loss (with mixup when configured), backward and the AdamW step.
+    `warmup` steps run first and are not counted.
+    """
+    import warnings
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from kndcli.data.store import PreparedSet, local_prepared
+    from kndcli.training.data import PreparedDataModule
+    from kndcli.training.module import EmotionClassifier
+    from kndcli.training.train import _check, _labels
+
+    if steps < 1:
+        raise KndError(f"--steps must be at least 1, got {steps}")
+    _check(cfg)
+    prepared = PreparedSet.open(local_prepared(cfg.data.prepared))
+    labels = _labels(cfg, prepared)
+    torch.manual_seed(cfg.train.seed)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    module = EmotionClassifier(
+        model=asdict(cfg.model),
+        labels=labels,
+        sample_rate=prepared.sample_rate,
+        lr=cfg.train.lr,
+        weight_decay=cfg.train.weight_decay,
+        label_smoothing=cfg.train.label_smoothing,
+        mixup_alpha=cfg.train.augment.mixup_alpha,
+        scheduler=cfg.train.scheduler,
+    ).to(device)
+    module.train()
+    optimizer = torch.optim.AdamW(
+        module.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+    )
+    datamodule = PreparedDataModule(prepared, labels, cfg.train)
+    sync = torch.cuda.synchronize if cuda else None
+
+    def batches() -> Iterator[Any]:
+        while True:  # a new epoch when the loader runs out before `steps`
+            yield from datamodule.train_dataloader()
+
+    loader = batches()
+    per_step: list[dict[str, float]] = []
+
+    def one_step(record: bool) -> None:
+        start = time.perf_counter()
+        with _record_function("data"):
+            x, y = next(loader)
+            x, y = x.to(device), y.to(device)
+        ready = time.perf_counter()
+        with _record_function("compute"):
+            loss = module.training_step((x, y), len(per_step))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if sync:
+                sync()
+        done = time.perf_counter()
+        if record:
+            per_step.append(
+                {"data_s": ready - start, "compute_s": done - ready, "samples": int(len(y))}
+            )
+
+    with warnings.catch_warnings():
+        # The module logs through its Trainer; here there is none, and that is intended.
+        warnings.filterwarnings("ignore", message=".*self.log.*")
+        warnings.filterwarnings("ignore", message=".*trainer.*")
+        for _ in range(warmup):
+            one_step(record=False)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        if profile_ops:
+            with profile(activities=activities, acc_events=True) as prof:
+                for _ in range(steps):
+                    one_step(record=True)
+        else:
+            prof = None
+            for _ in range(steps):
+                one_step(record=True)
+    trace_path = None
+    if trace and prof is not None:
+        trace_path = str(trace)
+        Path(trace_path).parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(trace_path)
+    data_s = sum(s["data_s"] for s in per_step)
+    compute_s = sum(s["compute_s"] for s in per_step)
+    samples = sum(s["samples"] for s in per_step)
+    step_s = [s["data_s"] + s["compute_s"] for s in per_step]
+    return {
+        "kind": "train",
+        "device": "cuda" if cuda else "cpu",
+        "model": cfg.model.name,
+        "batch_size": cfg.train.batch_size,
+        "clip_seconds": cfg.train.clip_seconds,
+        "num_workers": cfg.train.num_workers,
+        "train_clips": len(prepared.indices("train")),
+        "steps": len(per_step),
+        "warmup_steps": warmup,
+        "samples": samples,
+        "data_wait_s": data_s,
+        "compute_s": compute_s,
+        "data_fraction": data_s / (data_s + compute_s) if data_s + compute_s > 0 else 0.0,
+        "samples_per_s": samples / (data_s + compute_s) if data_s + compute_s > 0 else 0.0,
+        "step_s": {
+            "median": float(np.median(step_s)),
+            "min": float(min(step_s)),
+            "max": float(max(step_s)),
+        },
+        "per_step": per_step,
+        "operators": torch_operators(prof, top, cuda=cuda) if prof is not None else [],
+        "trace": trace_path,
+    }

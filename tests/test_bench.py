@@ -1,0 +1,147 @@
+"""The bench suite: statistics, the docs table, the load generator, and quick runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from bench.common import Figure, percentile, stats
+from bench.loadgen import run_load
+from bench.report import load_results, render
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_stats_and_percentile() -> None:
+    s = stats([3.0, 1.0, 2.0, 4.0])
+    assert s["median"] == 2.5 and s["min"] == 1.0 and s["max"] == 4.0 and s["n"] == 4
+    assert len(s["iqr"]) == 2
+    assert stats([])["median"] is None
+    assert percentile([float(i) for i in range(1, 101)], 99) == 99.0
+    assert percentile([1.0, 2.0, 3.0], 99) == 3.0
+
+
+def test_figure_ratio_and_target() -> None:
+    lower = Figure("t", "s", "lower", stats([0.5]), stats([5.0]), target=0.6).to_dict()
+    assert lower["ratio"] == pytest.approx(10.0) and lower["met"] is True
+    assert lower["target"] == "< 0.6 s"
+    higher = Figure("r", "req/s", "higher", stats([100.0]), stats([1.0]), target=200).to_dict()
+    assert higher["ratio"] == pytest.approx(100.0) and higher["met"] is False
+    alone = Figure("d", "s", "lower", stats([1.0])).to_dict()
+    assert alone["ratio"] is None and alone["met"] is None
+
+
+def test_render_table(tmp_path: Path) -> None:
+    doc = {
+        "name": "predict_cold",
+        "quick": False,
+        "repetitions": 3,
+        "seconds": 1.0,
+        "machine": {"cpu": "X", "cores": 2, "date": "today"},
+        "figures": [
+            Figure(
+                "cold", "s", "lower", stats([0.4, 0.5, 0.6]), stats([6.0]), "vgg", target=0.6
+            ).to_dict()
+        ],
+        "notes": ["a note"],
+    }
+    (tmp_path / "predict_cold.json").write_text(json.dumps(doc))
+    (tmp_path / "drift_report.json").write_text(json.dumps({"records": 1}))
+    results = load_results(tmp_path)
+    assert [r["name"] for r in results] == ["predict_cold"]
+    text = render(results)
+    assert "| predict_cold | cold | 0.5 s [0.4-0.6] | 6 s | x12.0 | < 0.6 s | yes |" in text
+    assert "a note" in text and "X, 2 cores" in text
+
+
+class _Echo(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        code = 200 if self.path == "/ok" else 422
+        body = b'{"ok": true}'
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_loadgen_counts_requests_and_errors() -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = server.server_address[1]
+        ok = run_load(
+            port,
+            [(b"x" * 1000, "audio/wav")],
+            path="/ok",
+            clients=4,
+            duration_s=None,
+            max_requests=20,
+        )
+        assert ok["ok"] == 20 and ok["errors"] == 0 and ok["requests"] == 20
+        assert ok["p50_ms"] > 0 and ok["p99_ms"] >= ok["p50_ms"]
+        bad = run_load(
+            port, [(b"x", "audio/wav")], path="/bad", clients=2, duration_s=None, max_requests=4
+        )
+        assert bad["ok"] == 0 and bad["errors"] == 4 and bad["status_codes"] == {"422": 4}
+    finally:
+        server.shutdown()
+
+
+def _run_bench(args: list[str], timeout: int) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def _check_result(path: Path, name: str) -> dict:
+    doc = json.loads(path.read_text())
+    assert doc["name"] == name and doc["quick"] is True
+    assert {"cpu", "cores", "memory_gb", "python", "torch", "onnxruntime", "date"} <= set(
+        doc["machine"]
+    )
+    for fig in doc["figures"]:
+        assert fig["value"]["median"] is not None and fig["value"]["n"] >= 1
+        assert {"baseline", "ratio", "target", "met", "unit", "better"} <= set(fig)
+    return doc
+
+
+def test_quick_prepare(ravdess_root: Path, tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    _run_bench(
+        ["--only", "prepare", "--results", str(results), "--work", str(tmp_path / "w")], timeout=300
+    )
+    doc = _check_result(results / "prepare.json", "prepare")
+    (fig,) = doc["figures"]
+    assert fig["baseline"]["median"] > 0 and fig["ratio"] > 0
+    assert fig["target"] == "< 20 s"
+    table = (results / "benchmarks.md").read_text()
+    assert "| prepare (quick) |" in table
+
+
+@pytest.mark.slow
+def test_quick_suite_end_to_end(ravdess_root: Path, tiny_bundle: Path, tmp_path: Path) -> None:
+    """Every benchmark in quick mode (uses bench/work for the 560 MB course checkpoint)."""
+    results = tmp_path / "results"
+    _run_bench(["--model", str(tiny_bundle), "--results", str(results)], timeout=600)
+    for name in ("prepare", "train", "predict_cold", "predict_dir", "serve", "drift"):
+        _check_result(results / f"{name}.json", name)
+    serve = json.loads((results / "serve.json").read_text())
+    assert serve["details"]["rounds"][0]["ok"] > 0
