@@ -138,7 +138,11 @@ class Context:
         result = train(cfg)
         target = self.work / "bundle"
         shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(result.bundle_dir, target, ignore=shutil.ignore_patterns("*.ckpt"))
+        shutil.copytree(
+            result.bundle_dir,
+            target,
+            ignore=shutil.ignore_patterns("*.ckpt", "checkpoints", "wandb"),
+        )
         self.train_epoch_s = result.seconds / max(1, result.epochs)
         self.bundle_note = f"default config trained here for {epochs} epochs"
         return target
@@ -313,7 +317,7 @@ def bench_predict_cold(ctx: Context) -> BenchResult:
     bundle = ctx.bundle()
     clip = ctx.speech_clips(1)[0]
     checkpoint = ctx.course_checkpoint()
-    _read_all([clip, checkpoint, *Path(bundle).iterdir()])
+    _read_all([clip, checkpoint, *(p for p in Path(bundle).iterdir() if p.is_file())])
     reps = ctx.reps if ctx.quick else max(5, ctx.reps)
     timed_run([*knd_command(), "predict", "--model", str(bundle), str(clip)])  # warm disk
     knd_s = [
