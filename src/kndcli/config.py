@@ -63,7 +63,7 @@ class ModelConfig:
     hop_ms: float = 10.0
     f_min: float = 40.0
     f_max: float = 8000.0
-    channels: int = 48
+    channels: int = 32
     # "bin": each mel bin to zero mean, unit variance over the clip (removes channel colour);
     # "global": one mean and variance per clip (keeps spectral tilt, an arousal cue).
     normalize: str = "bin"
@@ -107,10 +107,11 @@ class TrainConfig:
     num_workers: int = 0
     clip_seconds: float = 3.0
     trim_silence: bool = True
-    lr: float = 3e-3
+    lr: float = 1e-3
     weight_decay: float = 1e-3
     label_smoothing: float = 0.1
     scheduler: str = "onecycle"
+    ema_decay: float = 0.99
     early_stopping_patience: int = 0
     monitor: str = "val/uar"
     augment: AugmentConfig = field(default_factory=AugmentConfig)

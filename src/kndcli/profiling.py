@@ -18,7 +18,6 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -385,26 +384,17 @@ def profile_train(
     from kndcli.data.store import PreparedSet, local_prepared
     from kndcli.training.data import PreparedDataModule
     from kndcli.training.module import EmotionClassifier
-    from kndcli.training.train import _check, _labels
+    from kndcli.training.train import check_config, training_labels
 
     if steps < 1:
         raise KndError(f"--steps must be at least 1, got {steps}")
-    _check(cfg)
+    check_config(cfg)
     prepared = PreparedSet.open(local_prepared(cfg.data.prepared))
-    labels = _labels(cfg, prepared)
+    labels = training_labels(cfg, prepared)
     torch.manual_seed(cfg.train.seed)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    module = EmotionClassifier(
-        model=asdict(cfg.model),
-        labels=labels,
-        sample_rate=prepared.sample_rate,
-        lr=cfg.train.lr,
-        weight_decay=cfg.train.weight_decay,
-        label_smoothing=cfg.train.label_smoothing,
-        mixup_alpha=cfg.train.augment.mixup_alpha,
-        scheduler=cfg.train.scheduler,
-    ).to(device)
+    module = EmotionClassifier.from_config(cfg, labels, prepared.sample_rate).to(device)
     module.train()
     optimizer = torch.optim.AdamW(
         module.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay

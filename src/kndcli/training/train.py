@@ -46,7 +46,7 @@ def train(cfg: KndConfig) -> TrainResult | None:
     Returns None on non-zero ranks of a distributed run: only rank 0 writes the bundle.
     """
     started = time.perf_counter()
-    _check(cfg)
+    check_config(cfg)
     _apply_cluster_env(cfg)
     import pytorch_lightning as pl
 
@@ -55,7 +55,7 @@ def train(cfg: KndConfig) -> TrainResult | None:
     from kndcli.training.module import EmotionClassifier
 
     prepared = PreparedSet.open(local_prepared(cfg.data.prepared))
-    labels = _labels(cfg, prepared)
+    labels = training_labels(cfg, prepared)
     run_name = (
         cfg.train.run_name or os.environ.get("KND_RUN_NAME") or time.strftime("run-%Y%m%d-%H%M%S")
     )
@@ -70,20 +70,14 @@ def train(cfg: KndConfig) -> TrainResult | None:
         tmp.replace(run_dir / CONFIG_FILE)
 
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    module = EmotionClassifier(
-        model=asdict(cfg.model),
-        labels=labels,
-        sample_rate=prepared.sample_rate,
-        lr=cfg.train.lr,
-        weight_decay=cfg.train.weight_decay,
-        label_smoothing=cfg.train.label_smoothing,
-        mixup_alpha=cfg.train.augment.mixup_alpha,
-        scheduler=cfg.train.scheduler,
-    )
+    module = EmotionClassifier.from_config(cfg, labels, prepared.sample_rate)
     datamodule = PreparedDataModule(prepared, labels, cfg.train)
     trainer, checkpoint = _trainer(cfg, run_dir, ckpt_dir)
     last = _existing_last(ckpt_dir)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=last)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=last)
+    finally:
+        _finish_wandb(trainer)
     if not trainer.is_global_zero:
         return None
 
@@ -123,7 +117,7 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
 
-def _check(cfg: KndConfig) -> None:
+def check_config(cfg: KndConfig) -> None:
     if cfg.train.scheduler not in SCHEDULERS:
         raise ConfigError(
             f"key 'train.scheduler': {cfg.train.scheduler!r} is not one of {', '.join(SCHEDULERS)}"
@@ -160,7 +154,8 @@ def _rank() -> int:
     return node * 1000 + local
 
 
-def _labels(cfg: KndConfig, prepared: PreparedSet) -> list[str]:
+def training_labels(cfg: KndConfig, prepared: PreparedSet) -> list[str]:
+    """The configured vocabulary, restricted to labels the train split has, in order."""
     present = {row["label"] for row in prepared.rows if row["split"] == "train"}
     if not present:
         raise KndError(f"{prepared.root}: the train split is empty")
@@ -246,6 +241,15 @@ def _trainer(cfg: KndConfig, run_dir: Path, ckpt_dir: str):
         num_sanity_val_steps=0,
     )
     return trainer, checkpoint
+
+
+def _finish_wandb(trainer: Any) -> None:
+    """Close this run's W&B run, so a second `train` in one process starts its own."""
+    for logger in trainer.loggers:
+        if type(logger).__name__ == "WandbLogger":
+            import wandb
+
+            wandb.finish()
 
 
 def _wandb_logger(cfg: KndConfig, run_dir: Path):
