@@ -59,8 +59,8 @@ class ModelConfig:
     name: str = "cnn"
     n_mels: int = 64
     n_fft: int = 512
-    win_ms: float = 25.0
-    hop_ms: float = 10.0
+    win_ms: float = 32.0
+    hop_ms: float = 16.0
     f_min: float = 40.0
     f_max: float = 8000.0
     channels: int = 32
@@ -71,7 +71,7 @@ class ModelConfig:
     freq_masks: int = 2
     freq_mask_width: int = 8
     time_masks: int = 2
-    time_mask_width: int = 20
+    time_mask_width: int = 12
 
 
 @dataclass
@@ -111,7 +111,6 @@ class TrainConfig:
     weight_decay: float = 1e-3
     label_smoothing: float = 0.1
     scheduler: str = "onecycle"
-    ema_decay: float = 0.99
     early_stopping_patience: int = 0
     monitor: str = "val/uar"
     augment: AugmentConfig = field(default_factory=AugmentConfig)

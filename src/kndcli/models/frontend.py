@@ -10,12 +10,41 @@ from kndcli.config import ModelConfig
 from kndcli.errors import ConfigError
 
 
+class PowerSpectrogram(nn.Module):
+    """|STFT|² as one strided convolution with a fixed windowed-DFT basis.
+
+    Mathematically torch.stft (centred, reflect-padded, Hann window); written as a
+    convolution because ONNX Runtime runs its STFT operator several times slower than a
+    GEMM-backed Conv, and this module is the first thing every request pays for.
+    """
+
+    def __init__(self, n_fft: int, win_length: int, hop_length: int) -> None:
+        super().__init__()
+        window = torch.hann_window(win_length, periodic=True, dtype=torch.float64)
+        left = (n_fft - win_length) // 2
+        window = nn.functional.pad(window, (left, n_fft - win_length - left))
+        k = torch.arange(n_fft // 2 + 1, dtype=torch.float64)[:, None]
+        n = torch.arange(n_fft, dtype=torch.float64)[None, :]
+        angle = 2 * torch.pi * k * n / n_fft
+        basis = torch.cat([torch.cos(angle) * window, -torch.sin(angle) * window])
+        self.register_buffer("basis", basis[:, None, :].float(), persistent=False)
+        self.n_fft = n_fft
+        self.hop_length = hop_length
+        self.bins = n_fft // 2 + 1
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        pad = self.n_fft // 2
+        x = nn.functional.pad(waveform[:, None, :], (pad, pad), mode="reflect")
+        y = nn.functional.conv1d(x, self.basis, stride=self.hop_length)
+        real, imag = y[:, : self.bins], y[:, self.bins :]
+        return real * real + imag * imag
+
+
 class LogMel(nn.Module):
     """Waveform (batch, samples) -> normalised log-mel (batch, 1, mels, frames).
 
-    Normalisation is per utterance and per mel bin: a service scoring one clip cannot know
-    the speaker, so it cannot use speaker statistics. SpecAugment masks apply in training
-    mode only.
+    Normalisation is per utterance: a service scoring one clip cannot know the speaker,
+    so it cannot use speaker statistics. SpecAugment masks apply in training mode only.
     """
 
     def __init__(self, cfg: ModelConfig, sample_rate: int) -> None:
@@ -23,25 +52,25 @@ class LogMel(nn.Module):
         if cfg.normalize not in ("bin", "global"):
             raise ConfigError(f"key 'model.normalize': {cfg.normalize!r} is not 'bin' or 'global'")
         self.normalize = cfg.normalize
-        win = int(round(cfg.win_ms * sample_rate / 1000))
-        hop = int(round(cfg.hop_ms * sample_rate / 1000))
-        self.melspec = torchaudio.transforms.MelSpectrogram(
-            sample_rate=sample_rate,
-            n_fft=max(cfg.n_fft, win),
-            win_length=win,
-            hop_length=hop,
+        win = round(cfg.win_ms * sample_rate / 1000)
+        hop = round(cfg.hop_ms * sample_rate / 1000)
+        n_fft = max(cfg.n_fft, win)
+        self.spectrogram = PowerSpectrogram(n_fft, win, hop)
+        fbanks = torchaudio.functional.melscale_fbanks(
+            n_fft // 2 + 1,
             f_min=cfg.f_min,
             f_max=min(cfg.f_max, sample_rate / 2),
             n_mels=cfg.n_mels,
-            power=2.0,
+            sample_rate=sample_rate,
         )
+        self.register_buffer("fbanks", fbanks.T.contiguous(), persistent=False)
         masks: list[nn.Module] = []
         masks += [torchaudio.transforms.FrequencyMasking(cfg.freq_mask_width)] * cfg.freq_masks
         masks += [torchaudio.transforms.TimeMasking(cfg.time_mask_width)] * cfg.time_masks
         self.spec_augment = nn.Sequential(*masks)
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
-        mel = torch.log(self.melspec(waveform) + 1e-6)
+        mel = torch.log(torch.matmul(self.fbanks, self.spectrogram(waveform)) + 1e-6)
         dims = (-2, -1) if self.normalize == "global" else (-1,)
         mean = mel.mean(dim=dims, keepdim=True)
         std = mel.std(dim=dims, keepdim=True)

@@ -28,8 +28,7 @@ def load_checkpoint_model(checkpoint: str, cfg: KndConfig, labels: list[str], sa
     with fsspec.open(checkpoint, "rb") as handle:
         state = torch.load(handle, map_location="cpu", weights_only=True)["state_dict"]
     model = build_model(ModelConfig(**asdict(cfg.model)), len(labels), sample_rate)
-    # The weight average when training kept one (see EmotionClassifier), else the raw weights.
-    prefix = "ema.module." if any(k.startswith("ema.module.") for k in state) else "model."
+    prefix = "model."
     model.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
     return model.eval()
 

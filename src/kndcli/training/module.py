@@ -9,7 +9,6 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 import torchmetrics as tm
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from kndcli.config import ModelConfig
 from kndcli.models import build_model
@@ -33,27 +32,16 @@ class EmotionClassifier(pl.LightningModule):
         model: dict[str, Any],
         labels: list[str],
         sample_rate: int,
-        lr: float = 3e-3,
+        lr: float = 1e-3,
         weight_decay: float = 1e-3,
         label_smoothing: float = 0.1,
         mixup_alpha: float = 0.0,
         scheduler: str = "onecycle",
-        ema_decay: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.labels = labels
         self.model = build_model(ModelConfig(**model), len(labels), sample_rate)
-        # An exponential moving average of the weights (BatchNorm statistics included) is
-        # what gets validated and exported: on a few hundred clips it is far steadier
-        # from epoch to epoch than the raw weights.
-        self.ema = (
-            AveragedModel(
-                self.model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True
-            )
-            if ema_decay > 0
-            else None
-        )
         n = len(labels)
         self.train_metrics = _metrics(n).clone(prefix="train/")
         self.val_metrics = _metrics(n).clone(prefix="val/")
@@ -76,18 +64,11 @@ class EmotionClassifier(pl.LightningModule):
             label_smoothing=cfg.train.label_smoothing,
             mixup_alpha=cfg.train.augment.mixup_alpha,
             scheduler=cfg.train.scheduler,
-            ema_decay=cfg.train.ema_decay,
         )
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
         return self.model(waveform)
 
-    def evaluation_model(self) -> torch.nn.Module:
-        return self.ema.module if self.ema is not None else self.model
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.ema is not None:
-            self.ema.update_parameters(self.model)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
         x, y = batch
@@ -110,7 +91,7 @@ class EmotionClassifier(pl.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> None:
         x, y = batch
-        logits = self.evaluation_model()(x)
+        logits = self(x)
         self.log("val/loss", self._loss(logits, y), prog_bar=True, sync_dist=True)
         self.val_metrics.update(logits, y)
         self.val_recall.update(logits, y)
@@ -127,7 +108,7 @@ class EmotionClassifier(pl.LightningModule):
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> None:
         x, y = batch
-        self.test_metrics.update(self.evaluation_model()(x), y)
+        self.test_metrics.update(self(x), y)
         self.log_dict(self.test_metrics, on_step=False, on_epoch=True)
 
     def configure_optimizers(self) -> Any:
