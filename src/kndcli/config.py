@@ -80,12 +80,12 @@ class AugmentConfig:
     noise_snr_db: float = 0.0
     noise_prob: float = 0.0
     speeds: list[float] = field(default_factory=lambda: [0.9, 1.0, 1.1])
-    mixup_alpha: float = 0.0
+    mixup_alpha: float = 0.2
 
 
 @dataclass
 class TrainerConfig:
-    max_epochs: int = 40
+    max_epochs: int = 80
     accelerator: str = "auto"
     devices: Any = "auto"
     strategy: str = "auto"
