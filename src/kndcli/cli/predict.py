@@ -1,4 +1,4 @@
-"""`knd predict` and `knd export`.
+"""`knd predict`.
 
 `knd predict` is the command people run most, often on one clip, so nothing heavy is
 imported until it is needed: no omegaconf without --config/--set, no rich for --json/--csv,
@@ -222,8 +222,3 @@ def _write_table(predictions: Iterable[Prediction], timeline: bool) -> int:
             table.add_row(pred.source, pred.label, f"{pred.confidence:.3f}", top3)
     console().print(table)
     return failed
-
-
-def export() -> None:
-    """Re-export or quantize a bundle's model."""
-    raise KndError("knd export is not yet available")
