@@ -6,6 +6,7 @@ that was read differently in training and in production.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import struct
@@ -168,12 +169,14 @@ def _read(snd, label: str, sample_rate: int, max_duration_s: float | None) -> Au
         total += len(block)
         if limit is not None and total > limit:
             raise AudioError(label, f"too long: more than {max_duration_s:g} s of audio")
-        if not np.isfinite(block).all():
+        # One pass for the peak; NaN and inf propagate through max, so it checks them too.
+        block_peak = float(max(block.max(initial=0.0), -block.min(initial=0.0)))
+        if not np.isfinite(block_peak):
             raise AudioError(label, "contains NaN or infinite samples")
+        peak = max(peak, block_peak)
+        if block_peak >= _CLIP_LEVEL:
+            clipped += int((np.abs(block) >= _CLIP_LEVEL).any(axis=1).sum())
         mono = block.mean(axis=1) if channels > 1 else block[:, 0]
-        magnitude = np.abs(block)
-        peak = max(peak, float(magnitude.max(initial=0.0)))
-        clipped += int((magnitude >= _CLIP_LEVEL).any(axis=1).sum())
         pieces.append(resampler.resample_chunk(mono) if resampler else mono)
     if resampler is not None:
         pieces.append(resampler.resample_chunk(np.zeros(0, np.float32), last=True))
@@ -286,24 +289,26 @@ def audio_features(audio: Audio) -> dict[str, float]:
     if len(x) < frame:
         x = np.pad(x, (0, frame - len(x)))
     frames = np.lib.stride_tricks.sliding_window_view(x, frame)[::hop]
-    frame_power = (frames.astype(np.float64) ** 2).mean(axis=1) + _EPS
+    frame_power = np.einsum("ij,ij->i", frames, frames, dtype=np.float64) / frame + _EPS
     frame_db = 10 * np.log10(frame_power)
     active = frame_db > -50.0
     if not active.any():
         active = np.ones_like(active)
 
-    spectrum = np.abs(np.fft.rfft(frames * np.hanning(frame), axis=1)) ** 2 + _EPS
-    freqs = np.fft.rfftfreq(frame, 1.0 / sr)
+    window, freqs, band_masks = _analysis_tables(frame, sr)
+    bins = np.fft.rfft(frames * window, axis=1)
+    spectrum = bins.real**2 + bins.imag**2 + np.float32(_EPS)
     spec = spectrum[active]
-    energy = spec.sum(axis=1, keepdims=True)
-    centroid = float(((spec * freqs).sum(axis=1) / energy[:, 0]).mean())
-    cumulative = np.cumsum(spec, axis=1) / energy
-    rolloff = float(freqs[np.argmax(cumulative >= 0.85, axis=1)].mean())
+    energy = spec.sum(axis=1, dtype=np.float64)
+    centroid = float((spec @ freqs / energy).mean())
+    cumulative = np.cumsum(spec, axis=1)
+    rolloff = float(freqs[np.argmax(cumulative >= 0.85 * cumulative[:, -1:], axis=1)].mean())
     flatness = float((np.exp(np.log(spec).mean(axis=1)) / spec.mean(axis=1)).mean())
-    total_energy = float(spec.sum())
+    band_energy = spec.sum(axis=0, dtype=np.float64)
+    total_energy = float(band_energy.sum())
     bands = {
-        f"band_{lo}_{hi}": float(spec[:, (freqs >= lo) & (freqs < hi)].sum() / total_energy)
-        for lo, hi in _BANDS
+        f"band_{lo}_{hi}": float(band_energy[mask].sum() / total_energy)
+        for (lo, hi), mask in zip(_BANDS, band_masks, strict=True)
     }
     signs = np.signbit(frames)
     zcr = float((signs[:, 1:] != signs[:, :-1]).mean())
@@ -327,6 +332,14 @@ def audio_features(audio: Audio) -> dict[str, float]:
         "pitch_std_hz": pitch_std,
         **bands,
     }
+
+
+@functools.lru_cache(maxsize=8)
+def _analysis_tables(frame: int, sr: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Window, bin frequencies and band masks, computed once per frame size and rate."""
+    freqs = np.fft.rfftfreq(frame, 1.0 / sr)
+    masks = [(freqs >= lo) & (freqs < hi) for lo, hi in _BANDS]
+    return np.hanning(frame).astype(np.float32), freqs, masks
 
 
 def _pitch(frames: np.ndarray, power: np.ndarray, sr: int) -> tuple[float, float]:

@@ -216,7 +216,8 @@ class Predictor:
     ) -> Iterator[Prediction]:
         """Decode in a thread pool and score in batches; bad files yield error predictions."""
         paths = [Path(p) for p in paths]
-        workers = workers or min(8, (os.cpu_count() or 1) * 2)
+        # One decoder per core: more only fight ONNX Runtime for the same cores (measured).
+        workers = workers or min(8, os.cpu_count() or 1)
 
         def load(path: Path) -> Audio | Prediction:
             try:

@@ -36,8 +36,9 @@ class PowerSpectrogram(nn.Module):
         pad = self.n_fft // 2
         x = nn.functional.pad(waveform[:, None, :], (pad, pad), mode="reflect")
         y = nn.functional.conv1d(x, self.basis, stride=self.hop_length)
-        real, imag = y[:, : self.bins], y[:, self.bins :]
-        return real * real + imag * imag
+        # (batch, 2, bins, frames): real and imaginary parts, squared and summed in one op.
+        y = y.reshape(y.shape[0], 2, self.bins, y.shape[-1])
+        return (y * y).sum(dim=1)
 
 
 class LogMel(nn.Module):
