@@ -15,11 +15,11 @@ DEMO_OVERRIDES = [
     "data.dataset=synth",
     "data.split.val_speakers=['07']",
     "data.split.test_speakers=['08']",
-    "model.channels=24",
+    "model.channels=32",
     "train.clip_seconds=2.5",
     "train.batch_size=32",
     "train.lr=0.005",
-    "train.trainer.max_epochs=12",
+    "train.trainer.max_epochs=30",
     "train.run_name=demo",
 ]
 

@@ -47,5 +47,6 @@ def demo(
     con.print(f"  knd predict -m {result.bundle} {result.raw}/Actor_{actors:02d}")
     con.print(f"  knd serve -m {result.bundle}")
     con.print(f"  knd drift report -m {result.bundle} --audio {result.raw}/Actor_{actors:02d}")
-    con.print("  knd data prepare --dataset ravdess --raw ../shared/data/ravdess")
+    con.print("  knd data download ravdess")
+    con.print("  knd data prepare --dataset ravdess --raw data/raw/ravdess")
     con.print("  knd train --config configs/exp1.yaml")

@@ -69,7 +69,6 @@ class EmotionClassifier(pl.LightningModule):
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
         return self.model(waveform)
 
-
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
         x, y = batch
         alpha = self.hparams.mixup_alpha
