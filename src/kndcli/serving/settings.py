@@ -11,6 +11,7 @@ import os
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
+from kndcli.config import ServeConfig
 from kndcli.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -21,20 +22,11 @@ TOKEN_ENV = "KND_API_TOKEN"
 
 
 @dataclass
-class ServeSettings:
-    model: str
+class ServeSettings(ServeConfig):
+    """The `serve:` config section plus what only a running instance knows."""
+
+    model: str = ""
     backend: str = "onnx"
-    host: str = "127.0.0.1"
-    port: int = 8080
-    workers: int = 1
-    max_body_mb: float = 25.0
-    max_duration_s: float = 60.0
-    max_batch_files: int = 16
-    max_batch_size: int = 16
-    max_wait_ms: float = 5.0
-    log_sink: str = "predictions.sqlite"
-    log_flush_s: float = 10.0
-    monitoring_interval_s: float = 600.0
     threads: int = 0  # ONNX Runtime intra-op threads; 0 = one per core
     request_timeout_s: float = 60.0
     # None: read KND_API_TOKEN when the app is created. Never serialised into the env blob.
@@ -64,19 +56,14 @@ class ServeSettings:
             except ValueError:
                 raise ConfigError(f"PORT={env_port!r} is not a port number") from None
         settings = cls(
+            **{
+                **asdict(serve),
+                "host": host or serve.host,
+                "port": serve.port if port is None else port,
+                "workers": workers or serve.workers,
+            },
             model=str(model),
             backend=backend or cfg.inference.backend,
-            host=host or serve.host,
-            port=serve.port if port is None else port,
-            workers=workers or serve.workers,
-            max_body_mb=serve.max_body_mb,
-            max_duration_s=serve.max_duration_s,
-            max_batch_files=serve.max_batch_files,
-            max_batch_size=serve.max_batch_size,
-            max_wait_ms=serve.max_wait_ms,
-            log_sink=serve.log_sink,
-            log_flush_s=serve.log_flush_s,
-            monitoring_interval_s=serve.monitoring_interval_s,
         )
         settings.validate()
         return settings
