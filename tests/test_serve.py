@@ -563,6 +563,66 @@ def test_batcher_respects_max_batch_size() -> None:
     batcher.close()
 
 
+def test_batcher_runs_batches_side_by_side() -> None:
+    from kndcli.serving.batcher import MicroBatcher
+
+    both_running = threading.Barrier(2, timeout=10)
+
+    def run(items: list[int]) -> list[int]:
+        both_running.wait()  # breaks (and fails the items) unless two batches overlap
+        return items
+
+    batcher = MicroBatcher(run, max_batch_size=1, max_wait_ms=0, concurrency=2)
+    futures = [batcher.submit_future(i) for i in range(2)]
+    assert [f.result(15) for f in futures] == [0, 1]
+    batcher.close()
+    assert not any(t.is_alive() for t in batcher._threads)
+
+
+# ----------------------------------------------------------------------------- scoring pool
+
+
+def test_scoring_pool_survives_a_worker_crash(tiny_bundle: Path) -> None:
+    """A clip that kills its worker is refused; the clips beside it are still scored."""
+    from kndcli.serving.batcher import MicroBatcher
+    from kndcli.serving.scoring import Clip, ScoringCrashedError, ScoringPool, WorkerSpec
+    from scoring_tasks import crash_on_poison
+
+    pool = ScoringPool(WorkerSpec(model=str(tiny_bundle)), 2, task=crash_on_poison)
+    batcher = MicroBatcher(pool.run, max_batch_size=8, max_wait_ms=200, concurrency=3)
+    try:
+        good = wav_bytes(1.0)
+        clips = [Clip(good, "a"), Clip(good, "poison"), Clip(b"not audio", "bad"), Clip(good, "b")]
+        futures = [batcher.submit_future(c) for c in clips]
+        with pytest.raises(ScoringCrashedError):
+            futures[1].result(120)
+        a, bad, b = (futures[i].result(120) for i in (0, 2, 3))
+        assert a.label in LABELS and b.label in LABELS and a.features["duration_s"] == 1.0
+        assert bad.error and "bad" in bad.error and bad.label is None
+        assert pool.restarts >= 1
+        assert pool.run([Clip(good, "after")])[0].label in LABELS  # the new pool works
+    finally:
+        batcher.close()
+        pool.close()
+
+
+def test_in_process_scoring(serve: Callable[..., LiveServer]) -> None:
+    server = serve(scoring_processes=0)
+    assert server.app.state.service.pool.processes == 0
+    response = post_file(server.url, wav_bytes(1.0))
+    assert response.status_code == 200 and response.json()["label"] in LABELS
+    assert_error(post_file(server.url, b"junk", name="junk.wav"), 422, "junk.wav")
+
+
+@pytest.mark.parametrize("value", [-1, "many", 1.5])
+def test_scoring_processes_must_be_auto_or_a_count(settings: ServeSettings, value: object) -> None:
+    from kndcli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="serve.scoring_processes"):
+        replace(settings, scoring_processes=value).validate()
+    assert replace(settings, scoring_processes="auto").processes == (os.cpu_count() or 1)
+
+
 # ----------------------------------------------------------------------------- monitoring
 
 

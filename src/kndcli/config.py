@@ -143,8 +143,12 @@ class ServeConfig:
     max_body_mb: float = 25.0
     max_duration_s: float = 60.0
     max_batch_files: int = 16
-    max_batch_size: int = 16
+    # Per forward pass. On a CPU a batch costs its clips' time, so large batches only make
+    # their clips wait for each other: 4 kept p99 at 90 ms where 16 gave 140 (measured).
+    max_batch_size: int = 4
     max_wait_ms: float = 5.0
+    # Processes that decode and score ("auto": one per core; 0: inside the server process).
+    scoring_processes: Any = "auto"
     log_sink: str = "predictions.sqlite"
     log_flush_s: float = 10.0
     monitoring_interval_s: float = 600.0

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from kndcli.cpus import usable_cpus
 from kndcli.errors import KndError
 
 PREDICT_STAGES = ("decode", "resample", "windowing", "frontend", "backbone", "post_processing")
@@ -266,7 +267,7 @@ def _profile_predict_onnx(
     timer = StageTimer(ONNX_STAGES)
     with tempfile.TemporaryDirectory(prefix="knd-ort-profile-") as tmp:
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or (os.cpu_count() or 1)
+        options.intra_op_num_threads = threads or usable_cpus()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.enable_profiling = True

@@ -15,6 +15,7 @@ import numpy as np
 from kndcli import __version__
 from kndcli.audio import AudioError, audio_features, decode
 from kndcli.config import KndConfig
+from kndcli.cpus import usable_cpus
 from kndcli.data import store
 from kndcli.data.splits import assign_speakers, shared_speakers
 from kndcli.errors import KndError
@@ -196,7 +197,7 @@ def _decode_all(
         cfg.audio.max_file_mb,
         cfg.data.store_dtype,
     )
-    workers = cfg.data.workers or os.cpu_count() or 1
+    workers = cfg.data.workers or usable_cpus()
     results: list[_Decoded | None] = []
     failures: list[str] = []
     bar = _progress(progress)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from kndcli.audio import Audio, AudioError, AudioSource, audio_features, decode, speech_bounds
+from kndcli.cpus import usable_cpus
 from kndcli.errors import KndError
 from kndcli.inference.bundle import ONNX_FILE, WEIGHTS_FILE, Bundle, load_bundle
 from kndcli.inference.windowing import make_windows
@@ -86,7 +87,7 @@ class Predictor:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or (os.cpu_count() or 1)
+        options.intra_op_num_threads = threads or usable_cpus()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Spinning intra-op threads burn the cores that decode threads (predict) and request
         # handling (serve) need; without spinning, 2 threads cost the CPU of 1 when idle.
@@ -217,7 +218,7 @@ class Predictor:
         """Decode in a thread pool and score in batches; bad files yield error predictions."""
         paths = [Path(p) for p in paths]
         # One decoder per core: more only fight ONNX Runtime for the same cores (measured).
-        workers = workers or min(8, os.cpu_count() or 1)
+        workers = workers or min(8, usable_cpus())
 
         def load(path: Path) -> Audio | Prediction:
             try:

@@ -27,37 +27,38 @@ LifespanHook = Callable[[FastAPI], contextlib.AbstractAsyncContextManager[Any]]
 
 
 def _load_service(settings: ServeSettings, metrics: Metrics) -> Any:
-    """Bundle (sha256-checked), ONNX session, batcher and prediction log: the slow part."""
-    import numpy as np
-
-    from kndcli.inference.predictor import Predictor
+    """Bundle (sha256-checked), scoring workers, batcher and prediction log: the slow part."""
+    from kndcli.cpus import usable_cpus
+    from kndcli.inference.bundle import load_bundle
     from kndcli.monitoring.predlog import open_log
     from kndcli.serving.batcher import MicroBatcher
+    from kndcli.serving.scoring import ScoringPool, WorkerSpec
     from kndcli.serving.service import ServiceState
 
-    predictor = Predictor.from_bundle(
-        settings.model, backend=settings.backend, threads=settings.threads or None
+    # Checked here too, so a broken bundle stops the server with the bundle's own error
+    # instead of a dead worker process.
+    bundle = load_bundle(settings.model)
+    processes = settings.processes
+    spec = WorkerSpec(
+        model=settings.model,
+        backend=settings.backend,
+        threads=settings.threads or (1 if processes else usable_cpus()),
+        max_duration_s=settings.max_duration_s,
+        max_bytes=settings.max_body_bytes,
     )
-    # One throw-away pass so the first request does not pay for ONNX Runtime's warm-up.
-    predictor.score_batches([np.zeros((1, predictor.window), np.float32)])
+    pool = ScoringPool(spec, processes)
     plog = open_log(settings.log_sink, flush_s=settings.log_flush_s)
-
-    def score(audios: list) -> list:
-        return predictor.predict_audios(audios, timeline=True)
-
     batcher = MicroBatcher(
-        score,
+        pool.run,
         max_batch_size=settings.max_batch_size,
         max_wait_ms=settings.max_wait_ms,
+        # One batch more than there are workers, so a worker that finishes finds the next
+        # batch already gathered (250 instead of 233 requests/s on 2 cores, measured).
+        concurrency=processes + 1 if processes else 1,
         on_batch=metrics.observe_batch,
     )
     return ServiceState(
-        settings=settings,
-        bundle=predictor.bundle,
-        predictor=predictor,
-        batcher=batcher,
-        log=plog,
-        metrics=metrics,
+        settings=settings, bundle=bundle, pool=pool, batcher=batcher, log=plog, metrics=metrics
     )
 
 
@@ -79,7 +80,6 @@ def create_app(
         app.state.service = service
         app.state.bundle = service.bundle
         app.state.log = service.log
-        app.state.predictor = service.predictor
         app.state.batcher = service.batcher
         metrics.model_info.labels(service.model_version).set(1)
         metrics.ready.set(1)
@@ -95,6 +95,7 @@ def create_app(
             # uvicorn has finished in-flight requests by now: drain the batcher, then make
             # every acknowledged request's log record durable.
             await anyio.to_thread.run_sync(service.batcher.close)
+            await anyio.to_thread.run_sync(service.pool.close)
             await anyio.to_thread.run_sync(service.log.close)
 
     app = FastAPI(

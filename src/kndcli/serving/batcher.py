@@ -1,10 +1,10 @@
 """Dynamic micro-batching: concurrent requests share one forward pass.
 
-Requests put their decoded audio on a queue and await a future. One worker thread takes
-the first waiting item, then gathers more until the batch is full or `max_wait_ms` has
-passed since that first item, runs the model once on all of them and resolves each
-request's future. The event loop never runs the model, and the model never runs on more
-than one thread at a time, so ONNX Runtime's own threads are not oversubscribed.
+Requests put their clip on a queue and await a future. A worker thread takes the first
+waiting item, then gathers more until the batch is full or `max_wait_ms` has passed since
+that first item, runs the batch function once on all of them and resolves each request's
+future. The event loop never runs the model. `concurrency` worker threads gather and run
+batches side by side: one per scoring process, so every process has a batch to work on.
 """
 
 from __future__ import annotations
@@ -39,11 +39,14 @@ class MicroBatcher(Generic[In, Out]):
         *,
         max_batch_size: int = 16,
         max_wait_ms: float = 5.0,
+        concurrency: int = 1,
         on_batch: Callable[[int, float], None] | None = None,
         name: str = "knd-batcher",
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
         self.fn = fn
         self.max_batch_size = max_batch_size
         self.max_wait_s = max(0.0, max_wait_ms) / 1000
@@ -53,8 +56,13 @@ class MicroBatcher(Generic[In, Out]):
         self.largest_batch = 0
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._closed = False
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self._thread.start()
+        self._count_lock = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"{name}-{i}", daemon=True)
+            for i in range(concurrency)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     # ------------------------------------------------------------------ callers
     def submit_future(self, item: In) -> Future[Out]:
@@ -76,7 +84,9 @@ class MicroBatcher(Generic[In, Out]):
             return
         self._closed = True
         self._queue.put(_STOP)
-        self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     # ------------------------------------------------------------------ worker
     def _gather(self, first: tuple[In, Future[Out]]) -> tuple[list[tuple[In, Future[Out]]], bool]:
@@ -108,16 +118,18 @@ class MicroBatcher(Generic[In, Out]):
             live = [(item, fut) for item, fut in batch if fut.set_running_or_notify_cancel()]
             if live:
                 self._run(live)
-        # Anything queued after the stop marker is refused, not left hanging.
+        # Anything queued after the stop marker is refused, not left hanging; the marker
+        # goes back on the queue for the next worker thread.
         while True:
             try:
                 entry = self._queue.get_nowait()
             except queue.Empty:
-                return
+                break
             if entry is not _STOP:
                 _, fut = entry
                 if fut.set_running_or_notify_cancel():
                     fut.set_exception(BatcherClosedError("the service is shutting down"))
+        self._queue.put(_STOP)
 
     def _run(self, batch: list[tuple[In, Future[Out]]]) -> None:
         start = time.perf_counter()
@@ -136,9 +148,10 @@ class MicroBatcher(Generic[In, Out]):
             log.exception("inference failed")
             batch[0][1].set_exception(exc)
             return
-        self.batches += 1
-        self.items += len(batch)
-        self.largest_batch = max(self.largest_batch, len(batch))
+        with self._count_lock:
+            self.batches += 1
+            self.items += len(batch)
+            self.largest_batch = max(self.largest_batch, len(batch))
         if self.on_batch is not None:
             try:
                 self.on_batch(len(batch), time.perf_counter() - start)

@@ -1,4 +1,4 @@
-"""What the routes call: decode off the loop, score through the batcher, log, count.
+"""What the routes call: score uploads through the batcher and the scoring pool, log, count.
 
 `ServiceState` lives on `app.state.service` from the lifespan handler on; the hook for
 later features (drift monitoring) is `app.state.settings`, `.bundle` and `.log`.
@@ -9,26 +9,25 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
 
-from kndcli.audio import AudioError, audio_features
 from kndcli.monitoring.predlog import PredictionLogError, prediction_record, safe_filename
 from kndcli.serving.batcher import BatcherClosedError
 from kndcli.serving.errors import ApiError
+from kndcli.serving.scoring import Clip
 
 if TYPE_CHECKING:
-    from kndcli.audio import Audio
     from kndcli.inference.bundle import Bundle
-    from kndcli.inference.predictor import Prediction, Predictor
+    from kndcli.inference.predictor import Prediction
     from kndcli.monitoring.predlog import PredictionLog
     from kndcli.serving.batcher import MicroBatcher
     from kndcli.serving.body import Upload
     from kndcli.serving.metrics import Metrics
+    from kndcli.serving.scoring import ScoringPool
     from kndcli.serving.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
@@ -49,52 +48,36 @@ class Scored:
 class ServiceState:
     settings: ServeSettings
     bundle: Bundle
-    predictor: Predictor
-    batcher: MicroBatcher[Audio, Prediction]
+    pool: ScoringPool
+    batcher: MicroBatcher[Clip, Prediction]
     log: PredictionLog
     metrics: Metrics
     ready: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
-    # Audio work (decode, features) gets all cores but one, which is left to the model:
-    # more threads only interleave on the same cores. On 2 cores this took 16 clients
-    # from ~125 to ~152 requests/s and p99 from ~190 to ~120 ms (measured).
-    audio_limiter: anyio.CapacityLimiter = field(
-        default_factory=lambda: anyio.CapacityLimiter(max(1, (os.cpu_count() or 1) - 1))
-    )
 
     @property
     def model_version(self) -> str:
         return self.bundle.version
 
-    # ------------------------------------------------------------------ stages
-    def _decode(self, upload: Upload) -> Audio:
-        return self.predictor.decode(
-            upload.data,
-            name=safe_filename(upload.filename) or "upload",
-            max_duration_s=self.settings.max_duration_s,
-            max_bytes=self.settings.max_body_bytes,
-        )
-
     async def _score_one(self, upload: Upload, request_id: str) -> Scored:
         scored = Scored(upload=upload, request_id=request_id)
+        clip = Clip(upload.data, safe_filename(upload.filename) or "upload")
         try:
-            audio = await anyio.to_thread.run_sync(self._decode, upload, limiter=self.audio_limiter)
-        except AudioError as exc:
-            scored.error = ApiError(422, str(exc))
-            return scored
-        # The drift features are computed in a thread while the batcher runs the model.
-        features = anyio.to_thread.run_sync(audio_features, audio, limiter=self.audio_limiter)
-        try:
-            scored.prediction, scored.features = await asyncio.gather(
-                self.batcher.submit(audio, timeout=self.settings.request_timeout_s), features
-            )
+            prediction = await self.batcher.submit(clip, timeout=self.settings.request_timeout_s)
         except BatcherClosedError as exc:
             scored.error = ApiError(503, str(exc))
+            return scored
         except TimeoutError:
             scored.error = ApiError(504, "inference timed out")
+            return scored
         except Exception as exc:  # the batcher isolated this clip: it alone cannot be scored
-            logger.exception("scoring %s failed", upload.filename or "upload")
+            logger.exception("scoring %s failed", clip.name)
             scored.error = ApiError(422, f"could not score this clip ({type(exc).__name__})")
+            return scored
+        if prediction.error is not None:
+            scored.error = ApiError(422, prediction.error)
+        else:
+            scored.prediction, scored.features = prediction, prediction.features
         return scored
 
     async def score(self, uploads: list[Upload], request_ids: list[str]) -> list[Scored]:

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from kndcli.config import ServeConfig
+from kndcli.cpus import usable_cpus
 from kndcli.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -27,7 +28,7 @@ class ServeSettings(ServeConfig):
 
     model: str = ""
     backend: str = "onnx"
-    threads: int = 0  # ONNX Runtime intra-op threads; 0 = one per core
+    threads: int = 0  # ONNX Runtime intra-op threads; 0 = one per core (1 per scoring process)
     request_timeout_s: float = 60.0
     # None: read KND_API_TOKEN when the app is created. Never serialised into the env blob.
     api_token: str | None = None
@@ -35,6 +36,13 @@ class ServeSettings(ServeConfig):
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
+
+    @property
+    def processes(self) -> int:
+        """Scoring processes to start: `scoring_processes`, with "auto" as one per core."""
+        if self.scoring_processes == "auto":
+            return usable_cpus()
+        return int(self.scoring_processes)
 
     @classmethod
     def from_config(
@@ -78,6 +86,10 @@ class ServeSettings(ServeConfig):
             "max_batch_size": self.max_batch_size >= 1,
             "max_wait_ms": self.max_wait_ms >= 0,
         }
+        auto = self.scoring_processes == "auto"
+        checks["scoring_processes"] = auto or (
+            isinstance(self.scoring_processes, int) and self.scoring_processes >= 0
+        )
         for key, ok in checks.items():
             if not ok:
                 raise ConfigError(f"serve.{key}: invalid value {getattr(self, key)!r}")

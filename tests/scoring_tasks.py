@@ -1,0 +1,14 @@
+"""Module-level scoring tasks for the pool tests: spawned workers import them by name."""
+
+from __future__ import annotations
+
+import os
+
+from kndcli.serving.scoring import Clip, score_clips
+
+
+def crash_on_poison(clips: list[Clip]) -> list:
+    """Score as the server does, but die like a crashing decoder on a clip named 'poison'."""
+    if any(clip.name == "poison" for clip in clips):
+        os._exit(1)
+    return score_clips(clips)
