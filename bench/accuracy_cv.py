@@ -14,6 +14,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -164,6 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
             ]
         )
         os.environ.pop("KND_RUN_NAME", None)
+        # Every fold trains from scratch: `knd train` would resume an old run of this name.
+        shutil.rmtree(WORK / "runs" / f"fold{fold}", ignore_errors=True)
         started = time.perf_counter()
         result = train(cfg)
         seconds = time.perf_counter() - started

@@ -225,3 +225,23 @@ def test_ddp_with_two_cpu_processes(synth_prepared, tmp_path):
     assert proc.returncode == 0, output
     meta = load_bundle(tmp_path / "ddp").meta
     assert meta["training"]["world_size"] == 2
+
+
+def test_vtlp_moves_formants_and_only_in_training():
+    import torch
+
+    from kndcli.config import ModelConfig
+    from kndcli.models.frontend import LogMel, warp_frequencies
+
+    power = torch.zeros(2, 257, 3)
+    power[:, 100] = 1.0
+    warped = warp_frequencies(power, torch.tensor([1.1, 1.0]))
+    assert int(warped[0, :, 0].argmax()) == 110  # a formant at bin 100 moves up by 10 %
+    assert torch.equal(warped[1], power[1])  # alpha 1 leaves the clip alone
+
+    frontend = LogMel(ModelConfig(vtlp=0.2, freq_masks=0, time_masks=0), 16000)
+    wave = torch.randn(4, 16000)
+    frontend.eval()
+    assert torch.equal(frontend(wave), frontend(wave))
+    frontend.train()
+    assert not torch.allclose(frontend(wave), frontend(wave))

@@ -72,6 +72,8 @@ class ModelConfig:
     freq_mask_width: int = 8
     time_masks: int = 2
     time_mask_width: int = 12
+    # Vocal tract length perturbation in training: spectra stretched by up to 1 ± vtlp.
+    vtlp: float = 0.0
 
 
 @dataclass

@@ -69,9 +69,14 @@ class LogMel(nn.Module):
         masks += [torchaudio.transforms.FrequencyMasking(cfg.freq_mask_width)] * cfg.freq_masks
         masks += [torchaudio.transforms.TimeMasking(cfg.time_mask_width)] * cfg.time_masks
         self.spec_augment = nn.Sequential(*masks)
+        self.vtlp = cfg.vtlp
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
-        mel = torch.log(torch.matmul(self.fbanks, self.spectrogram(waveform)) + 1e-6)
+        power = self.spectrogram(waveform)
+        if self.training and self.vtlp > 0:
+            alpha = 1 + (torch.rand(len(power), device=power.device) * 2 - 1) * self.vtlp
+            power = warp_frequencies(power, alpha)
+        mel = torch.log(torch.matmul(self.fbanks, power) + 1e-6)
         dims = (-2, -1) if self.normalize == "global" else (-1,)
         mean = mel.mean(dim=dims, keepdim=True)
         std = mel.std(dim=dims, keepdim=True)
@@ -79,3 +84,23 @@ class LogMel(nn.Module):
         if self.training and len(self.spec_augment):
             mel = self.spec_augment(mel)
         return mel.unsqueeze(1)
+
+
+def warp_frequencies(power: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Vocal tract length perturbation: stretch clip i's spectrum by `alpha[i]`.
+
+    A longer or shorter vocal tract moves every formant by the same factor. Speed
+    perturbation moves formants, pitch and tempo together; this moves formants alone, so
+    the model hears more "speakers" than the corpus has. Training only.
+    """
+    batch, bins, frames = power.shape
+    source = torch.arange(bins, device=power.device, dtype=power.dtype) / alpha[:, None]
+    source = source.clamp(max=bins - 1)
+    low = source.floor().long()
+    high = (low + 1).clamp(max=bins - 1)
+    weight = (source - low).unsqueeze(-1)
+
+    def at(index: torch.Tensor) -> torch.Tensor:
+        return power.gather(1, index.unsqueeze(-1).expand(batch, bins, frames))
+
+    return at(low) * (1 - weight) + at(high) * weight
