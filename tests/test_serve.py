@@ -425,6 +425,28 @@ def test_restart_keeps_the_log(serve: Callable[..., LiveServer]) -> None:
     assert logged == old + new
 
 
+def test_a_request_the_log_refuses_is_503_not_acknowledged(server: LiveServer) -> None:
+    """No 200 without a log record: a failed write is a 503 and the service recovers."""
+    import sqlite3
+
+    ok = post_file(server.url, wav_bytes(0.5)).json()["request_id"]
+    other = sqlite3.connect(server.settings.log_sink)  # e.g. an operator's tool, a full disk
+    other.execute(
+        "CREATE TRIGGER refuse BEFORE INSERT ON predictions "
+        "BEGIN SELECT RAISE(ABORT, 'disk quota exceeded'); END"
+    )
+    other.commit()
+    body = assert_error(post_file(server.url, wav_bytes(0.5)), 503, "prediction log", "quota")
+    other.execute("DROP TRIGGER refuse")
+    other.commit()
+    other.close()
+    again = post_file(server.url, wav_bytes(0.5))
+    assert again.status_code == 200
+    logged = [r["request_id"] for r in open_log(server.settings.log_sink).read()]
+    assert logged == [ok, again.json()["request_id"]]
+    assert body["request_id"] and body["request_id"] not in logged
+
+
 @pytest.mark.usefixtures("gcs_emulator")
 def test_gcs_log_is_flushed_at_shutdown(serve: Callable[..., LiveServer]) -> None:
     server = serve(log_sink="gs://knd-logs/serve", log_flush_s=3600)
