@@ -245,3 +245,24 @@ def test_vtlp_moves_formants_and_only_in_training():
     assert torch.equal(frontend(wave), frontend(wave))
     frontend.train()
     assert not torch.allclose(frontend(wave), frontend(wave))
+
+
+def test_speaker_adversarial_head_trains_and_stays_out_of_the_bundle(synth_prepared, tmp_path):
+    import csv
+
+    from safetensors import safe_open
+
+    from kndcli.training.train import train
+
+    cfg = load_config(
+        overrides=tiny_overrides(
+            synth_prepared, tmp_path, "train.run_name=adv", "train.speaker_adversarial=1.0"
+        )
+    )
+    result = train(cfg)
+    rows = list(csv.DictReader((result.run_dir / "logs" / "metrics.csv").open()))
+    losses = [float(r["train/speaker_loss"]) for r in rows if r.get("train/speaker_loss")]
+    assert losses and all(np.isfinite(losses))
+    with safe_open(str(result.run_dir / "weights.safetensors"), "pt") as weights:
+        assert not any("speaker" in key for key in weights.keys())  # noqa: SIM118
+    assert load_bundle(result.run_dir).meta["onnx"]["parity_max_abs_diff"] < 1e-4

@@ -115,6 +115,9 @@ class TrainConfig:
     scheduler: str = "onecycle"
     early_stopping_patience: int = 0
     monitor: str = "val/uar"
+    # Weight of a gradient-reversed speaker classifier on the pooled embedding: the
+    # backbone is pushed towards features that do not tell the training speakers apart.
+    speaker_adversarial: float = 0.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 

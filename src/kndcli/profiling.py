@@ -413,7 +413,7 @@ def profile_train(
     def one_step(record: bool) -> None:
         start = time.perf_counter()
         with _record_function("data"):
-            x, y = next(loader)
+            x, y, _speaker = next(loader)
             x, y = x.to(device), y.to(device)
         ready = time.perf_counter()
         with _record_function("compute"):

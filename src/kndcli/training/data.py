@@ -14,7 +14,9 @@ from kndcli.inference.windowing import center_fit, repeat_fit
 
 
 class WaveformDataset(Dataset):
-    """Clips of one split as fixed-length float32 waveforms and label indices.
+    """Clips of one split as fixed-length float32 waveforms, label and speaker indices.
+
+    The speaker index numbers `speakers` (the training speakers); others get -1.
 
     Training: random crop (or random placement in zero padding), speed perturbation,
     gain and noise. Evaluation: the centre crop, as the Predictor does for one window.
@@ -31,8 +33,10 @@ class WaveformDataset(Dataset):
         augment: AugmentConfig | None = None,
         trim_silence: bool = True,
         seed: int = 0,
+        speakers: list[str] | None = None,
     ) -> None:
         self.prepared = prepared
+        self.speaker_index = {speaker: i for i, speaker in enumerate(speakers or [])}
         self.indices = indices
         self.label_index = {label: i for i, label in enumerate(labels)}
         self.length = int(clip_seconds * prepared.sample_rate)
@@ -48,7 +52,7 @@ class WaveformDataset(Dataset):
     def targets(self) -> list[int]:
         return [self.label_index[self.prepared.rows[i]["label"]] for i in self.indices]
 
-    def __getitem__(self, item: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, item: int) -> tuple[torch.Tensor, int, int]:
         index = self.indices[item]
         x = self.prepared.waveform(index)
         if self.trim:
@@ -59,8 +63,10 @@ class WaveformDataset(Dataset):
             x = self._augment(x, rng)
         else:
             x = center_fit(x, self.length)
-        label = self.label_index[self.prepared.rows[index]["label"]]
-        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), label
+        row = self.prepared.rows[index]
+        speaker = self.speaker_index.get(row["speaker"], -1)
+        waveform = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        return waveform, self.label_index[row["label"]], speaker
 
     def _augment(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         aug = self.augment
@@ -89,6 +95,11 @@ def _random_fit(x: np.ndarray, length: int, rng: np.random.Generator) -> np.ndar
     return repeat_fit(x, length, int(rng.integers(0, max(1, len(x)))))
 
 
+def train_speakers(prepared: PreparedSet) -> list[str]:
+    """The training split's speakers, sorted: the classes of the speaker-adversarial head."""
+    return sorted({prepared.rows[i]["speaker"] for i in prepared.indices("train")})
+
+
 class PreparedDataModule(pl.LightningDataModule):
     """Train/val/test loaders over one prepared directory."""
 
@@ -97,6 +108,7 @@ class PreparedDataModule(pl.LightningDataModule):
         self.prepared = prepared
         self.labels = labels
         self.cfg = cfg
+        self.speakers = train_speakers(prepared)
 
     def dataset(self, split: str) -> WaveformDataset:
         return WaveformDataset(
@@ -108,6 +120,7 @@ class PreparedDataModule(pl.LightningDataModule):
             augment=self.cfg.augment,
             trim_silence=self.cfg.trim_silence,
             seed=self.cfg.seed,
+            speakers=self.speakers,
         )
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:

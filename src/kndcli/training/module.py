@@ -14,6 +14,19 @@ from kndcli.config import ModelConfig
 from kndcli.models import build_model
 
 
+class _ReverseGradient(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by -scale (Ganin & Lempitsky)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return -ctx.scale * grad, None
+
+
 def _metrics(n_classes: int) -> tm.MetricCollection:
     return tm.MetricCollection(
         {
@@ -25,7 +38,13 @@ def _metrics(n_classes: int) -> tm.MetricCollection:
 
 
 class EmotionClassifier(pl.LightningModule):
-    """Cross-entropy with label smoothing and optional mixup; AdamW with one-cycle or cosine."""
+    """Cross-entropy with label smoothing and optional mixup; AdamW with one-cycle or cosine.
+
+    With `speaker_adversarial` > 0 a small speaker classifier reads the input of the
+    model's last linear layer (the pooled embedding) through a gradient reversal: it
+    learns to name the training speaker, and the backbone learns to make that hard. It
+    lives here, not in the model, so the exported bundle is unchanged.
+    """
 
     def __init__(
         self,
@@ -37,6 +56,8 @@ class EmotionClassifier(pl.LightningModule):
         label_smoothing: float = 0.1,
         mixup_alpha: float = 0.0,
         scheduler: str = "onecycle",
+        speaker_adversarial: float = 0.0,
+        n_speakers: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -49,9 +70,24 @@ class EmotionClassifier(pl.LightningModule):
         self.val_recall = tm.classification.MulticlassRecall(n, average="none")
         self.val_confusion = tm.classification.MulticlassConfusionMatrix(n)
         self.last_confusion: np.ndarray | None = None
+        self.speaker_head: torch.nn.Module | None = None
+        self._embedding: torch.Tensor | None = None
+        if speaker_adversarial > 0 and n_speakers > 1:
+            last = [m for m in self.model.modules() if isinstance(m, torch.nn.Linear)][-1]
+            self.speaker_head = torch.nn.Sequential(
+                torch.nn.Linear(last.in_features, 128),
+                torch.nn.ReLU(),
+                torch.nn.Linear(128, n_speakers),
+            )
+            last.register_forward_hook(self._keep_embedding)
+
+    def _keep_embedding(self, _module: Any, inputs: tuple[torch.Tensor, ...], _out: Any) -> None:
+        self._embedding = inputs[0] if self.training else None
 
     @classmethod
-    def from_config(cls, cfg: Any, labels: list[str], sample_rate: int) -> EmotionClassifier:
+    def from_config(
+        cls, cfg: Any, labels: list[str], sample_rate: int, n_speakers: int = 0
+    ) -> EmotionClassifier:
         """The module `knd train` fits for a KndConfig (also used by `knd profile train`)."""
         from dataclasses import asdict
 
@@ -64,32 +100,51 @@ class EmotionClassifier(pl.LightningModule):
             label_smoothing=cfg.train.label_smoothing,
             mixup_alpha=cfg.train.augment.mixup_alpha,
             scheduler=cfg.train.scheduler,
+            speaker_adversarial=cfg.train.speaker_adversarial,
+            n_speakers=n_speakers,
         )
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
         return self.model(waveform)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
-        x, y = batch
+    def training_step(self, batch: tuple[torch.Tensor, ...], _: int) -> torch.Tensor:
+        x, y, speaker = batch
         alpha = self.hparams.mixup_alpha
+        lam, perm = 1.0, None
         if alpha > 0:
             lam = float(np.random.beta(alpha, alpha))
             perm = torch.randperm(x.shape[0], device=x.device)
-            logits = self(lam * x + (1 - lam) * x[perm])
-            loss = lam * self._loss(logits, y) + (1 - lam) * self._loss(logits, y[perm])
-        else:
-            logits = self(x)
-            loss = self._loss(logits, y)
+            x = lam * x + (1 - lam) * x[perm]
+        logits = self(x)
+        loss = self._mixed(self._loss, logits, y, lam, perm)
+        if self.speaker_head is not None and self._embedding is not None:
+            loss = loss + self._speaker_loss(speaker, lam, perm)
         self.train_metrics.update(logits.detach(), y)
         self.log("train/loss", loss, prog_bar=True, on_step=False, on_epoch=True)
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
         return loss
 
+    @staticmethod
+    def _mixed(loss: Any, logits: torch.Tensor, y: torch.Tensor, lam: float, perm: Any) -> Any:
+        if perm is None:
+            return loss(logits, y)
+        return lam * loss(logits, y) + (1 - lam) * loss(logits, y[perm])
+
+    def _speaker_loss(self, speaker: torch.Tensor, lam: float, perm: Any) -> torch.Tensor:
+        # The reversal ramps up over training (DANN's schedule): early on the embedding
+        # has nothing to hide yet, and a full-strength reversal only adds noise.
+        progress = self.global_step / max(1, self.trainer.estimated_stepping_batches)
+        scale = self.hparams.speaker_adversarial * (2 / (1 + np.exp(-10 * progress)) - 1)
+        logits = self.speaker_head(_ReverseGradient.apply(self._embedding, float(scale)))
+        loss = self._mixed(F.cross_entropy, logits, speaker, lam, perm)
+        self.log("train/speaker_loss", loss, on_step=False, on_epoch=True)
+        return loss
+
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> None:
-        x, y = batch
+    def validation_step(self, batch: tuple[torch.Tensor, ...], _: int) -> None:
+        x, y, _speaker = batch
         logits = self(x)
         self.log("val/loss", self._loss(logits, y), prog_bar=True, sync_dist=True)
         self.val_metrics.update(logits, y)
@@ -105,8 +160,8 @@ class EmotionClassifier(pl.LightningModule):
         for metric in (self.val_metrics, self.val_recall, self.val_confusion):
             metric.reset()
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> None:
-        x, y = batch
+    def test_step(self, batch: tuple[torch.Tensor, ...], _: int) -> None:
+        x, y, _speaker = batch
         self.test_metrics.update(self(x), y)
         self.log_dict(self.test_metrics, on_step=False, on_epoch=True)
 

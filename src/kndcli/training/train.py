@@ -70,8 +70,10 @@ def train(cfg: KndConfig) -> TrainResult | None:
         tmp.replace(run_dir / CONFIG_FILE)
 
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    module = EmotionClassifier.from_config(cfg, labels, prepared.sample_rate)
     datamodule = PreparedDataModule(prepared, labels, cfg.train)
+    module = EmotionClassifier.from_config(
+        cfg, labels, prepared.sample_rate, n_speakers=len(datamodule.speakers)
+    )
     trainer, checkpoint = _trainer(cfg, run_dir, ckpt_dir)
     last = _existing_last(ckpt_dir)
     try:
