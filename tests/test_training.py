@@ -266,3 +266,40 @@ def test_speaker_adversarial_head_trains_and_stays_out_of_the_bundle(synth_prepa
     with safe_open(str(result.run_dir / "weights.safetensors"), "pt") as weights:
         assert not any("speaker" in key for key in weights.keys())  # noqa: SIM118
     assert load_bundle(result.run_dir).meta["onnx"]["parity_max_abs_diff"] < 1e-4
+
+
+def test_weight_averaging_exports_the_averaged_model(synth_prepared, tmp_path):
+    import torch
+
+    from kndcli.training.train import train
+
+    cfg = load_config(
+        overrides=tiny_overrides(
+            synth_prepared,
+            tmp_path,
+            "train.run_name=avg",
+            "train.average_last=0.5",
+            "train.trainer.max_epochs=4",
+        )
+    )
+    result = train(cfg)
+    averaged = result.run_dir / "checkpoints" / "averaged.ckpt"
+    assert result.best_checkpoint == str(averaged)
+    saved = torch.load(averaged, weights_only=True)
+    assert saved["averaged_epochs"] == 2
+    last = torch.load(result.run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 3  # the last epoch, whether or not it was the best
+    assert last["callbacks"]["WeightAveraging"]["count"] == 2  # a resumed run keeps the mean
+    bn = "model.backbone.features.1.running_mean"
+    assert not torch.equal(saved["state_dict"][bn], last["state_dict"][bn])  # re-estimated
+    assert load_bundle(result.run_dir).meta["onnx"]["parity_max_abs_diff"] < 1e-4
+
+
+@pytest.mark.parametrize("override", ["train.average_last=1.0", "train.speaker_adversarial=-1"])
+def test_bad_training_options_are_config_errors(synth_prepared, tmp_path, override):
+    from kndcli.errors import ConfigError
+    from kndcli.training.train import check_config
+
+    cfg = load_config(overrides=tiny_overrides(synth_prepared, tmp_path, override))
+    with pytest.raises(ConfigError, match=override.split("=")[0]):
+        check_config(cfg)

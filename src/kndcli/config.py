@@ -118,6 +118,9 @@ class TrainConfig:
     # Weight of a gradient-reversed speaker classifier on the pooled embedding: the
     # backbone is pushed towards features that do not tell the training speakers apart.
     speaker_adversarial: float = 0.0
+    # Export the mean of the weights over this last fraction of the epochs (BatchNorm
+    # re-estimated) instead of the best checkpoint on validation; 0 turns it off.
+    average_last: float = 0.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 

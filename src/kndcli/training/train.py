@@ -16,6 +16,7 @@ from kndcli.data.store import PreparedSet, local_prepared
 from kndcli.errors import ConfigError, KndError
 
 CONFIG_FILE = "config.yaml"
+AVERAGED = "averaged.ckpt"
 SCHEDULERS = ("onecycle", "cosine", "none")
 
 
@@ -83,7 +84,10 @@ def train(cfg: KndConfig) -> TrainResult | None:
     if not trainer.is_global_zero:
         return None
 
-    best = checkpoint.best_model_path or checkpoint.last_model_path
+    best = checkpoint.best_model_path or f"{ckpt_dir.rstrip('/')}/last.ckpt"
+    if cfg.train.average_last > 0:
+        averaged = f"{ckpt_dir.rstrip('/')}/{AVERAGED}"
+        best = averaged if _exists(averaged) else best
     from kndcli.training.bundle import build_bundle
 
     metrics = build_bundle(
@@ -126,6 +130,15 @@ def check_config(cfg: KndConfig) -> None:
         )
     if cfg.train.clip_seconds <= 0:
         raise ConfigError(f"key 'train.clip_seconds': must be > 0, got {cfg.train.clip_seconds}")
+    if not 0 <= cfg.train.average_last < 1:
+        raise ConfigError(
+            f"key 'train.average_last': a fraction of the epochs in [0, 1), "
+            f"got {cfg.train.average_last}"
+        )
+    if cfg.train.speaker_adversarial < 0:
+        raise ConfigError(
+            f"key 'train.speaker_adversarial': must be >= 0, got {cfg.train.speaker_adversarial}"
+        )
     from kndcli.models import available_models
 
     if cfg.model.name not in available_models():
@@ -171,11 +184,15 @@ def training_labels(cfg: KndConfig, prepared: PreparedSet) -> list[str]:
 
 
 def _existing_last(ckpt_dir: str) -> str | None:
+    path = f"{ckpt_dir.rstrip('/')}/last.ckpt"
+    return path if _exists(path) else None
+
+
+def _exists(path: str) -> bool:
     import fsspec
 
-    path = f"{ckpt_dir.rstrip('/')}/last.ckpt"
     fs, _, [stripped] = fsspec.get_fs_token_paths(path)
-    return path if fs.exists(stripped) else None
+    return bool(fs.exists(stripped))
 
 
 def _trainer(cfg: KndConfig, run_dir: Path, ckpt_dir: str):
@@ -184,25 +201,39 @@ def _trainer(cfg: KndConfig, run_dir: Path, ckpt_dir: str):
     from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger
 
-    from kndcli.training.callbacks import EpochSummary, ValidationPlots
+    from kndcli.training.callbacks import EpochSummary, ValidationPlots, WeightAveraging
     from kndcli.training.checkpoint_io import AtomicCheckpointIO
 
     tc = cfg.train.trainer
+    # Saved at train-epoch end, after validation and after WeightAveraging's update.
     checkpoint = ModelCheckpoint(
         dirpath=ckpt_dir,
         filename="best",
         monitor=cfg.train.monitor,
         mode="min" if cfg.train.monitor.endswith("loss") else "max",
-        save_last=True,
         save_top_k=1,
         auto_insert_metric_name=False,
         enable_version_counter=False,
+        save_on_train_epoch_end=True,
     )
-    callbacks: list[Any] = [checkpoint, ValidationPlots(run_dir)]
+    # Lightning's save_last only writes "last" in epochs that also wrote a best, so a
+    # killed run would resume from its last improvement: every epoch gets its own save.
+    last = ModelCheckpoint(
+        dirpath=ckpt_dir,
+        filename="last",
+        monitor=None,
+        save_top_k=1,
+        enable_version_counter=False,
+        save_on_train_epoch_end=True,
+    )
+    callbacks: list[Any] = [checkpoint, last, ValidationPlots(run_dir)]
     loggers: list[Any] = [CSVLogger(save_dir=str(run_dir), name="logs", version="")]
     if cfg.wandb.enabled and cfg.wandb.mode != "disabled":
         loggers.append(_wandb_logger(cfg, run_dir))
     callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+    if cfg.train.average_last > 0:
+        start = tc.max_epochs - max(1, round(cfg.train.average_last * tc.max_epochs))
+        callbacks.append(WeightAveraging(max(0, start), f"{ckpt_dir.rstrip('/')}/{AVERAGED}"))
     if cfg.train.early_stopping_patience > 0:
         callbacks.append(
             EarlyStopping(
