@@ -12,3 +12,10 @@ def crash_on_poison(clips: list[Clip]) -> list:
     if any(clip.name == "poison" for clip in clips):
         os._exit(1)
     return score_clips(clips)
+
+
+def heavy_modules(clips: list[Clip]) -> list[str]:
+    """Which training-side packages a scoring worker has imported (it should be none)."""
+    import sys
+
+    return [name for name in ("torch", "pytorch_lightning", "wandb") if name in sys.modules]

@@ -628,6 +628,17 @@ def test_scoring_pool_survives_a_worker_crash(tiny_bundle: Path) -> None:
         pool.close()
 
 
+def test_scoring_workers_import_no_torch(tiny_bundle: Path) -> None:
+    from kndcli.serving.scoring import ScoringPool, WorkerSpec
+    from scoring_tasks import heavy_modules
+
+    pool = ScoringPool(WorkerSpec(model=str(tiny_bundle)), 1, task=heavy_modules)
+    try:
+        assert pool.run([]) == []
+    finally:
+        pool.close()
+
+
 def test_in_process_scoring(serve: Callable[..., LiveServer]) -> None:
     server = serve(scoring_processes=0)
     assert server.app.state.service.pool.processes == 0
