@@ -120,7 +120,7 @@ class TrainConfig:
     speaker_adversarial: float = 0.0
     # Export the mean of the weights over this last fraction of the epochs (BatchNorm
     # re-estimated) instead of the best checkpoint on validation; 0 turns it off.
-    average_last: float = 0.0
+    average_last: float = 0.5
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
