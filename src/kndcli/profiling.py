@@ -413,11 +413,11 @@ def profile_train(
     def one_step(record: bool) -> None:
         start = time.perf_counter()
         with _record_function("data"):
-            x, y, _speaker = next(loader)
-            x, y = x.to(device), y.to(device)
+            x, y, speaker = next(loader)
+            x, y, speaker = x.to(device), y.to(device), speaker.to(device)
         ready = time.perf_counter()
         with _record_function("compute"):
-            loss = module.training_step((x, y), len(per_step))
+            loss = module.training_step((x, y, speaker), len(per_step))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
