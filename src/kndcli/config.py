@@ -87,7 +87,7 @@ class AugmentConfig:
 
 @dataclass
 class TrainerConfig:
-    max_epochs: int = 80
+    max_epochs: int = 120
     accelerator: str = "auto"
     devices: Any = "auto"
     strategy: str = "auto"
