@@ -240,13 +240,14 @@ class Predictor:
                 for path in itertools.islice(todo, 1):
                     inflight.append(pool.submit(load, path))
                 if len(pending) >= batch_size:
-                    yield from self._flush(pending, timeline, features)
+                    yield from self.predict_decoded(pending, timeline=timeline, features=features)
                     pending = []
-            yield from self._flush(pending, timeline, features)
+            yield from self.predict_decoded(pending, timeline=timeline, features=features)
 
-    def _flush(
-        self, items: list[Audio | Prediction], timeline: bool, features: bool
+    def predict_decoded(
+        self, items: list[Audio | Prediction], *, timeline: bool = False, features: bool = False
     ) -> list[Prediction]:
+        """Score the decoded clips in one batch; error predictions pass through in place."""
         audios = [item for item in items if isinstance(item, Audio)]
         scored = iter(self.predict_audios(audios, timeline=timeline, features=features))
         return [item if isinstance(item, Prediction) else next(scored) for item in items]

@@ -28,7 +28,6 @@ LifespanHook = Callable[[FastAPI], contextlib.AbstractAsyncContextManager[Any]]
 
 def _load_service(settings: ServeSettings, metrics: Metrics) -> Any:
     """Bundle (sha256-checked), scoring workers, batcher and prediction log: the slow part."""
-    from kndcli.cpus import usable_cpus
     from kndcli.inference.bundle import load_bundle
     from kndcli.monitoring.predlog import open_log
     from kndcli.serving.batcher import MicroBatcher
@@ -42,7 +41,8 @@ def _load_service(settings: ServeSettings, metrics: Metrics) -> Any:
     spec = WorkerSpec(
         model=settings.model,
         backend=settings.backend,
-        threads=settings.threads or (1 if processes else usable_cpus()),
+        # One ONNX Runtime thread per worker process; in-process, 0 means one per core.
+        threads=settings.threads or (1 if processes else 0),
         max_duration_s=settings.max_duration_s,
         max_bytes=settings.max_body_bytes,
     )

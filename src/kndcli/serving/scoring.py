@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kndcli.audio import AudioError
+from kndcli.audio import Audio, AudioError
 from kndcli.inference.predictor import Prediction, Predictor
 
 log = logging.getLogger(__name__)
@@ -72,11 +72,10 @@ def score_clips(clips: list[Clip]) -> list[Prediction]:
     if _state is None:
         raise RuntimeError("scoring worker not started")
     predictor, spec = _state
-    results: list[Prediction | None] = []
-    audios = []
+    items: list[Audio | Prediction] = []
     for clip in clips:
         try:
-            audios.append(
+            items.append(
                 predictor.decode(
                     clip.data,
                     name=clip.name,
@@ -84,11 +83,9 @@ def score_clips(clips: list[Clip]) -> list[Prediction]:
                     max_bytes=spec.max_bytes,
                 )
             )
-            results.append(None)
         except AudioError as exc:
-            results.append(Prediction(source=clip.name, error=str(exc)))
-    scored = iter(predictor.predict_audios(audios, timeline=True, features=True))
-    return [r if r is not None else next(scored) for r in results]
+            items.append(Prediction(source=clip.name, error=str(exc)))
+    return predictor.predict_decoded(items, timeline=True, features=True)
 
 
 def _pid() -> int:

@@ -16,6 +16,7 @@ from kndcli.data.store import PreparedSet, local_prepared
 from kndcli.errors import ConfigError, KndError
 
 CONFIG_FILE = "config.yaml"
+LAST = "last.ckpt"
 AVERAGED = "averaged.ckpt"
 SCHEDULERS = ("onecycle", "cosine", "none")
 
@@ -84,10 +85,10 @@ def train(cfg: KndConfig) -> TrainResult | None:
     if not trainer.is_global_zero:
         return None
 
-    best = checkpoint.best_model_path or f"{ckpt_dir.rstrip('/')}/last.ckpt"
-    if cfg.train.average_last > 0:
-        averaged = f"{ckpt_dir.rstrip('/')}/{AVERAGED}"
-        best = averaged if _exists(averaged) else best
+    best = checkpoint.best_model_path or _checkpoint(ckpt_dir, LAST)
+    averaged = _checkpoint(ckpt_dir, AVERAGED)
+    if cfg.train.average_last > 0 and _exists(averaged):
+        best = averaged
     from kndcli.training.bundle import build_bundle
 
     metrics = build_bundle(
@@ -183,8 +184,12 @@ def training_labels(cfg: KndConfig, prepared: PreparedSet) -> list[str]:
     return labels
 
 
+def _checkpoint(ckpt_dir: str, name: str) -> str:
+    return f"{ckpt_dir.rstrip('/')}/{name}"
+
+
 def _existing_last(ckpt_dir: str) -> str | None:
-    path = f"{ckpt_dir.rstrip('/')}/last.ckpt"
+    path = _checkpoint(ckpt_dir, LAST)
     return path if _exists(path) else None
 
 
@@ -233,7 +238,7 @@ def _trainer(cfg: KndConfig, run_dir: Path, ckpt_dir: str):
     callbacks.append(LearningRateMonitor(logging_interval="epoch"))
     if cfg.train.average_last > 0:
         start = tc.max_epochs - max(1, round(cfg.train.average_last * tc.max_epochs))
-        callbacks.append(WeightAveraging(max(0, start), f"{ckpt_dir.rstrip('/')}/{AVERAGED}"))
+        callbacks.append(WeightAveraging(max(0, start), _checkpoint(ckpt_dir, AVERAGED)))
     if cfg.train.early_stopping_patience > 0:
         callbacks.append(
             EarlyStopping(
