@@ -295,7 +295,10 @@ def test_weight_averaging_exports_the_averaged_model(synth_prepared, tmp_path):
     assert load_bundle(result.run_dir).meta["onnx"]["parity_max_abs_diff"] < 1e-4
 
 
-@pytest.mark.parametrize("override", ["train.average_last=1.0", "train.speaker_adversarial=-1"])
+@pytest.mark.parametrize(
+    "override",
+    ["train.average_last=1.0", "train.speaker_adversarial=-1", "train.fit_splits=[val,test]"],
+)
 def test_bad_training_options_are_config_errors(synth_prepared, tmp_path, override):
     from kndcli.errors import ConfigError
     from kndcli.training.train import check_config
@@ -303,3 +306,80 @@ def test_bad_training_options_are_config_errors(synth_prepared, tmp_path, overri
     cfg = load_config(overrides=tiny_overrides(synth_prepared, tmp_path, override))
     with pytest.raises(ConfigError, match=override.split("=")[0]):
         check_config(cfg)
+
+
+def test_refit_on_test_speakers_reports_no_test_figures(synth_prepared, tmp_path):
+    from kndcli.errors import KndError
+    from kndcli.inference.evaluate import evaluate_predictor
+    from kndcli.training.train import train
+
+    cfg = load_config(
+        overrides=tiny_overrides(
+            synth_prepared, tmp_path, "train.run_name=refit", "train.fit_splits=[train,test]"
+        )
+    )
+    result = train(cfg)
+    prepared = PreparedSet.open(synth_prepared)
+    meta = load_bundle(result.run_dir).meta
+    assert meta["data"]["fit_splits"] == ["train", "test"]
+    assert meta["data"]["clips"]["train"] == len(prepared.indices("train")) + len(
+        prepared.indices("test")
+    )
+    assert meta["data"]["speakers"]["test"] == []
+    assert set(result.metrics) == {"val"}
+    predictor = Predictor(load_bundle(result.run_dir))
+    with pytest.raises(KndError, match="trained on the 'test' split"):
+        evaluate_predictor(predictor, prepared, "test")
+    assert evaluate_predictor(predictor, prepared, "val").n_clips == len(prepared.indices("val"))
+
+
+@pytest.fixture
+def prepared_without_val(synth_prepared: Path, tmp_path: Path) -> Path:
+    """synth_prepared with its validation speaker moved into train."""
+    import csv
+    import shutil
+
+    out = tmp_path / "noval"
+    shutil.copytree(synth_prepared, out)
+    rows = list(csv.DictReader((out / "manifest.csv").open(newline="")))
+    for row in rows:
+        row["split"] = "train" if row["split"] == "val" else row["split"]
+    with (out / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return out
+
+
+def test_training_without_a_validation_split_ships_the_averaged_weights(
+    prepared_without_val, tmp_path
+):
+    from kndcli.training.train import train
+
+    cfg = load_config(
+        overrides=tiny_overrides(
+            prepared_without_val,
+            tmp_path,
+            "train.run_name=noval",
+            "train.average_last=0.5",
+            "train.trainer.max_epochs=2",
+        )
+    )
+    result = train(cfg)
+    assert result.best_checkpoint.endswith("averaged.ckpt")
+    assert set(result.metrics) == {"test"}
+    assert not (result.run_dir / "checkpoints" / "best.ckpt").exists()
+    assert load_bundle(result.run_dir).meta["onnx"]["parity_max_abs_diff"] < 1e-4
+
+
+def test_early_stopping_without_a_validation_split_is_a_config_error(
+    prepared_without_val, tmp_path
+):
+    from kndcli.errors import ConfigError
+    from kndcli.training.train import train
+
+    cfg = load_config(
+        overrides=tiny_overrides(prepared_without_val, tmp_path, "train.early_stopping_patience=3")
+    )
+    with pytest.raises(ConfigError, match="early_stopping_patience.*has none"):
+        train(cfg)

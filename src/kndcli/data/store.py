@@ -91,6 +91,17 @@ class PreparedSet:
     def indices(self, split: str | None = None) -> list[int]:
         return [i for i, row in enumerate(self.rows) if split is None or row["split"] == split]
 
+    def fitting_on(self, splits: list[str]) -> PreparedSet:
+        """A view whose train split also holds the clips of `splits` (a final refit)."""
+        rows = [{**row, "split": "train"} if row["split"] in splits else row for row in self.rows]
+        info = dict(self.info)
+        info["speakers"] = {
+            s: sorted({r["speaker"] for r in rows if r["split"] == s})
+            for s in ("train", "val", "test")
+        }
+        info["fit_splits"] = list(splits)
+        return PreparedSet(root=self.root, info=info, rows=rows)
+
     def features(self) -> list[dict[str, float]]:
         """The per-clip audio feature table, in manifest order."""
         with (self.root / FEATURES).open(newline="") as handle:

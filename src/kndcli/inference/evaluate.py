@@ -87,6 +87,7 @@ def evaluate_predictor(
     predictor: Predictor, prepared: PreparedSet, split: str = "test", batch: int = 64
 ) -> Evaluation:
     """Score every clip of `split` from the prepared store, windowed as in production."""
+    check_held_out(predictor.bundle.meta, prepared, split)
     indices = prepared.indices(split)
     if not indices:
         raise KndError(f"{prepared.root}: split '{split}' has no clips")
@@ -110,6 +111,23 @@ def evaluate_predictor(
         truths=truths,
         **metrics,
     )
+
+
+def check_held_out(meta: dict[str, Any], prepared: PreparedSet, split: str) -> None:
+    """Refuse to report held-out figures on clips the bundle was trained on.
+
+    A bundle refitted with `train.fit_splits` learned from its prepared set's val or test
+    clips; scoring that split again would look like generalisation and be memory.
+    """
+    data = meta.get("data") or {}
+    fitted = [s for s in data.get("fit_splits", ["train"]) if s != "train"]
+    same_set = data.get("prepared") and Path(data["prepared"]).resolve() == prepared.root.resolve()
+    if split in fitted and same_set:
+        raise KndError(
+            f"bundle {meta.get('name', '')!r} was trained on the {split!r} split of "
+            f"{prepared.root} (train.fit_splits={data['fit_splits']}): its figures there are "
+            "not held out; evaluate it on speakers it has not heard (--data DIR)"
+        )
 
 
 def _audio(prepared: PreparedSet, index: int) -> Audio:

@@ -65,6 +65,7 @@ def build_bundle(
             "prepared": str(prepared.root),
             "clips": counts,
             "speakers": prepared.info.get("speakers"),
+            "fit_splits": prepared.info.get("fit_splits", ["train"]),
         },
         "training": {
             "epochs": epochs,

@@ -57,6 +57,8 @@ def train(cfg: KndConfig) -> TrainResult | None:
     from kndcli.training.module import EmotionClassifier
 
     prepared = PreparedSet.open(local_prepared(cfg.data.prepared))
+    if cfg.train.fit_splits != ["train"]:
+        prepared = prepared.fitting_on(cfg.train.fit_splits)
     labels = training_labels(cfg, prepared)
     run_name = (
         cfg.train.run_name or os.environ.get("KND_RUN_NAME") or time.strftime("run-%Y%m%d-%H%M%S")
@@ -76,7 +78,14 @@ def train(cfg: KndConfig) -> TrainResult | None:
     module = EmotionClassifier.from_config(
         cfg, labels, prepared.sample_rate, n_speakers=len(datamodule.speakers)
     )
-    trainer, checkpoint = _trainer(cfg, run_dir, ckpt_dir)
+    has_val = bool(prepared.indices("val"))
+    if not has_val and cfg.train.early_stopping_patience > 0:
+        raise ConfigError(
+            f"key 'train.early_stopping_patience': early stopping watches the validation "
+            f"split, and {prepared.root} has none (set it to 0, or give data.split a "
+            f"val_fraction or val_speakers)"
+        )
+    trainer, checkpoint = _trainer(cfg, run_dir, ckpt_dir, has_val)
     last = _existing_last(ckpt_dir)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=last)
@@ -85,7 +94,7 @@ def train(cfg: KndConfig) -> TrainResult | None:
     if not trainer.is_global_zero:
         return None
 
-    best = checkpoint.best_model_path or _checkpoint(ckpt_dir, LAST)
+    best = (checkpoint.best_model_path if checkpoint else "") or _checkpoint(ckpt_dir, LAST)
     averaged = _checkpoint(ckpt_dir, AVERAGED)
     if cfg.train.average_last > 0 and _exists(averaged):
         best = averaged
@@ -135,6 +144,11 @@ def check_config(cfg: KndConfig) -> None:
         raise ConfigError(
             f"key 'train.average_last': a fraction of the epochs in [0, 1), "
             f"got {cfg.train.average_last}"
+        )
+    fit = cfg.train.fit_splits
+    if "train" not in fit or not set(fit) <= {"train", "val", "test"}:
+        raise ConfigError(
+            f"key 'train.fit_splits': must hold 'train' and only train, val or test, got {fit}"
         )
     if cfg.train.speaker_adversarial < 0:
         raise ConfigError(
@@ -200,7 +214,13 @@ def _exists(path: str) -> bool:
     return bool(fs.exists(stripped))
 
 
-def _trainer(cfg: KndConfig, run_dir: Path, ckpt_dir: str):
+def _trainer(cfg: KndConfig, run_dir: Path, ckpt_dir: str, has_val: bool = True):
+    """The Trainer and its best-on-validation checkpoint callback (None without validation).
+
+    Without a validation split nothing can be selected: the run keeps its last (or, with
+    `train.average_last`, its averaged) weights, which is how a final model is trained on
+    every speaker available.
+    """
     import pytorch_lightning as pl
     import torch
     from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
@@ -232,6 +252,8 @@ def _trainer(cfg: KndConfig, run_dir: Path, ckpt_dir: str):
         save_on_train_epoch_end=True,
     )
     callbacks: list[Any] = [checkpoint, last, ValidationPlots(run_dir)]
+    if not has_val:
+        callbacks.remove(checkpoint)
     loggers: list[Any] = [CSVLogger(save_dir=str(run_dir), name="logs", version="")]
     if cfg.wandb.enabled and cfg.wandb.mode != "disabled":
         loggers.append(_wandb_logger(cfg, run_dir))
@@ -271,14 +293,14 @@ def _trainer(cfg: KndConfig, run_dir: Path, ckpt_dir: str):
         default_root_dir=str(run_dir),
         reload_dataloaders_every_n_epochs=1,
         limit_train_batches=tc.limit_train_batches,
-        limit_val_batches=tc.limit_val_batches,
+        limit_val_batches=tc.limit_val_batches if has_val else 0,
         log_every_n_steps=tc.log_every_n_steps,
         max_time={"minutes": tc.max_time_minutes} if tc.max_time_minutes > 0 else None,
         enable_progress_bar=interactive,
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
-    return trainer, checkpoint
+    return trainer, checkpoint if has_val else None
 
 
 def _finish_wandb(trainer: Any) -> None:
