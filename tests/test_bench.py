@@ -145,3 +145,44 @@ def test_quick_suite_end_to_end(ravdess_root: Path, tiny_bundle: Path, tmp_path:
         _check_result(results / f"{name}.json", name)
     serve = json.loads((results / "serve.json").read_text())
     assert serve["details"]["rounds"][0]["ok"] > 0
+
+
+@pytest.mark.parametrize(("folds", "val_actors"), [(4, 0), (4, 2), (8, 0)])
+def test_cross_validation_tests_every_actor_once(folds: int, val_actors: int) -> None:
+    from bench.accuracy_cv import fold_speakers
+
+    tested = []
+    for fold in range(folds):
+        test, val = fold_speakers(fold, folds, val_actors)
+        assert len(val) == val_actors and not set(val) & set(test)
+        assert sum(int(a) % 2 for a in test) == len(test) // 2  # as many men as women
+        tested += test
+    assert sorted(tested) == [f"{i:02d}" for i in range(1, 17)]
+
+
+def test_sweep_configurations_and_summary() -> None:
+    from bench.accuracy_sweep import parse_config, summarize
+
+    assert parse_config("base", 2) == ("base", 2, [])
+    assert parse_config("g:model.normalize=global,val_actors=0", 2) == (
+        "g",
+        0,
+        ["model.normalize=global"],
+    )
+    with pytest.raises(SystemExit, match="val_actors"):
+        parse_config("x:val_actors=3", 0)
+    rows = [
+        {
+            "name": "g",
+            "fold": f,
+            "val_actors": [],
+            "overrides": [],
+            "accuracy": a,
+            "macro_f1": a,
+            "uar": a,
+        }
+        for f, a in [(1, 0.5), (0, 0.7)]
+    ]
+    summary = summarize(rows, "cpu")["configs"]["g"]
+    assert summary["folds"] == [0, 1] and summary["accuracy"] == [70.0, 50.0]
+    assert summary["accuracy_mean"] == 60.0 and summary["val_actors"] == 0
