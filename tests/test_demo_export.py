@@ -64,6 +64,7 @@ def test_export_cli_rejects_unknown_format(demo_result):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # the subprocess's own limit below, not pytest's default 600 s
 def test_demo_command_as_a_newcomer_runs_it(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "kndcli", "demo", "--out", str(tmp_path / "knd-demo")],

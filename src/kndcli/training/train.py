@@ -231,16 +231,19 @@ def _trainer(cfg: KndConfig, run_dir: Path, ckpt_dir: str, has_val: bool = True)
 
     tc = cfg.train.trainer
     # Saved at train-epoch end, after validation and after WeightAveraging's update.
-    checkpoint = ModelCheckpoint(
-        dirpath=ckpt_dir,
-        filename="best",
-        monitor=cfg.train.monitor,
-        mode="min" if cfg.train.monitor.endswith("loss") else "max",
-        save_top_k=1,
-        auto_insert_metric_name=False,
-        enable_version_counter=False,
-        save_on_train_epoch_end=True,
-    )
+    mode = "min" if cfg.train.monitor.endswith("loss") else "max"
+    checkpoint = None
+    if has_val:
+        checkpoint = ModelCheckpoint(
+            dirpath=ckpt_dir,
+            filename="best",
+            monitor=cfg.train.monitor,
+            mode=mode,
+            save_top_k=1,
+            auto_insert_metric_name=False,
+            enable_version_counter=False,
+            save_on_train_epoch_end=True,
+        )
     # Lightning's save_last only writes "last" in epochs that also wrote a best, so a
     # killed run would resume from its last improvement: every epoch gets its own save.
     last = ModelCheckpoint(
@@ -251,9 +254,7 @@ def _trainer(cfg: KndConfig, run_dir: Path, ckpt_dir: str, has_val: bool = True)
         enable_version_counter=False,
         save_on_train_epoch_end=True,
     )
-    callbacks: list[Any] = [checkpoint, last, ValidationPlots(run_dir)]
-    if not has_val:
-        callbacks.remove(checkpoint)
+    callbacks: list[Any] = [c for c in (checkpoint, last, ValidationPlots(run_dir)) if c]
     loggers: list[Any] = [CSVLogger(save_dir=str(run_dir), name="logs", version="")]
     if cfg.wandb.enabled and cfg.wandb.mode != "disabled":
         loggers.append(_wandb_logger(cfg, run_dir))
@@ -266,7 +267,7 @@ def _trainer(cfg: KndConfig, run_dir: Path, ckpt_dir: str, has_val: bool = True)
             EarlyStopping(
                 monitor=cfg.train.monitor,
                 patience=cfg.train.early_stopping_patience,
-                mode=checkpoint.mode,
+                mode=mode,
             )
         )
     interactive = sys.stderr.isatty()
@@ -300,7 +301,7 @@ def _trainer(cfg: KndConfig, run_dir: Path, ckpt_dir: str, has_val: bool = True)
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
-    return trainer, checkpoint if has_val else None
+    return trainer, checkpoint
 
 
 def _finish_wandb(trainer: Any) -> None:
