@@ -95,6 +95,11 @@ def summarize(
 
     minutes = [f["train_seconds"] / 60 for f in folds]
     n_test = 16 // n_folds
+    accuracy_figure = figure(
+        "accuracy", f"speaker-independent accuracy, {n_test} held-out actors per fold", 70.0
+    ).to_dict()
+    # The target is on the mean over folds (the figure quoted), not the median of folds.
+    accuracy_figure["met"] = 100 * spread("accuracy")["mean"] >= 70.0
     summary = {
         "name": "accuracy" if n_folds == 4 else f"accuracy_{n_folds}fold",
         "quick": False,
@@ -109,9 +114,7 @@ def summarize(
         "uar": spread("uar"),
         "train_seconds": spread("train_seconds"),
         "figures": [
-            figure(
-                "accuracy", f"speaker-independent accuracy, {n_test} held-out actors per fold", 70.0
-            ).to_dict(),
+            accuracy_figure,
             figure("macro_f1", "speaker-independent macro-F1").to_dict(),
             figure("uar", "speaker-independent UAR (unweighted average recall)").to_dict(),
             Figure(
