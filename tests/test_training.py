@@ -256,7 +256,11 @@ def test_speaker_adversarial_head_trains_and_stays_out_of_the_bundle(synth_prepa
 
     cfg = load_config(
         overrides=tiny_overrides(
-            synth_prepared, tmp_path, "train.run_name=adv", "train.speaker_adversarial=1.0"
+            synth_prepared,
+            tmp_path,
+            "train.run_name=adv",
+            "train.speaker_adversarial=1.0",
+            "model.ensemble=1",
         )
     )
     result = train(cfg)
@@ -290,14 +294,20 @@ def test_weight_averaging_exports_the_averaged_model(synth_prepared, tmp_path):
     last = torch.load(result.run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["epoch"] == 3  # the last epoch, whether or not it was the best
     assert last["callbacks"]["WeightAveraging"]["count"] == 2  # a resumed run keeps the mean
-    bn = "model.backbone.features.1.running_mean"
+    bn = "model.backbone.members.0.features.1.running_mean"
     assert not torch.equal(saved["state_dict"][bn], last["state_dict"][bn])  # re-estimated
     assert load_bundle(result.run_dir).meta["onnx"]["parity_max_abs_diff"] < 1e-4
 
 
 @pytest.mark.parametrize(
     "override",
-    ["train.average_last=1.0", "train.speaker_adversarial=-1", "train.fit_splits=[val,test]"],
+    [
+        "train.average_last=1.0",
+        "train.speaker_adversarial=-1",
+        "train.speaker_adversarial=0.5",  # with the default two-member ensemble
+        "train.fit_splits=[val,test]",
+        "model.ensemble=0",
+    ],
 )
 def test_bad_training_options_are_config_errors(synth_prepared, tmp_path, override):
     from kndcli.errors import ConfigError
@@ -383,3 +393,94 @@ def test_early_stopping_without_a_validation_split_is_a_config_error(
     )
     with pytest.raises(ConfigError, match="early_stopping_patience.*has none"):
         train(cfg)
+
+
+def test_ensemble_bundle_outputs_the_members_mean_probability(synth_prepared, tmp_path):
+    import onnxruntime as ort
+    import torch
+    from safetensors.torch import load_file
+
+    from kndcli.config import ModelConfig
+    from kndcli.models import build_model
+    from kndcli.training.train import train
+
+    cfg = load_config(
+        overrides=tiny_overrides(synth_prepared, tmp_path, "train.run_name=ens", "model.ensemble=2")
+    )
+    run_dir = train(cfg).run_dir
+    bundle = load_bundle(run_dir)
+    assert bundle.meta["model"]["ensemble"] == 2
+    assert bundle.meta["onnx"]["parity_max_abs_diff"] < 1e-4
+
+    model = build_model(ModelConfig(**bundle.meta["model"]), len(bundle.labels), 16000)
+    model.load_state_dict(load_file(str(run_dir / "weights.safetensors")))
+    model.eval()
+    members = model.backbone.members
+    assert not torch.equal(members[0].head[1].weight, members[1].head[1].weight)
+    prepared = PreparedSet.open(synth_prepared)
+    test = prepared.indices("test")[:4]
+    clips = np.stack([center_fit(prepared.waveform(i), 24000) for i in test]).astype(np.float32)
+    with torch.no_grad():
+        mel = model.frontend(torch.from_numpy(clips))
+        expected = torch.stack([torch.softmax(m(mel), -1) for m in members]).mean(0).numpy()
+    session = ort.InferenceSession(str(run_dir / "model.onnx"))
+    onnx_probs = session.run(None, {session.get_inputs()[0].name: clips})[0]
+    assert np.allclose(onnx_probs, expected, atol=1e-4)
+
+
+def test_an_ensemble_of_zero_members_is_a_config_error():
+    from kndcli.config import ModelConfig
+    from kndcli.errors import ConfigError
+    from kndcli.models import build_model
+
+    with pytest.raises(ConfigError, match="model.ensemble"):
+        build_model(ModelConfig(ensemble=0), 8, 16000)
+
+
+def test_amx_bf16_is_read_from_the_cpu_flags(tmp_path):
+    from kndcli.training.train import cpu_has_amx_bf16
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512f amx_bf16 amx_tile\n")
+    assert cpu_has_amx_bf16(cpuinfo)
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16\n")
+    assert not cpu_has_amx_bf16(cpuinfo)
+    assert not cpu_has_amx_bf16(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_auto_precision_is_bf16_on_a_cpu_only_with_amx(monkeypatch, amx):
+    import torch
+
+    from kndcli.training import train as train_module
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(train_module, "cpu_has_amx_bf16", lambda: amx)
+    assert train_module.resolve_precision("auto", "auto") == ("bf16-mixed" if amx else "32-true")
+    assert train_module.resolve_precision("auto", "cpu") == ("bf16-mixed" if amx else "32-true")
+    assert train_module.resolve_precision("32-true", "auto") == "32-true"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert train_module.resolve_precision("auto", "gpu") == "bf16-mixed"
+
+
+def test_bf16_training_keeps_the_features_in_fp32_and_exports_fp32(synth_prepared, tmp_path):
+    import torch
+
+    from kndcli.config import ModelConfig
+    from kndcli.models.frontend import LogMel
+    from kndcli.training.train import train
+
+    frontend = LogMel(ModelConfig(freq_masks=0, time_masks=0), 16000).eval()
+    wave = torch.randn(2, 16000)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = frontend(wave)
+    assert mixed.dtype == torch.float32
+    assert torch.allclose(mixed, frontend(wave), atol=1e-5)
+
+    cfg = load_config(
+        overrides=tiny_overrides(
+            synth_prepared, tmp_path, "train.run_name=bf16", "train.trainer.precision=bf16-mixed"
+        )
+    )
+    result = train(cfg)
+    assert load_bundle(result.run_dir).meta["onnx"]["parity_max_abs_diff"] < 1e-4

@@ -385,7 +385,7 @@ def profile_train(
     from kndcli.data.store import PreparedSet, local_prepared
     from kndcli.training.data import PreparedDataModule
     from kndcli.training.module import EmotionClassifier
-    from kndcli.training.train import check_config, training_labels
+    from kndcli.training.train import check_config, resolve_precision, training_labels
 
     if steps < 1:
         raise KndError(f"--steps must be at least 1, got {steps}")
@@ -402,6 +402,9 @@ def profile_train(
     )
     datamodule = PreparedDataModule(prepared, labels, cfg.train)
     sync = torch.cuda.synchronize if cuda else None
+    # The same mixed precision `knd train` would pick, so the figures describe real training.
+    precision = resolve_precision(cfg.train.trainer.precision, "gpu" if cuda else "cpu")
+    half = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
 
     def batches() -> Iterator[Any]:
         while True:  # a new epoch when the loader runs out before `steps`
@@ -417,7 +420,8 @@ def profile_train(
             x, y, speaker = x.to(device), y.to(device), speaker.to(device)
         ready = time.perf_counter()
         with _record_function("compute"):
-            loss = module.training_step((x, y, speaker), len(per_step))
+            with torch.autocast(device.type, dtype=half, enabled=half is not None):
+                loss = module.training_step((x, y, speaker), len(per_step))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -457,6 +461,7 @@ def profile_train(
         "kind": "train",
         "device": "cuda" if cuda else "cpu",
         "model": cfg.model.name,
+        "precision": precision,
         "batch_size": cfg.train.batch_size,
         "clip_seconds": cfg.train.clip_seconds,
         "num_workers": cfg.train.num_workers,

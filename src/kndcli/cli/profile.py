@@ -86,7 +86,8 @@ def profile_train(
     _print_operators(result["operators"])
     step = result["step_s"]
     _console().print(
-        f"{result['model']}, batch {result['batch_size']}: {result['steps']} steps, "
+        f"{result['model']} ({result['precision']}), batch {result['batch_size']}: "
+        f"{result['steps']} steps, "
         f"{result['samples']} samples, {result['samples_per_s']:.1f} samples/s; step median "
         f"{step['median'] * 1000:.0f} ms (min {step['min'] * 1000:.0f}, "
         f"max {step['max'] * 1000:.0f}); data wait {result['data_fraction']:.0%} of the time"

@@ -72,6 +72,15 @@ class LogMel(nn.Module):
         self.vtlp = cfg.vtlp
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        device = waveform.device.type
+        if torch.is_autocast_enabled(device):
+            # Mixed-precision training runs the backbone in bf16; the features stay fp32,
+            # as the exported fp32 graph computes them.
+            with torch.autocast(device, enabled=False):
+                return self._features(waveform.float())
+        return self._features(waveform)
+
+    def _features(self, waveform: torch.Tensor) -> torch.Tensor:
         power = self.spectrogram(waveform)
         if self.training and self.vtlp > 0:
             alpha = 1 + (torch.rand(len(power), device=power.device) * 2 - 1) * self.vtlp

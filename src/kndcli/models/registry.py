@@ -31,11 +31,14 @@ def available_models() -> list[str]:
 
 def build_model(cfg: ModelConfig, n_classes: int, sample_rate: int) -> nn.Module:
     """The full model: waveform in, logits out, frontend included."""
-    from kndcli.models.emotion import EmotionModel
+    from kndcli.models.emotion import EmotionModel, Ensemble
     from kndcli.models.frontend import LogMel
 
     names = available_models()
     if cfg.name not in _REGISTRY:
         raise ConfigError(f"model.name: unknown model {cfg.name!r} (available: {', '.join(names)})")
-    backbone = _REGISTRY[cfg.name](cfg, n_classes)
+    if cfg.ensemble < 1:
+        raise ConfigError(f"model.ensemble: {cfg.ensemble} must be at least 1")
+    members = [_REGISTRY[cfg.name](cfg, n_classes) for _ in range(cfg.ensemble)]
+    backbone = members[0] if len(members) == 1 else Ensemble(members)
     return EmotionModel(LogMel(cfg, sample_rate), backbone)

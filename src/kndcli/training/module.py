@@ -37,6 +37,13 @@ def _metrics(n_classes: int) -> tm.MetricCollection:
     )
 
 
+def _mean_probability_logits(member_logits: torch.Tensor) -> torch.Tensor:
+    """Logits whose softmax is the members' mean probability (the single member's own)."""
+    if len(member_logits) == 1:
+        return member_logits[0]
+    return torch.logsumexp(torch.log_softmax(member_logits, dim=-1), dim=0)
+
+
 class EmotionClassifier(pl.LightningModule):
     """Cross-entropy with label smoothing and optional mixup; AdamW with one-cycle or cosine.
 
@@ -115,8 +122,13 @@ class EmotionClassifier(pl.LightningModule):
             lam = float(np.random.beta(alpha, alpha))
             perm = torch.randperm(x.shape[0], device=x.device)
             x = lam * x + (1 - lam) * x[perm]
-        logits = self(x)
-        loss = self._mixed(self._loss, logits, y, lam, perm)
+        member_logits = self.model.member_logits(x)
+        # Each ensemble member learns from its own loss, as if trained alone; the mean
+        # keeps the logged loss comparable with a single model's.
+        loss = torch.stack(
+            [self._mixed(self._loss, logits, y, lam, perm) for logits in member_logits]
+        ).mean()
+        logits = _mean_probability_logits(member_logits)
         if self.speaker_head is not None and self._embedding is not None:
             loss = loss + self._speaker_loss(speaker, lam, perm)
         self.train_metrics.update(logits.detach(), y)
