@@ -206,6 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--val-actors", type=int, choices=(0, 2), default=0)
     parser.add_argument("--budget-min", type=float, default=15.0)
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--name", help="result name (default accuracy or accuracy_<k>fold)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
 
@@ -226,6 +227,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(folds[-1]), flush=True)
 
     summary = summarize(folds, args.folds, args.budget_min, args.overrides, args.val_actors)
+    if args.name:
+        summary["name"] = args.name
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(summary, indent=2))
     return summary
