@@ -77,7 +77,8 @@ class ModelConfig:
     vtlp: float = 0.0
     # Independently initialised copies of the backbone on one shared frontend, each trained
     # on its own loss; the bundle outputs their mean probability (one ONNX graph). Two
-    # members: +1.9 points of speaker-independent accuracy for about 1.8x the compute.
+    # members: +1.6 points of speaker-independent accuracy (two seeds, docs/quality.md)
+    # for about 1.9x the compute.
     ensemble: int = 2
 
 

@@ -12,6 +12,7 @@ import torchmetrics as tm
 
 from kndcli.config import ModelConfig
 from kndcli.models import build_model
+from kndcli.models.emotion import mean_probability_logits
 
 
 class _ReverseGradient(torch.autograd.Function):
@@ -35,13 +36,6 @@ def _metrics(n_classes: int) -> tm.MetricCollection:
             "uar": tm.classification.MulticlassRecall(n_classes, average="macro"),
         }
     )
-
-
-def _mean_probability_logits(member_logits: torch.Tensor) -> torch.Tensor:
-    """Logits whose softmax is the members' mean probability (the single member's own)."""
-    if len(member_logits) == 1:
-        return member_logits[0]
-    return torch.logsumexp(torch.log_softmax(member_logits, dim=-1), dim=0)
 
 
 class EmotionClassifier(pl.LightningModule):
@@ -128,7 +122,7 @@ class EmotionClassifier(pl.LightningModule):
         loss = torch.stack(
             [self._mixed(self._loss, logits, y, lam, perm) for logits in member_logits]
         ).mean()
-        logits = _mean_probability_logits(member_logits)
+        logits = mean_probability_logits(member_logits)
         if self.speaker_head is not None and self._embedding is not None:
             loss = loss + self._speaker_loss(speaker, lam, perm)
         self.train_metrics.update(logits.detach(), y)
