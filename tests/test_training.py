@@ -484,3 +484,30 @@ def test_bf16_training_keeps_the_features_in_fp32_and_exports_fp32(synth_prepare
     )
     result = train(cfg)
     assert load_bundle(result.run_dir).meta["onnx"]["parity_max_abs_diff"] < 1e-4
+
+
+def test_a_bundle_written_before_ensembles_loads_as_one_backbone(tmp_path):
+    """Bundles from before `model.ensemble` existed have no such key and one backbone."""
+    from dataclasses import asdict
+
+    from kndcli.config import LABELS, ModelConfig
+    from kndcli.models import build_model
+    from kndcli.training.export import write_bundle
+
+    cfg = ModelConfig(channels=8, ensemble=1)
+    hyper = asdict(cfg)
+    del hyper["ensemble"]
+    meta = {
+        "name": "old",
+        "labels": list(LABELS),
+        "sample_rate": 16000,
+        "clip_seconds": 1.0,
+        "trim_silence": False,
+        "model": hyper,
+        "metrics": {},
+    }
+    clips = np.random.default_rng(0).standard_normal((2, 16000)).astype(np.float32) * 0.1
+    write_bundle(build_model(cfg, len(LABELS), 16000), tmp_path / "old", meta, clips)
+    onnx = Predictor.from_bundle(tmp_path / "old")
+    torch_backend = Predictor.from_bundle(tmp_path / "old", backend="torch")
+    assert np.abs(onnx._run(clips) - torch_backend._run(clips)).max() < 1e-4

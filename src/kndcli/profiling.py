@@ -185,20 +185,13 @@ def _profile_predict_torch(
     bundle: Any, paths: list[Path], trace: Any, top: int, threads: int | None
 ) -> dict[str, Any]:
     import torch
-    from safetensors.torch import load_file
     from torch.profiler import ProfilerActivity, profile
-
-    from kndcli.config import ModelConfig
-    from kndcli.inference.bundle import WEIGHTS_FILE
-    from kndcli.models import build_model
 
     if threads:
         torch.set_num_threads(threads)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    model = build_model(ModelConfig(**bundle.meta["model"]), len(bundle.labels), bundle.sample_rate)
-    model.load_state_dict(load_file(str(bundle.path(WEIGHTS_FILE))))
-    model = model.eval().to(device)
+    model = bundle.torch_model().to(device)
     meta = _bundle_meta(bundle)
     timer = StageTimer(PREDICT_STAGES, sync=torch.cuda.synchronize if cuda else None)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])

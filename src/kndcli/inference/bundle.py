@@ -64,6 +64,23 @@ class Bundle:
     def path(self, name: str) -> Path:
         return self.root / name
 
+    def torch_model(self) -> Any:
+        """The bundle's torch model, in eval mode, from `weights.safetensors` (no pickle).
+
+        Imports torch: only for the torch backend, export and profiling, never on the
+        ONNX predict and serve path.
+        """
+        from safetensors.torch import load_file
+
+        from kndcli.config import ModelConfig
+        from kndcli.models import build_model
+
+        # Bundles written before ensembles existed hold one backbone.
+        hyper = {"ensemble": 1, **self.meta["model"]}
+        model = build_model(ModelConfig(**hyper), len(self.labels), self.sample_rate)
+        model.load_state_dict(load_file(str(self.path(WEIGHTS_FILE))))
+        return model.eval()
+
 
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()

@@ -20,7 +20,7 @@ import numpy as np
 from kndcli.audio import Audio, AudioError, AudioSource, audio_features, decode, speech_bounds
 from kndcli.cpus import usable_cpus
 from kndcli.errors import KndError
-from kndcli.inference.bundle import ONNX_FILE, WEIGHTS_FILE, Bundle, load_bundle
+from kndcli.inference.bundle import ONNX_FILE, Bundle, load_bundle
 from kndcli.inference.windowing import make_windows
 
 
@@ -105,17 +105,10 @@ class Predictor:
 
     def _torch_runner(self):
         import torch
-        from safetensors.torch import load_file
 
-        from kndcli.config import ModelConfig
-        from kndcli.models import build_model
         from kndcli.models.emotion import WithProbabilities
 
-        model = build_model(
-            ModelConfig(**self.bundle.meta["model"]), len(self.labels), self.sample_rate
-        )
-        model.load_state_dict(load_file(str(self.bundle.path(WEIGHTS_FILE))))
-        wrapped = WithProbabilities(model).eval()
+        wrapped = WithProbabilities(self.bundle.torch_model()).eval()
 
         def run(batch: np.ndarray) -> np.ndarray:
             with torch.inference_mode():

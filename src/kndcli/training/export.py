@@ -122,18 +122,6 @@ def git_commit() -> str | None:
         return None
 
 
-def load_bundle_model(bundle: Any) -> nn.Module:
-    """Rebuild a bundle's torch model from `weights.safetensors` (no pickle involved)."""
-    from safetensors.torch import load_file
-
-    from kndcli.config import ModelConfig
-    from kndcli.models import build_model
-
-    model = build_model(ModelConfig(**bundle.meta["model"]), len(bundle.labels), bundle.sample_rate)
-    model.load_state_dict(load_file(str(bundle.path(WEIGHTS_FILE))))
-    return model.eval()
-
-
 def export_bundle(
     src: Path,
     out: Path,
@@ -158,7 +146,7 @@ def export_bundle(
     bundle = load_bundle(src)
     if out.resolve() == src.resolve():
         raise KndError(f"--out {out}: choose a directory other than the source bundle")
-    model = load_bundle_model(bundle)
+    model = bundle.torch_model()
     length = int(bundle.clip_seconds * bundle.sample_rate)
     prepared_dir = data or Path(bundle.meta.get("data", {}).get("prepared", ""))
     if data is not None or (prepared_dir / "prepare.json").is_file():
