@@ -294,7 +294,7 @@ def test_weight_averaging_exports_the_averaged_model(synth_prepared, tmp_path):
     last = torch.load(result.run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["epoch"] == 3  # the last epoch, whether or not it was the best
     assert last["callbacks"]["WeightAveraging"]["count"] == 2  # a resumed run keeps the mean
-    bn = "model.backbone.members.0.features.1.running_mean"
+    bn = "model.backbone.features.1.running_mean"
     assert not torch.equal(saved["state_dict"][bn], last["state_dict"][bn])  # re-estimated
     assert load_bundle(result.run_dir).meta["onnx"]["parity_max_abs_diff"] < 1e-4
 
@@ -437,27 +437,30 @@ def test_an_ensemble_of_zero_members_is_a_config_error():
         build_model(ModelConfig(ensemble=0), 8, 16000)
 
 
-def test_amx_bf16_is_read_from_the_cpu_flags(tmp_path):
-    from kndcli.training.train import cpu_has_amx_bf16
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
+    from kndcli.training.train import cpu_has_bf16
 
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512f amx_bf16 amx_tile\n")
-    assert cpu_has_amx_bf16(cpuinfo)
+    assert cpu_has_bf16(cpuinfo)  # Intel Sapphire Rapids
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16\n")
-    assert not cpu_has_amx_bf16(cpuinfo)
-    assert not cpu_has_amx_bf16(tmp_path / "missing")
+    assert cpu_has_bf16(cpuinfo)  # AMD Zen 4
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f\n")
+    assert not cpu_has_bf16(cpuinfo)
+    assert not cpu_has_bf16(tmp_path / "missing")
 
 
-@pytest.mark.parametrize("amx", [True, False])
-def test_auto_precision_is_bf16_on_a_cpu_only_with_amx(monkeypatch, amx):
+@pytest.mark.parametrize("bf16", [True, False])
+def test_auto_precision_is_bf16_on_a_cpu_only_with_native_bf16(monkeypatch, bf16):
     import torch
 
     from kndcli.training import train as train_module
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(train_module, "cpu_has_amx_bf16", lambda: amx)
-    assert train_module.resolve_precision("auto", "auto") == ("bf16-mixed" if amx else "32-true")
-    assert train_module.resolve_precision("auto", "cpu") == ("bf16-mixed" if amx else "32-true")
+    monkeypatch.setattr(train_module, "cpu_has_bf16", lambda: bf16)
+    expected = "bf16-mixed" if bf16 else "32-true"
+    assert train_module.resolve_precision("auto", "auto") == expected
+    assert train_module.resolve_precision("auto", "cpu") == expected
     assert train_module.resolve_precision("32-true", "auto") == "32-true"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert train_module.resolve_precision("auto", "gpu") == "bf16-mixed"
@@ -511,3 +514,66 @@ def test_a_bundle_written_before_ensembles_loads_as_one_backbone(tmp_path):
     onnx = Predictor.from_bundle(tmp_path / "old")
     torch_backend = Predictor.from_bundle(tmp_path / "old", backend="torch")
     assert np.abs(onnx._run(clips) - torch_backend._run(clips)).max() < 1e-4
+
+
+def test_training_fits_a_temperature_on_the_validation_speakers(trained_run):
+    meta = load_bundle(trained_run.run_dir).meta
+    calibration = meta["calibration"]
+    assert calibration["method"] == "temperature" and calibration["temperature"] > 0
+    assert calibration["fitted_on"]["speakers"] == ["02"]
+    assert calibration["fitted_on"]["copies"] == ["clean", "degraded"]
+    assert calibration["after"]["nll"] <= calibration["before"]["nll"] + 1e-9
+    assert 0 <= meta["metrics"]["test"]["ece"] <= 1
+    for name in ("test_reliability.png", "test_coverage.png"):
+        assert (trained_run.run_dir / "eval" / name).stat().st_size > 1000
+
+
+def test_robustness_report_is_deterministic_and_drawn(trained_run, synth_prepared, tmp_path):
+    suite = [
+        "robustness.white_snr_db=[0]",
+        "robustness.pink_snr_db=[]",
+        "robustness.brown_snr_db=[]",
+        "robustness.babble_snr_db=[10]",
+        "robustness.rt60_s=[0.6]",
+        "robustness.rooms_per_level=2",
+        "robustness.telephone=[mulaw]",
+        "robustness.mp3_kbps=[32]",
+        "robustness.opus_kbps=[]",
+        "robustness.lowpass_hz=[]",
+        "robustness.clipping_drive_db=[]",
+    ]
+    command = [
+        sys.executable, "-m", "kndcli", "evaluate", str(trained_run.run_dir),
+        "--data", str(synth_prepared), "--robustness", "--json", "--out", str(tmp_path), *suite,
+    ]  # fmt: skip
+    first = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    report, repeat = json.loads(first.stdout), json.loads(again.stdout)
+    names = [row["condition"] for row in report["conditions"]]
+    assert names == [
+        "clean",
+        "white 0 dB SNR",
+        "babble 10 dB SNR",
+        "reverb 0.6 s RT60",
+        "telephone mulaw",
+        "mp3 32 kbit/s",
+    ]
+    assert [r["accuracy"] for r in report["conditions"]] == [
+        r["accuracy"] for r in repeat["conditions"]
+    ]
+    clean = report["conditions"][0]["accuracy"]
+    expected = load_bundle(trained_run.run_dir).meta["metrics"]["test"]["accuracy"]
+    assert clean == pytest.approx(expected)
+    assert (tmp_path / "robustness.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "robustness.json").read_text()) == report
+
+
+def test_bad_robustness_level_is_one_line_exit_2(trained_run, synth_prepared):
+    result = subprocess.run(
+        [sys.executable, "-m", "kndcli", "evaluate", str(trained_run.run_dir), "--data",
+         str(synth_prepared), "--robustness", "robustness.rt60_s=[9]"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "robustness.rt60_s" in result.stderr and "Traceback" not in result.stderr

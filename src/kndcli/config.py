@@ -77,18 +77,47 @@ class ModelConfig:
     vtlp: float = 0.0
     # Independently initialised copies of the backbone on one shared frontend, each trained
     # on its own loss; the bundle outputs their mean probability (one ONNX graph). Two
-    # members: +1.6 points of speaker-independent accuracy (two seeds, docs/quality.md)
-    # for about 1.9x the compute.
-    ensemble: int = 2
+    # members: +1.6 points of speaker-independent accuracy on clean audio (two seeds,
+    # docs/quality.md) for about 1.9x the compute, which with multi-condition training no
+    # longer fits 15 minutes per model on a 2-core CPU: one member by default.
+    ensemble: int = 1
+
+
+@dataclass
+class ConditionsConfig:
+    """Multi-condition training: what real recordings do to speech, drawn per clip.
+
+    Each degradation is applied to a clip with its probability, independently of the
+    others, in the order a recording meets them (room, noise, channel, codec), with its
+    parameters drawn uniformly from the [low, high] ranges. `enabled: false` trains on
+    clean audio only.
+    """
+
+    enabled: bool = True
+    noise_prob: float = 0.5
+    noise_types: list[str] = field(default_factory=lambda: ["white", "pink", "brown", "babble"])
+    snr_db: list[float] = field(default_factory=lambda: [0.0, 30.0])
+    babble_talkers: list[int] = field(default_factory=lambda: [3, 8])
+    reverb_prob: float = 0.3
+    rt60_s: list[float] = field(default_factory=lambda: [0.2, 1.2])
+    rooms: int = 24
+    telephone_prob: float = 0.1
+    # GSM is left to the robustness suite: its codec costs 10x G.711's CPU per clip.
+    telephone_laws: list[str] = field(default_factory=lambda: ["mulaw", "alaw"])
+    codec_prob: float = 0.03
+    mp3_kbps: list[float] = field(default_factory=lambda: [16.0, 64.0])
+    lowpass_prob: float = 0.1
+    lowpass_hz: list[float] = field(default_factory=lambda: [2000.0, 6000.0])
+    clipping_prob: float = 0.05
+    clipping_drive_db: list[float] = field(default_factory=lambda: [3.0, 20.0])
 
 
 @dataclass
 class AugmentConfig:
     gain_db: float = 6.0
-    noise_snr_db: float = 0.0
-    noise_prob: float = 0.0
     speeds: list[float] = field(default_factory=lambda: [0.9, 1.0, 1.1])
     mixup_alpha: float = 0.2
+    conditions: ConditionsConfig = field(default_factory=ConditionsConfig)
 
 
 @dataclass
@@ -131,6 +160,9 @@ class TrainConfig:
     # the test speakers too, for the model you ship once cross-validation has measured the
     # recipe; such a bundle reports no test figures and `knd evaluate` refuses its test split.
     fit_splits: list[str] = field(default_factory=lambda: ["train"])
+    # Fit a temperature on the validation speakers after training (clean clips and one
+    # degraded copy of each), stored in the bundle and applied by every Predictor.
+    calibrate: bool = True
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
@@ -151,6 +183,9 @@ class InferenceConfig:
     workers: int = 0
     window_s: float = 0.0
     hop_s: float = 0.0
+    # Below this calibrated confidence, predict, serve and the timeline answer "uncertain"
+    # instead of a label (0 always answers a label).
+    min_confidence: float = 0.0
 
 
 @dataclass
@@ -181,6 +216,28 @@ class DriftConfig:
     # variation for categories) reaches min_effect; one column at severe_effect is drift alone.
     min_effect: float = 0.25
     severe_effect: float = 0.9
+
+
+@dataclass
+class RobustnessConfig:
+    """The conditions `knd evaluate --robustness` scores; each list holds one's levels.
+
+    An empty list leaves that condition out. The babble comes from clips of speakers the
+    evaluated split does not contain (the prepared set's other splits).
+    """
+
+    seed: int = 0
+    white_snr_db: list[float] = field(default_factory=lambda: [30.0, 20.0, 10.0, 5.0, 0.0])
+    pink_snr_db: list[float] = field(default_factory=lambda: [20.0, 10.0, 0.0])
+    brown_snr_db: list[float] = field(default_factory=lambda: [10.0])
+    babble_snr_db: list[float] = field(default_factory=lambda: [20.0, 10.0, 5.0])
+    rt60_s: list[float] = field(default_factory=lambda: [0.3, 0.6, 0.9, 1.5])
+    rooms_per_level: int = 6
+    telephone: list[str] = field(default_factory=lambda: ["mulaw", "alaw", "gsm"])
+    mp3_kbps: list[float] = field(default_factory=lambda: [64.0, 32.0, 16.0])
+    opus_kbps: list[float] = field(default_factory=lambda: [12.0])
+    lowpass_hz: list[float] = field(default_factory=lambda: [4000.0, 2000.0])
+    clipping_drive_db: list[float] = field(default_factory=lambda: [12.0])
 
 
 @dataclass
@@ -216,6 +273,7 @@ class KndConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
+    robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
     cloud: CloudConfig = field(default_factory=CloudConfig)
     labels: list[str] = field(default_factory=lambda: list(LABELS))
 

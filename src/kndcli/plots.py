@@ -79,3 +79,107 @@ def plot_learning_curves(metrics_csv: Path, path: Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_reliability(bins, path: Path, title: str = "") -> Path:
+    """Reliability diagram: accuracy per confidence bin against the diagonal, with counts."""
+    plt = _pyplot()
+    edges = np.array(bins.edges)
+    centres = (edges[:-1] + edges[1:]) / 2
+    width = edges[1] - edges[0]
+    counts = np.array(bins.count)
+    filled = counts > 0
+    fig, (ax, hist) = plt.subplots(
+        2, 1, figsize=(5.5, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfectly calibrated")
+    ax.bar(
+        centres[filled],
+        np.array(bins.accuracy)[filled],
+        width=width * 0.9,
+        color="tab:blue",
+        alpha=0.8,
+        label="accuracy",
+    )
+    ax.plot(
+        np.array(bins.confidence)[filled],
+        np.array(bins.accuracy)[filled],
+        "o",
+        color="tab:red",
+        label="mean confidence",
+    )
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper left")
+    ax.set_title(title)
+    hist.bar(centres, counts, width=width * 0.9, color="tab:grey")
+    hist.set_xlabel("confidence")
+    hist.set_ylabel("clips")
+    hist.set_xlim(0, 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_coverage(curve: list[dict[str, float]], path: Path, title: str = "") -> Path:
+    """Accuracy on the clips answered against the share answered (most confident first)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    if curve:
+        ax.plot([c["coverage"] for c in curve], [c["accuracy"] for c in curve], color="tab:blue")
+        for share in (0.5, 0.8):
+            point = min(curve, key=lambda c: abs(c["coverage"] - share))
+            ax.annotate(
+                f"conf ≥ {point['threshold']:.2f}: {point['accuracy']:.0%}",
+                (point["coverage"], point["accuracy"]),
+                textcoords="offset points",
+                xytext=(5, 8),
+                fontsize=8,
+            )
+    ax.set_xlabel("coverage (share of clips answered)")
+    ax.set_ylabel("accuracy on answered clips")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_robustness(rows: list[dict], path: Path, title: str = "") -> Path:
+    """Accuracy against each condition's level, one panel per family, clean as a line."""
+    plt = _pyplot()
+    clean = next((r["accuracy"] for r in rows if r["family"] == "clean"), None)
+    families: dict[str, list[dict]] = {}
+    for row in rows:
+        if row["family"] != "clean":
+            families.setdefault(row["family"], []).append(row)
+    n = max(1, len(families))
+    cols = min(4, n)
+    lines = -(-n // cols)
+    fig, axes = plt.subplots(lines, cols, figsize=(3.6 * cols, 3.0 * lines), squeeze=False)
+    for ax, (family, members) in zip(axes.flat, families.items(), strict=False):
+        levels = [m["level"] for m in members]
+        accuracy = [100 * m["accuracy"] for m in members]
+        if all(isinstance(v, (int, float)) for v in levels):
+            order = np.argsort(levels)
+            ax.plot(np.array(levels)[order], np.array(accuracy)[order], "o-", color="tab:blue")
+        else:
+            ax.bar([str(v) for v in levels], accuracy, color="tab:blue")
+        if clean is not None:
+            ax.axhline(100 * clean, color="grey", linestyle="--", label="clean")
+        ax.set_title(family)
+        ax.set_xlabel(members[0].get("unit") or "")
+        ax.set_ylabel("accuracy %")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(families) :]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

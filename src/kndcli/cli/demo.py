@@ -30,7 +30,7 @@ def demo(
     started = time.perf_counter()
     result = run_demo(out, actors=actors, seed=seed, overrides=overrides, say=con.print)
     m = result.metrics
-    print_evaluation(Evaluation(**{**m, "predictions": [], "truths": []}))
+    print_evaluation(Evaluation.from_summary(m))
     p = result.prediction
     top = sorted(p["probabilities"].items(), key=lambda kv: -kv[1])[:3]
     con.print(

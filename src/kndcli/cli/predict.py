@@ -91,7 +91,9 @@ def load_predictor(bundle: Path, cfg: KndConfig, backend: str | None = None) -> 
     from kndcli.inference.predictor import Predictor
 
     inf = cfg.inference
-    predictor = Predictor.from_bundle(bundle, backend=backend or inf.backend)
+    predictor = Predictor.from_bundle(
+        bundle, backend=backend or inf.backend, min_confidence=inf.min_confidence
+    )
     if inf.window_s > 0:
         predictor.window = int(round(inf.window_s * predictor.sample_rate))
     if inf.hop_s > 0:

@@ -57,6 +57,11 @@ class Bundle:
         return bool(self.meta.get("trim_silence", False))
 
     @property
+    def temperature(self) -> float:
+        """The calibration temperature fitted after training (1.0: uncalibrated)."""
+        return float((self.meta.get("calibration") or {}).get("temperature", 1.0))
+
+    @property
     def version(self) -> str:
         """Short id of this exact model: the start of the ONNX file's sha256."""
         return f"{self.meta.get('name', self.root.name)}@{self.meta['files'][ONNX_FILE][:12]}"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import numpy as np
 from kndcli.audio import Audio
 from kndcli.data.store import PreparedSet
 from kndcli.errors import KndError
+from kndcli.inference.calibration import Reliability, coverage_curve, reliability, selective
 from kndcli.inference.predictor import Prediction, Predictor
 
 
@@ -27,20 +29,65 @@ class Evaluation:
     per_class: dict[str, dict[str, float]]
     per_speaker: dict[str, float]
     confusion: list[list[int]]
+    ece: float = 0.0
+    temperature: float = 1.0
+    min_confidence: float = 0.0
     predictions: list[Prediction] = field(default_factory=list, repr=False)
     truths: list[str] = field(default_factory=list, repr=False)
 
+    @classmethod
+    def from_summary(cls, summary: dict[str, Any]) -> Evaluation:
+        """The headline figures back from a `<split>_metrics.json` (no per-clip results)."""
+        names = {f.name for f in fields(cls)} - {"predictions", "truths"}
+        known = {k: v for k, v in summary.items() if k in names}
+        known["temperature"] = (summary.get("calibration") or {}).get("temperature", 1.0)
+        known["min_confidence"] = (summary.get("selective") or {}).get("threshold", 0.0)
+        return cls(**known)
+
+    @property
+    def confidences(self) -> list[float]:
+        return [p.confidence for p in self.predictions]
+
+    @property
+    def correct(self) -> list[bool]:
+        return [p.top_label == t for p, t in zip(self.predictions, self.truths, strict=True)]
+
+    def reliability(self) -> Reliability:
+        return reliability(self.confidences, self.correct)
+
+    def coverage(self) -> list[dict[str, float]]:
+        """Accuracy when answering only the most confident 100 %, 90 %, ... 10 % of clips."""
+        curve = coverage_curve(self.confidences, self.correct)
+        if not curve:
+            return []
+        points = []
+        for share in np.linspace(1.0, 0.1, 10):
+            k = max(1, int(round(share * len(curve)))) - 1
+            points.append({key: round(value, 4) for key, value in curve[k].items()})
+        return points
+
     def summary(self) -> dict[str, Any]:
+        bins = self.reliability()
         return {
             "split": self.split,
             "n_clips": self.n_clips,
             "accuracy": self.accuracy,
             "macro_f1": self.macro_f1,
             "uar": self.uar,
+            "ece": self.ece,
             "per_class": self.per_class,
             "per_speaker": self.per_speaker,
             "labels": self.labels,
             "confusion": self.confusion,
+            "calibration": {
+                "temperature": self.temperature,
+                "bins": len(bins.count),
+                "bin_confidence": bins.confidence,
+                "bin_accuracy": bins.accuracy,
+                "bin_count": bins.count,
+            },
+            "coverage": self.coverage(),
+            "selective": selective(self.confidences, self.correct, self.min_confidence),
         }
 
 
@@ -83,10 +130,49 @@ def classification_metrics(
     }
 
 
+# (samples, prepared-set index, speaker) -> samples: how a perturbation enters evaluation.
+Transform = Callable[[np.ndarray, int, str], np.ndarray]
+
+
 def evaluate_predictor(
-    predictor: Predictor, prepared: PreparedSet, split: str = "test", batch: int = 64
+    predictor: Predictor,
+    prepared: PreparedSet,
+    split: str = "test",
+    batch: int = 64,
+    transform: Transform | None = None,
 ) -> Evaluation:
-    """Score every clip of `split` from the prepared store, windowed as in production."""
+    """Score every clip of `split` from the prepared store, windowed as in production.
+
+    `transform` degrades each clip before the Predictor sees it (the robustness report).
+    Metrics use each clip's most probable class, whatever `min_confidence` answers;
+    the selective figures say what the threshold does.
+    """
+    indices = split_indices(predictor, prepared, split)
+    predictions: list[Prediction] = []
+    for start in range(0, len(indices), batch):
+        audios = [_audio(prepared, i, transform) for i in indices[start : start + batch]]
+        predictions.extend(predictor.predict_audios(audios))
+    truths = [prepared.rows[i]["label"] for i in indices]
+    speakers = [prepared.rows[i]["speaker"] for i in indices]
+    metrics = classification_metrics(
+        truths, [p.top_label for p in predictions], predictor.labels, speakers
+    )
+    correct = [p.top_label == t for p, t in zip(predictions, truths, strict=True)]
+    return Evaluation(
+        split=split,
+        labels=predictor.labels,
+        n_clips=len(indices),
+        ece=reliability([p.confidence for p in predictions], correct).ece,
+        temperature=predictor.temperature,
+        min_confidence=predictor.min_confidence,
+        predictions=predictions,
+        truths=truths,
+        **metrics,
+    )
+
+
+def split_indices(predictor: Predictor, prepared: PreparedSet, split: str) -> list[int]:
+    """The split's clips, refused when the bundle learned from them or cannot name them."""
     check_held_out(predictor.bundle.meta, prepared, split)
     indices = prepared.indices(split)
     if not indices:
@@ -94,23 +180,7 @@ def evaluate_predictor(
     unknown = {prepared.rows[i]["label"] for i in indices} - set(predictor.labels)
     if unknown:
         raise KndError(f"split '{split}' has labels the model does not know: {sorted(unknown)}")
-    predictions: list[Prediction] = []
-    for start in range(0, len(indices), batch):
-        audios = [_audio(prepared, i) for i in indices[start : start + batch]]
-        predictions.extend(predictor.predict_audios(audios))
-    truths = [prepared.rows[i]["label"] for i in indices]
-    speakers = [prepared.rows[i]["speaker"] for i in indices]
-    metrics = classification_metrics(
-        truths, [p.label for p in predictions], predictor.labels, speakers
-    )
-    return Evaluation(
-        split=split,
-        labels=predictor.labels,
-        n_clips=len(indices),
-        predictions=predictions,
-        truths=truths,
-        **metrics,
-    )
+    return indices
 
 
 def check_held_out(meta: dict[str, Any], prepared: PreparedSet, split: str) -> None:
@@ -130,10 +200,13 @@ def check_held_out(meta: dict[str, Any], prepared: PreparedSet, split: str) -> N
         )
 
 
-def _audio(prepared: PreparedSet, index: int) -> Audio:
+def _audio(prepared: PreparedSet, index: int, transform: Transform | None = None) -> Audio:
     row = prepared.rows[index]
+    samples = prepared.waveform(index)
+    if transform is not None:
+        samples = transform(samples, index, row["speaker"])
     return Audio(
-        samples=prepared.waveform(index),
+        samples=samples,
         sample_rate=prepared.sample_rate,
         orig_sample_rate=int(row["orig_sample_rate"]),
         channels=int(row["channels"]),
@@ -143,17 +216,28 @@ def _audio(prepared: PreparedSet, index: int) -> Audio:
     )
 
 
-def save_evaluation(result: Evaluation, out_dir: Path) -> tuple[Path, Path]:
-    """Write `<split>_metrics.json` and `<split>_confusion.png` into `out_dir`."""
-    from kndcli.plots import plot_confusion
+def save_evaluation(result: Evaluation, out_dir: Path) -> list[Path]:
+    """Write `<split>_metrics.json`, the confusion matrix, reliability and coverage PNGs."""
+    from kndcli.plots import plot_confusion, plot_coverage, plot_reliability
 
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / f"{result.split}_metrics.json"
     json_path.write_text(json.dumps(result.summary(), indent=2))
-    png_path = plot_confusion(
+    confusion = plot_confusion(
         np.array(result.confusion),
         result.labels,
         out_dir / f"{result.split}_confusion.png",
         title=f"{result.split}: accuracy {result.accuracy:.1%}, UAR {result.uar:.1%}",
     )
-    return json_path, png_path
+    bins = result.reliability()
+    diagram = plot_reliability(
+        bins,
+        out_dir / f"{result.split}_reliability.png",
+        title=f"{result.split}: ECE {bins.ece:.1%} (temperature {result.temperature:.2f})",
+    )
+    coverage = plot_coverage(
+        coverage_curve(result.confidences, result.correct),
+        out_dir / f"{result.split}_coverage.png",
+        title=f"{result.split}: accuracy against coverage",
+    )
+    return [json_path, confusion, diagram, coverage]

@@ -21,6 +21,7 @@ from kndcli.audio import Audio, AudioError, AudioSource, audio_features, decode,
 from kndcli.cpus import usable_cpus
 from kndcli.errors import KndError
 from kndcli.inference.bundle import ONNX_FILE, Bundle, load_bundle
+from kndcli.inference.calibration import apply_temperature
 from kndcli.inference.windowing import make_windows
 
 
@@ -41,6 +42,13 @@ class Prediction:
     def ok(self) -> bool:
         return self.error is None
 
+    @property
+    def top_label(self) -> str | None:
+        """The most probable class, even where `label` says "uncertain"."""
+        if not self.probabilities:
+            return self.label
+        return max(self.probabilities.items(), key=lambda kv: kv[1])[0]
+
     def top(self, k: int = 3) -> list[tuple[str, float]]:
         return sorted(self.probabilities.items(), key=lambda kv: -kv[1])[:k]
 
@@ -59,11 +67,30 @@ class Prediction:
         return out
 
 
-class Predictor:
-    """Scores clips with a bundle's model. Thread-safe: ONNX Runtime sessions are."""
+UNCERTAIN = "uncertain"
 
-    def __init__(self, bundle: Bundle, backend: str = "onnx", threads: int | None = None) -> None:
+
+class Predictor:
+    """Scores clips with a bundle's model. Thread-safe: ONNX Runtime sessions are.
+
+    Probabilities are calibrated with the bundle's temperature; below `min_confidence`
+    a clip (or a timeline window) is answered "uncertain" instead of a label.
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        backend: str = "onnx",
+        threads: int | None = None,
+        min_confidence: float = 0.0,
+    ) -> None:
+        if not 0 <= min_confidence < 1:
+            raise KndError(
+                f"key 'inference.min_confidence': a confidence in [0, 1), got {min_confidence}"
+            )
         self.bundle = bundle
+        self.temperature = bundle.temperature
+        self.min_confidence = min_confidence
         self.labels = bundle.labels
         self.sample_rate = bundle.sample_rate
         self.window = int(round(bundle.window_seconds * self.sample_rate))
@@ -78,9 +105,15 @@ class Predictor:
 
     @classmethod
     def from_bundle(
-        cls, path: str | os.PathLike, backend: str = "onnx", threads: int | None = None
+        cls,
+        path: str | os.PathLike,
+        backend: str = "onnx",
+        threads: int | None = None,
+        min_confidence: float = 0.0,
     ) -> Predictor:
-        return cls(load_bundle(path), backend=backend, threads=threads)
+        return cls(
+            load_bundle(path), backend=backend, threads=threads, min_confidence=min_confidence
+        )
 
     # ------------------------------------------------------------------ runners
     def _onnx_runner(self, threads: int | None):
@@ -175,6 +208,7 @@ class Predictor:
         timeline: bool,
         features: bool,
     ) -> Prediction:
+        probs = apply_temperature(probs, self.temperature)
         mean = probs.mean(axis=0)
         best = int(mean.argmax())
         windows = None
@@ -183,20 +217,25 @@ class Predictor:
                 {
                     "start": round((offset + s) / self.sample_rate, 3),
                     "end": round((offset + s + self.window) / self.sample_rate, 3),
-                    "label": self.labels[int(p.argmax())],
+                    "label": self._answer(p),
                     "confidence": round(float(p.max()), 6),
                 }
                 for s, p in zip(starts, probs, strict=True)
             ]
         return Prediction(
             source=audio.source,
-            label=self.labels[best],
+            label=self._answer(mean),
             confidence=float(mean[best]),
             probabilities={label: float(v) for label, v in zip(self.labels, mean, strict=True)},
             duration=audio.duration,
             windows=windows,
             features=audio_features(audio) if features else None,
         )
+
+    def _answer(self, probs: np.ndarray) -> str:
+        """The most probable label, or "uncertain" below the confidence threshold."""
+        best = int(probs.argmax())
+        return self.labels[best] if probs[best] >= self.min_confidence else UNCERTAIN
 
     def predict_paths(
         self,

@@ -45,6 +45,7 @@ def _load_service(settings: ServeSettings, metrics: Metrics) -> Any:
         threads=settings.threads or (1 if processes else 0),
         max_duration_s=settings.max_duration_s,
         max_bytes=settings.max_body_bytes,
+        min_confidence=settings.min_confidence,
     )
     pool = ScoringPool(spec, processes)
     plog = open_log(settings.log_sink, flush_s=settings.log_flush_s)

@@ -54,6 +54,7 @@ class WorkerSpec:
     threads: int = 1
     max_duration_s: float | None = None
     max_bytes: int | None = None
+    min_confidence: float = 0.0
 
 
 _state: tuple[Predictor, WorkerSpec] | None = None
@@ -62,7 +63,12 @@ _state: tuple[Predictor, WorkerSpec] | None = None
 def start_worker(spec: WorkerSpec) -> None:
     """Load the model once per worker, and run one pass so no request pays the warm-up."""
     global _state
-    predictor = Predictor.from_bundle(spec.model, backend=spec.backend, threads=spec.threads)
+    predictor = Predictor.from_bundle(
+        spec.model,
+        backend=spec.backend,
+        threads=spec.threads,
+        min_confidence=spec.min_confidence,
+    )
     predictor.score_batches([np.zeros((1, predictor.window), np.float32)])
     _state = (predictor, spec)
 

@@ -99,7 +99,9 @@ class ServiceState:
             prediction_record(
                 request_id=s.request_id,
                 model_version=self.model_version,
-                label=s.prediction.label or "",
+                # The model's choice, "uncertain" or not: drift compares it with the
+                # reference's predicted-class mix, which has no "uncertain".
+                label=s.prediction.top_label or "",
                 confidence=s.prediction.confidence,
                 latency_ms=latency_ms,
                 filename=s.upload.filename,

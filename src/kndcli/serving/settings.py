@@ -29,6 +29,7 @@ class ServeSettings(ServeConfig):
     model: str = ""
     backend: str = "onnx"
     threads: int = 0  # ONNX Runtime intra-op threads; 0 = one per core (1 per scoring process)
+    min_confidence: float = 0.0  # inference.min_confidence: "uncertain" below it
     request_timeout_s: float = 60.0
     # None: read KND_API_TOKEN when the app is created. Never serialised into the env blob.
     api_token: str | None = None
@@ -72,6 +73,7 @@ class ServeSettings(ServeConfig):
             },
             model=str(model),
             backend=backend or cfg.inference.backend,
+            min_confidence=cfg.inference.min_confidence,
         )
         settings.validate()
         return settings
@@ -95,6 +97,10 @@ class ServeSettings(ServeConfig):
                 raise ConfigError(f"serve.{key}: invalid value {getattr(self, key)!r}")
         if self.backend not in ("onnx", "torch"):
             raise ConfigError(f"backend {self.backend!r}: choose 'onnx' or 'torch'")
+        if not 0 <= self.min_confidence < 1:
+            raise ConfigError(
+                f"key 'inference.min_confidence': a confidence in [0, 1), got {self.min_confidence}"
+            )
 
     def token(self) -> str | None:
         """The bearer token prediction routes require, if any."""

@@ -79,6 +79,11 @@ def build_bundle(
     write_bundle(model, run_dir, meta, parity_batch(prepared, probe, length))
 
     predictor = Predictor(load_bundle(run_dir))
+    if cfg.train.calibrate and prepared.indices("val"):
+        from kndcli.training.calibrate import fit_calibration
+
+        update_bundle(run_dir, {"calibration": fit_calibration(predictor, prepared, cfg)}, [])
+        predictor = Predictor(load_bundle(run_dir))
     metrics: dict[str, Any] = {}
     evaluations = {}
     for split in ("val", "test"):
@@ -87,7 +92,15 @@ def build_bundle(
             save_evaluation(evaluations[split], run_dir / "eval")
             metrics[split] = {
                 k: evaluations[split].summary()[k]
-                for k in ("n_clips", "accuracy", "macro_f1", "uar", "per_class", "per_speaker")
+                for k in (
+                    "n_clips",
+                    "accuracy",
+                    "macro_f1",
+                    "uar",
+                    "ece",
+                    "per_class",
+                    "per_speaker",
+                )
             }
     update_bundle(run_dir, {"metrics": metrics}, [])
     _write_reference(prepared, evaluations.get("val"), run_dir)
@@ -107,7 +120,7 @@ def _write_reference(prepared: PreparedSet, val, run_dir: Path) -> None:
         [prepared.rows[i]["label"] for i in train_idx],
         [features[i] for i in val_idx],
         [prepared.rows[i]["label"] for i in val_idx],
-        [p.label for p in val.predictions] if val is not None else [],
+        [p.top_label for p in val.predictions] if val is not None else [],
         [p.confidence for p in val.predictions] if val is not None else [],
     )
     reference.to_parquet(run_dir / REFERENCE_FILE, index=False)

@@ -11,6 +11,8 @@ from kndcli.audio import speech_bounds
 from kndcli.config import AugmentConfig, TrainConfig
 from kndcli.data.store import PreparedSet
 from kndcli.inference.windowing import center_fit, repeat_fit
+from kndcli.perturb import BabbleSource
+from kndcli.perturb.multicondition import MultiCondition
 
 
 class WaveformDataset(Dataset):
@@ -18,8 +20,8 @@ class WaveformDataset(Dataset):
 
     The speaker index numbers `speakers` (the training speakers); others get -1.
 
-    Training: random crop (or random placement in zero padding), speed perturbation,
-    gain and noise. Evaluation: the centre crop, as the Predictor does for one window.
+    Training: speed perturbation, multi-condition degradation (`conditions`), random crop
+    and gain. Evaluation: the centre crop, as the Predictor does for one window.
     """
 
     def __init__(
@@ -34,8 +36,10 @@ class WaveformDataset(Dataset):
         trim_silence: bool = True,
         seed: int = 0,
         speakers: list[str] | None = None,
+        conditions: MultiCondition | None = None,
     ) -> None:
         self.prepared = prepared
+        self.conditions = conditions
         self.speaker_index = {speaker: i for i, speaker in enumerate(speakers or [])}
         self.indices = indices
         self.label_index = {label: i for i, label in enumerate(labels)}
@@ -54,36 +58,40 @@ class WaveformDataset(Dataset):
 
     def __getitem__(self, item: int) -> tuple[torch.Tensor, int, int]:
         index = self.indices[item]
+        row = self.prepared.rows[index]
         x = self.prepared.waveform(index)
-        if self.trim:
-            start, stop = speech_bounds(x, self.prepared.sample_rate)
-            x = x[start:stop]
         if self.train:
             rng = np.random.default_rng((self.seed, self.epoch, index))
-            x = self._augment(x, rng)
+            x = self._augment(x, rng, row["speaker"])
+        elif self.trim:
+            start, stop = speech_bounds(x, self.prepared.sample_rate)
+            x = center_fit(x[start:stop], self.length)
         else:
             x = center_fit(x, self.length)
-        row = self.prepared.rows[index]
         speaker = self.speaker_index.get(row["speaker"], -1)
         waveform = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         return waveform, self.label_index[row["label"]], speaker
 
-    def _augment(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def _augment(self, x: np.ndarray, rng: np.random.Generator, speaker: str) -> np.ndarray:
+        """Speed, then the recording conditions on the whole clip, then trim and crop.
+
+        Degrading before the silence trim is what happens in production: the Predictor
+        trims the noisy or reverberant clip it is given, so training sees the same cut.
+        """
         aug = self.augment
         if aug.speeds:
             speed = float(rng.choice(aug.speeds))
             if speed != 1.0 and len(x) > 1:
                 positions = np.arange(0, len(x) - 1, speed)
                 x = np.interp(positions, np.arange(len(x)), x).astype(np.float32)
+        if self.conditions is not None:
+            x = self.conditions(x, rng, speaker)
+        if self.trim:
+            start, stop = speech_bounds(x, self.prepared.sample_rate)
+            x = x[start:stop]
         x = _random_fit(x, self.length, rng)
         if aug.gain_db > 0:
             x = x * np.float32(10 ** (rng.uniform(-aug.gain_db, aug.gain_db) / 20))
-        if aug.noise_prob > 0 and rng.random() < aug.noise_prob:
-            power = float(np.mean(x**2)) + 1e-10
-            noise_power = power / 10 ** (aug.noise_snr_db / 10)
-            x = x + rng.standard_normal(len(x)).astype(np.float32) * np.float32(
-                np.sqrt(noise_power)
-            )
         return x
 
 
@@ -100,6 +108,26 @@ def train_speakers(prepared: PreparedSet) -> list[str]:
     return sorted({prepared.rows[i]["speaker"] for i in prepared.indices("train")})
 
 
+def training_conditions(prepared: PreparedSet, cfg: TrainConfig) -> MultiCondition | None:
+    """The multi-condition chain for training; babble from the training speakers' clips."""
+    conditions = cfg.augment.conditions
+    if not conditions.enabled:
+        return None
+    indices = prepared.indices("train")
+
+    def clip(i: int) -> np.ndarray:
+        x = prepared.waveform(indices[i])
+        start, stop = speech_bounds(x, prepared.sample_rate)
+        return x[start:stop]
+
+    speakers = [prepared.rows[i]["speaker"] for i in indices]
+    babble = BabbleSource(clip, speakers) if len(set(speakers)) > 1 else None
+    chain = MultiCondition(conditions, prepared.sample_rate, babble=babble)
+    if conditions.reverb_prob > 0:
+        _ = chain.rooms  # build (or load) the room bank now, not in the first batch
+    return chain
+
+
 class PreparedDataModule(pl.LightningDataModule):
     """Train/val/test loaders over one prepared directory."""
 
@@ -109,6 +137,7 @@ class PreparedDataModule(pl.LightningDataModule):
         self.labels = labels
         self.cfg = cfg
         self.speakers = train_speakers(prepared)
+        self.conditions = training_conditions(prepared, cfg)
 
     def dataset(self, split: str) -> WaveformDataset:
         return WaveformDataset(
@@ -121,6 +150,7 @@ class PreparedDataModule(pl.LightningDataModule):
             trim_silence=self.cfg.trim_silence,
             seed=self.cfg.seed,
             speakers=self.speakers,
+            conditions=self.conditions if split == "train" else None,
         )
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:

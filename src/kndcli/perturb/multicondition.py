@@ -1,0 +1,127 @@
+"""Multi-condition training: a random chain of degradations per training clip."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+import numpy as np
+
+from kndcli.config import ConditionsConfig
+from kndcli.errors import ConfigError
+from kndcli.perturb.channel import TELEPHONE_LAWS, clip_peaks, lowpass, telephone
+from kndcli.perturb.codec import codec_roundtrip
+from kndcli.perturb.noise import NOISE_COLORS, BabbleSource, colored_noise, mix_at_snr
+from kndcli.perturb.room import RoomBank, reverberate
+
+NOISE_TYPES = (*NOISE_COLORS, "babble")
+_NOISE_BANK_S = 30
+# [low, high] ranges and the values a recording can physically take.
+_RANGES = {
+    "snr_db": (-10.0, 60.0),
+    "babble_talkers": (1, 32),
+    "rt60_s": (0.05, 3.0),
+    "mp3_kbps": (8.0, 160.0),
+    "lowpass_hz": (500.0, 8000.0),
+    "clipping_drive_db": (0.0, 40.0),
+}
+
+
+class MultiCondition:
+    """Degrades clips the way `ConditionsConfig` says; deterministic given the Generator.
+
+    `babble` supplies other training speakers' voices (None leaves babble out) and
+    `rooms` the impulse responses (None builds the configured bank on first use).
+    """
+
+    def __init__(
+        self,
+        cfg: ConditionsConfig,
+        sample_rate: int,
+        babble: BabbleSource | None = None,
+        rooms: RoomBank | None = None,
+    ) -> None:
+        check_conditions(cfg)
+        self.cfg = cfg
+        self.sample_rate = sample_rate
+        self.babble = babble
+        self.noise_types = [t for t in cfg.noise_types if t != "babble" or babble is not None]
+        self._rooms = rooms
+        # Segments of a fixed stretch of each colour: shaping noise per clip cost more CPU
+        # than the training step it feeds.
+        bank_rng = np.random.default_rng(0)
+        self._noise = {
+            color: colored_noise(_NOISE_BANK_S * sample_rate, color, bank_rng)
+            for color in NOISE_COLORS
+            if color in self.noise_types
+        }
+
+    @property
+    def rooms(self) -> RoomBank:
+        if self._rooms is None:
+            self._rooms = RoomBank(tuple(self.cfg.rt60_s), self.cfg.rooms, self.sample_rate)
+        return self._rooms
+
+    def __call__(
+        self, x: np.ndarray, rng: np.random.Generator, speaker: str | None = None
+    ) -> np.ndarray:
+        """One draw of the chain: room, noise, channel (telephone or low-pass), clipping, codec."""
+        cfg, sr = self.cfg, self.sample_rate
+        if not cfg.enabled:
+            return x
+        if cfg.reverb_prob > 0 and rng.random() < cfg.reverb_prob and cfg.rooms > 0:
+            x = reverberate(x, self.rooms.draw(rng).samples)
+        if cfg.noise_prob > 0 and self.noise_types and rng.random() < cfg.noise_prob:
+            kind = self.noise_types[int(rng.integers(len(self.noise_types)))]
+            if kind == "babble":
+                talkers = int(rng.integers(cfg.babble_talkers[0], cfg.babble_talkers[1] + 1))
+                noise = self.babble(len(x), talkers, rng, exclude=speaker)
+            else:
+                noise = _segment(self._noise[kind], len(x), rng)
+            x = mix_at_snr(x, noise, float(rng.uniform(*cfg.snr_db)))
+        if cfg.telephone_prob > 0 and rng.random() < cfg.telephone_prob:
+            law = cfg.telephone_laws[int(rng.integers(len(cfg.telephone_laws)))]
+            x = telephone(x, sr, law)
+        elif cfg.lowpass_prob > 0 and rng.random() < cfg.lowpass_prob:
+            x = lowpass(x, sr, float(rng.uniform(*cfg.lowpass_hz)))
+        if cfg.clipping_prob > 0 and rng.random() < cfg.clipping_prob:
+            x = clip_peaks(x, float(rng.uniform(*cfg.clipping_drive_db)))
+        if cfg.codec_prob > 0 and rng.random() < cfg.codec_prob:
+            x, _ = codec_roundtrip(x, sr, "mp3", float(rng.uniform(*cfg.mp3_kbps)))
+        return x
+
+
+def _segment(bank: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """`n` samples from a random place in `bank`, wrapping around its end."""
+    start = int(rng.integers(len(bank)))
+    return np.take(bank, np.arange(start, start + n), mode="wrap")
+
+
+def check_conditions(cfg: ConditionsConfig, key: str = "train.augment.conditions") -> None:
+    """Every probability in [0, 1], every range a [low, high] pair inside its bounds."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        name = f"{key}.{f.name}"
+        if f.name.endswith("_prob") and not 0 <= value <= 1:
+            raise ConfigError(f"key '{name}': a probability in [0, 1], got {value}")
+        if f.name in _RANGES:
+            lo, hi = _RANGES[f.name]
+            if len(value) != 2 or not lo <= value[0] <= value[1] <= hi:
+                raise ConfigError(
+                    f"key '{name}': a range [low, high] within [{lo}, {hi}], got {list(value)}"
+                )
+    _check_choices(cfg.noise_types, NOISE_TYPES, f"{key}.noise_types")
+    _check_choices(cfg.telephone_laws, TELEPHONE_LAWS, f"{key}.telephone_laws")
+    if cfg.noise_prob > 0 and not cfg.noise_types:
+        raise ConfigError(f"key '{key}.noise_types': empty while noise_prob is {cfg.noise_prob}")
+    if cfg.telephone_prob > 0 and not cfg.telephone_laws:
+        raise ConfigError(
+            f"key '{key}.telephone_laws': empty while telephone_prob is {cfg.telephone_prob}"
+        )
+    if cfg.rooms < 0:
+        raise ConfigError(f"key '{key}.rooms': a number of rooms >= 0, got {cfg.rooms}")
+
+
+def _check_choices(values: list[str], allowed: tuple[str, ...], name: str) -> None:
+    unknown = [v for v in values if v not in allowed]
+    if unknown:
+        raise ConfigError(f"key '{name}': {unknown[0]!r} is not one of {', '.join(allowed)}")

@@ -1,0 +1,232 @@
+"""The perturbation library: each degradation has the measurable effect it claims."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from tests.conftest import ravdess_clips
+
+from kndcli.audio import decode
+from kndcli.config import ConditionsConfig, RobustnessConfig, load_config
+from kndcli.errors import ConfigError
+from kndcli.perturb import (
+    BabbleSource,
+    RoomBank,
+    band_limit,
+    clip_peaks,
+    codec_roundtrip,
+    colored_noise,
+    lowpass,
+    mix_at_snr,
+    reverberate,
+    room_impulse_response,
+    telephone,
+)
+from kndcli.perturb.multicondition import MultiCondition, check_conditions
+from kndcli.perturb.noise import active_power
+from kndcli.perturb.suite import CLEAN, Condition, ConditionRenderer, robustness_suite
+
+SR = 16000
+
+
+@pytest.fixture(scope="module")
+def speech(ravdess_root) -> np.ndarray:
+    """A real RAVDESS sentence (actor 01), 16 kHz mono."""
+    return decode(ravdess_clips(ravdess_root, [1])[10], sample_rate=SR).samples
+
+
+def band_power_db(x: np.ndarray, low: float, high: float, rate: int = SR) -> float:
+    spectrum = np.abs(np.fft.rfft(x)) ** 2
+    freqs = np.fft.rfftfreq(len(x), 1 / rate)
+    band = (freqs >= low) & (freqs < high)
+    return 10 * np.log10(spectrum[band].mean() + 1e-30)
+
+
+@pytest.mark.parametrize(("color", "slope"), [("white", 0.0), ("pink", -3.0), ("brown", -6.0)])
+def test_noise_colours_fall_by_their_slope_per_octave(color, slope):
+    x = colored_noise(1 << 18, color, np.random.default_rng(0))
+    assert np.mean(x**2) == pytest.approx(1.0, rel=1e-3)
+    octaves = [band_power_db(x, f, 2 * f) for f in (250, 500, 1000, 2000)]
+    measured = np.mean(np.diff(octaves))
+    assert measured == pytest.approx(slope, abs=0.6)
+
+
+@pytest.mark.parametrize("snr", [20.0, 10.0, 0.0])
+def test_mixture_has_the_requested_snr_over_speech(speech, snr):
+    noise = colored_noise(len(speech), "white", np.random.default_rng(1))
+    mixed = mix_at_snr(speech, noise, snr)
+    added = mixed - speech
+    measured = 10 * np.log10(active_power(speech) / np.mean(added.astype(np.float64) ** 2))
+    assert measured == pytest.approx(snr, abs=0.05)
+
+
+def test_babble_is_other_talkers_only():
+    voices = {i: np.full(4000, float(i + 1), np.float32) for i in range(4)}
+    speakers = ["a", "a", "b", "c"]
+    used: list[int] = []
+
+    def clip(i: int) -> np.ndarray:
+        used.append(i)
+        return voices[i] * np.sin(np.arange(4000) / 7.0).astype(np.float32)
+
+    source = BabbleSource(clip, speakers)
+    mixture = source(8000, 3, np.random.default_rng(0), exclude="a")
+    assert sorted(used) == [2, 3]  # only b and c; never the clip's own speaker a
+    assert np.mean(mixture.astype(np.float64) ** 2) == pytest.approx(1.0, rel=1e-3)
+    again = BabbleSource(clip, speakers)(8000, 3, np.random.default_rng(0), exclude="a")
+    np.testing.assert_array_equal(mixture, again)
+
+
+@pytest.mark.parametrize("law", ["mulaw", "alaw", "gsm"])
+def test_telephone_keeps_300_to_3400_hz_only(law):
+    x = colored_noise(4 * SR, "white", np.random.default_rng(2)) * 0.1
+    y = telephone(x, SR, law)
+    assert len(y) == len(x)
+    inside = band_power_db(y, 500, 3000)
+    assert band_power_db(y, 20, 150) < inside - 30
+    assert band_power_db(y, 4000, 8000) < inside - 30
+
+
+def test_g711_quantises_and_gsm_is_a_lossy_codec(speech):
+    narrow = band_limit(speech, SR, 300, 3400)
+    for law, (least, most) in {"mulaw": (20, 45), "gsm": (0, 20)}.items():
+        y = telephone(speech, SR, law)
+        error = y - narrow
+        snr = 10 * np.log10(np.mean(narrow**2) / np.mean(error**2))
+        assert least < snr < most, (law, snr)
+
+
+def test_lowpass_removes_everything_above_the_cutoff():
+    x = colored_noise(2 * SR, "white", np.random.default_rng(3))
+    y = lowpass(x, SR, 2000)
+    assert band_power_db(y, 2500, 8000) < band_power_db(y, 100, 1500) - 40
+
+
+def test_clipping_flattens_peaks_at_the_original_level(speech):
+    y = clip_peaks(speech, 12.0)
+    peak = np.max(np.abs(speech))
+    assert np.max(np.abs(y)) == pytest.approx(peak, rel=1e-5)
+    at_rail = np.mean(np.abs(y) >= peak * 0.999)
+    assert 0.01 < at_rail < 0.5
+    assert np.mean(np.abs(speech) >= peak * 0.999) < 0.001
+
+
+@pytest.mark.parametrize(("codec", "kbps"), [("mp3", 32.0), ("mp3", 16.0), ("opus", 12.0)])
+def test_codec_round_trip_runs_at_its_bitrate(speech, codec, kbps):
+    y, achieved = codec_roundtrip(speech, SR, codec, kbps)
+    assert len(y) == len(speech)
+    assert achieved == pytest.approx(kbps, rel=0.25)
+    # Still the same sentence (aligned within the codec's delay), but not the same samples.
+    lags = range(-2000, 2001, 1)
+    best = max(np.dot(np.roll(y, -lag), speech) for lag in lags) / np.dot(speech, speech)
+    assert best > 0.5
+    assert not np.allclose(y, speech, atol=1e-3)
+
+
+@pytest.mark.parametrize("rt60", [0.3, 0.8])
+def test_room_impulse_response_has_the_requested_rt60(rt60):
+    import pyroomacoustics as pra
+
+    rir = room_impulse_response(rt60, SR, np.random.default_rng(4))
+    measured = pra.experimental.measure_rt60(rir.samples, fs=SR)
+    assert measured == pytest.approx(rir.rt60, rel=1e-6)
+    assert rir.rt60 == pytest.approx(rt60, rel=0.2)
+
+
+def test_reverberation_keeps_length_and_level_and_smears_time(speech):
+    rir = room_impulse_response(0.8, SR, np.random.default_rng(5))
+    wet = reverberate(speech, rir.samples)
+    assert len(wet) == len(speech)
+    assert active_power(wet) == pytest.approx(active_power(speech), rel=1e-3)
+    # Energy spills past the end of speech: the last 0.1 s after a pause is no longer silent.
+    envelope = lambda x: np.convolve(x.astype(np.float64) ** 2, np.ones(800) / 800, "same")  # noqa: E731
+    assert np.corrcoef(envelope(wet), envelope(speech))[0, 1] < 0.95
+
+
+def test_room_bank_is_cached_as_plain_arrays(tmp_path):
+    bank = RoomBank((0.3, 0.5), 2, SR, seed=1, cache=tmp_path)
+    files = list(tmp_path.glob("rooms-*.npz"))
+    assert len(files) == 1
+    with np.load(files[0], allow_pickle=False) as data:
+        assert data["rt60s"].shape == (2,)
+    again = RoomBank((0.3, 0.5), 2, SR, seed=1, cache=tmp_path)
+    for a, b in zip(bank.rooms, again.rooms, strict=True):
+        np.testing.assert_array_equal(a.samples, b.samples)
+        assert a.rt60 == b.rt60
+
+
+def _chain(tmp_path, **changes) -> MultiCondition:
+    cfg = ConditionsConfig(**changes)
+    rooms = RoomBank((0.3, 0.6), 2, SR, cache=tmp_path)
+    voices = [colored_noise(SR, "pink", np.random.default_rng(i)) for i in range(4)]
+    babble = BabbleSource(lambda i: voices[i], ["x", "y", "z", "w"])
+    return MultiCondition(cfg, SR, babble=babble, rooms=rooms)
+
+
+def test_training_chain_is_deterministic_by_seed_and_degrades(tmp_path, speech):
+    chain = _chain(tmp_path, noise_prob=1.0, reverb_prob=1.0)
+    a = chain(speech, np.random.default_rng(7), "x")
+    b = chain(speech, np.random.default_rng(7), "x")
+    c = chain(speech, np.random.default_rng(8), "x")
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+    assert not np.allclose(a, speech)
+
+
+def test_disabled_chain_returns_the_clip(tmp_path, speech):
+    chain = _chain(tmp_path, enabled=False)
+    assert chain(speech, np.random.default_rng(0), "x") is speech
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("train.augment.conditions.snr_db=[30,0]", "snr_db"),
+        ("train.augment.conditions.noise_prob=1.5", "noise_prob"),
+        ("train.augment.conditions.rt60_s=[0.2,9.0]", "rt60_s"),
+        ("train.augment.conditions.noise_types=[white,violet]", "noise_types"),
+        ("train.augment.conditions.telephone_laws=[g729]", "telephone_laws"),
+        ("train.augment.conditions.mp3_kbps=[4,64]", "mp3_kbps"),
+    ],
+)
+def test_out_of_range_training_conditions_are_config_errors(override, key):
+    cfg = load_config(overrides=[override])
+    with pytest.raises(ConfigError, match=rf"train\.augment\.conditions\.{key}"):
+        check_conditions(cfg.train.augment.conditions)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("robustness.white_snr_db=[100]", "white_snr_db"),
+        ("robustness.telephone=[g729]", "telephone"),
+        ("robustness.rooms_per_level=0", "rooms_per_level"),
+    ],
+)
+def test_out_of_range_robustness_levels_are_config_errors(override, key):
+    cfg = load_config(overrides=[override])
+    with pytest.raises(ConfigError, match=rf"robustness\.{key}"):
+        robustness_suite(cfg.robustness)
+
+
+def test_suite_lists_clean_first_and_marks_the_reference_levels():
+    suite = robustness_suite(RobustnessConfig())
+    assert suite[0] == CLEAN
+    reference = {c.name for c in suite if c.is_reference}
+    assert reference == {
+        "white 10 dB SNR",
+        "babble 10 dB SNR",
+        "telephone mulaw",
+        "reverb 0.6 s RT60",
+        "mp3 32 kbit/s",
+    }
+
+
+def test_rendered_conditions_depend_only_on_seed_clip_and_condition(speech):
+    render = ConditionRenderer(RobustnessConfig(), SR)
+    condition = Condition("white", 10.0)
+    a = render(speech, condition, condition.rng(0, 3))
+    b = render(speech, condition, condition.rng(0, 3))
+    c = render(speech, condition, condition.rng(0, 4))
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
