@@ -304,7 +304,6 @@ def test_weight_averaging_exports_the_averaged_model(synth_prepared, tmp_path):
     [
         "train.average_last=1.0",
         "train.speaker_adversarial=-1",
-        "train.speaker_adversarial=0.5",  # with the default two-member ensemble
         "train.fit_splits=[val,test]",
         "model.ensemble=0",
     ],
@@ -315,6 +314,16 @@ def test_bad_training_options_are_config_errors(synth_prepared, tmp_path, overri
 
     cfg = load_config(overrides=tiny_overrides(synth_prepared, tmp_path, override))
     with pytest.raises(ConfigError, match=override.split("=")[0]):
+        check_config(cfg)
+
+
+def test_speaker_adversarial_with_an_ensemble_is_a_config_error(synth_prepared, tmp_path):
+    from kndcli.errors import ConfigError
+    from kndcli.training.train import check_config
+
+    extra = ("train.speaker_adversarial=0.5", "model.ensemble=2")
+    cfg = load_config(overrides=tiny_overrides(synth_prepared, tmp_path, *extra))
+    with pytest.raises(ConfigError, match="train.speaker_adversarial"):
         check_config(cfg)
 
 
