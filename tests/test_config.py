@@ -97,3 +97,20 @@ def test_config_show_prints_resolved_yaml():
     assert proc.returncode == 0
     assert "lr: 0.5" in proc.stdout
     assert "sample_rate: 16000" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["no-such-command"], "No such command 'no-such-command'"),
+        (["evaluate", "--no-such-flag"], "No such option: --no-such-flag"),
+        (["drift", "nope"], "No such command 'nope'"),
+    ],
+)
+def test_usage_errors_through_the_entry_point_exit_2_without_traceback(args, message):
+    knd = Path(sys.executable).parent / "knd"  # the installed console script
+    proc = subprocess.run([knd, *args], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Usage: knd" in proc.stderr
+    assert "Traceback" not in proc.stderr

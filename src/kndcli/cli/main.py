@@ -7,6 +7,9 @@ from typing import Annotated
 
 import typer
 
+# Typer vendors click: its usage errors are typer._click's classes, not click's.
+from typer._click.exceptions import ClickException
+
 from kndcli import __version__
 from kndcli.cli import (
     cloud,
@@ -76,10 +79,6 @@ def main() -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    except Exception as exc:  # click's usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+    except ClickException as exc:  # usage errors: the usage line, the problem, exit 2
+        exc.show()
+        sys.exit(exc.exit_code)
