@@ -186,3 +186,30 @@ def test_sweep_configurations_and_summary() -> None:
     summary = summarize(rows, "cpu")["configs"]["g"]
     assert summary["folds"] == [0, 1] and summary["accuracy"] == [70.0, 50.0]
     assert summary["accuracy_mean"] == 60.0 and summary["val_actors"] == 0
+
+
+def test_robustness_summary_pools_ece_over_folds_and_judges_the_reference_drop():
+    from bench.accuracy_cv import pooled_ece, summarize_robustness
+
+    def row(condition, family, accuracy, count, confidence, hits, reference=False):
+        return {
+            "condition": condition, "family": family, "level": None, "reference": reference,
+            "accuracy": accuracy, "macro_f1": accuracy, "uar": accuracy,
+            "bins": {"count": count, "confidence": confidence, "accuracy": hits},
+        }  # fmt: skip
+
+    folds = [
+        {"robustness": [row("clean", "clean", 0.7, [10, 0], [0.4, 0.0], [0.5, 0.0]),
+                        row("white 10 dB SNR", "white", 0.6, [10, 0], [0.5, 0], [0.5, 0], True)]},
+        {"robustness": [row("clean", "clean", 0.5, [0, 30], [0.0, 0.9], [0.0, 0.8]),
+                        row("white 10 dB SNR", "white", 0.5, [0, 30], [0, 0.8], [0, 0.8], True)]},
+    ]  # fmt: skip
+    # Clean: |5 - 4| over the first fold's 10 clips, |24 - 27| over the second's 30.
+    assert pooled_ece(folds[0]["robustness"][:1] + folds[1]["robustness"][:1]) == pytest.approx(
+        4 / 40
+    )
+    summary = summarize_robustness(folds)
+    white = summary["conditions"][1]
+    assert white["drop"] == pytest.approx(0.6 - 0.55) and white["ece"] == 0.0
+    drop, clean_ece, worst_ece = summary["figures"]
+    assert drop["met"] and not clean_ece["met"] and not worst_ece["met"]

@@ -19,7 +19,7 @@ import numpy as np
 
 from kndcli.audio import Audio, AudioError, AudioSource, audio_features, decode, speech_bounds
 from kndcli.cpus import usable_cpus
-from kndcli.errors import KndError
+from kndcli.errors import ConfigError, KndError
 from kndcli.inference.bundle import ONNX_FILE, Bundle, load_bundle
 from kndcli.inference.calibration import apply_temperature
 from kndcli.inference.windowing import make_windows
@@ -70,6 +70,12 @@ class Prediction:
 UNCERTAIN = "uncertain"
 
 
+def check_min_confidence(value: float) -> None:
+    """`inference.min_confidence` is a confidence in [0, 1): 1 would answer nothing."""
+    if not 0 <= value < 1:
+        raise ConfigError(f"key 'inference.min_confidence': a confidence in [0, 1), got {value}")
+
+
 class Predictor:
     """Scores clips with a bundle's model. Thread-safe: ONNX Runtime sessions are.
 
@@ -84,10 +90,7 @@ class Predictor:
         threads: int | None = None,
         min_confidence: float = 0.0,
     ) -> None:
-        if not 0 <= min_confidence < 1:
-            raise KndError(
-                f"key 'inference.min_confidence': a confidence in [0, 1), got {min_confidence}"
-            )
+        check_min_confidence(min_confidence)
         self.bundle = bundle
         self.temperature = bundle.temperature
         self.min_confidence = min_confidence

@@ -55,7 +55,8 @@ def robustness_report(
     """Evaluate clean and under each configured condition; `progress(name)` per condition."""
     indices = split_indices(predictor, prepared, split)
     scored = {prepared.rows[i]["speaker"] for i in indices}
-    babble = _babble_source(prepared, exclude=scored)
+    others = [i for i, row in enumerate(prepared.rows) if row["speaker"] not in scored]
+    babble = babble_source(prepared, others)
     render = ConditionRenderer(cfg, prepared.sample_rate, babble)
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
@@ -103,10 +104,16 @@ def _row(condition: Condition, result: Evaluation, clean: Evaluation) -> dict[st
     }
 
 
-def _babble_source(prepared: PreparedSet, exclude: set[str]) -> BabbleSource | None:
-    """Voices for babble from the prepared set's speakers that are not being scored."""
-    pool = [i for i, row in enumerate(prepared.rows) if row["speaker"] not in exclude]
-    if not pool:
+def babble_source(
+    prepared: PreparedSet, pool: list[int], min_speakers: int = 1
+) -> BabbleSource | None:
+    """Babble voices from these clips of the prepared set (silence trimmed), if enough talk.
+
+    Training draws on its own speakers (two at least: a clip's babble never holds its
+    own voice); the robustness report on the speakers it does not score.
+    """
+    speakers = [prepared.rows[i]["speaker"] for i in pool]
+    if len(set(speakers)) < min_speakers:
         return None
 
     def clip(k: int) -> np.ndarray:
@@ -114,7 +121,7 @@ def _babble_source(prepared: PreparedSet, exclude: set[str]) -> BabbleSource | N
         start, stop = speech_bounds(x, prepared.sample_rate)
         return x[start:stop]
 
-    return BabbleSource(clip, [prepared.rows[i]["speaker"] for i in pool])
+    return BabbleSource(clip, speakers)
 
 
 def save_report(report: RobustnessReport, out_dir: Path, title: str = "") -> list[Path]:

@@ -97,10 +97,9 @@ class ServeSettings(ServeConfig):
                 raise ConfigError(f"serve.{key}: invalid value {getattr(self, key)!r}")
         if self.backend not in ("onnx", "torch"):
             raise ConfigError(f"backend {self.backend!r}: choose 'onnx' or 'torch'")
-        if not 0 <= self.min_confidence < 1:
-            raise ConfigError(
-                f"key 'inference.min_confidence': a confidence in [0, 1), got {self.min_confidence}"
-            )
+        from kndcli.inference.predictor import check_min_confidence
+
+        check_min_confidence(self.min_confidence)  # before workers spawn and fail on it
 
     def token(self) -> str | None:
         """The bearer token prediction routes require, if any."""

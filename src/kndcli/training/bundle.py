@@ -90,8 +90,9 @@ def build_bundle(
         if prepared.indices(split):
             evaluations[split] = evaluate_predictor(predictor, prepared, split)
             save_evaluation(evaluations[split], run_dir / "eval")
+            summary = evaluations[split].summary()
             metrics[split] = {
-                k: evaluations[split].summary()[k]
+                k: summary[k]
                 for k in (
                     "n_clips",
                     "accuracy",

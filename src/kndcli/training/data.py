@@ -10,8 +10,8 @@ from torch.utils.data import DataLoader, Dataset
 from kndcli.audio import speech_bounds
 from kndcli.config import AugmentConfig, TrainConfig
 from kndcli.data.store import PreparedSet
+from kndcli.inference.robustness import babble_source
 from kndcli.inference.windowing import center_fit, repeat_fit
-from kndcli.perturb import BabbleSource
 from kndcli.perturb.multicondition import MultiCondition
 
 
@@ -113,15 +113,7 @@ def training_conditions(prepared: PreparedSet, cfg: TrainConfig) -> MultiConditi
     conditions = cfg.augment.conditions
     if not conditions.enabled:
         return None
-    indices = prepared.indices("train")
-
-    def clip(i: int) -> np.ndarray:
-        x = prepared.waveform(indices[i])
-        start, stop = speech_bounds(x, prepared.sample_rate)
-        return x[start:stop]
-
-    speakers = [prepared.rows[i]["speaker"] for i in indices]
-    babble = BabbleSource(clip, speakers) if len(set(speakers)) > 1 else None
+    babble = babble_source(prepared, prepared.indices("train"), min_speakers=2)
     chain = MultiCondition(conditions, prepared.sample_rate, babble=babble)
     if conditions.reverb_prob > 0:
         _ = chain.rooms  # build (or load) the room bank now, not in the first batch
