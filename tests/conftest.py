@@ -20,9 +20,12 @@ SHARED_RAVDESS = REPO.parent / "shared" / "data" / "ravdess"
 
 @pytest.fixture(scope="session")
 def ravdess_root() -> Path:
-    """The real RAVDESS actors beside the checkout (read-only)."""
+    """The real RAVDESS actors beside the checkout (read-only).
+
+    Missing data fails the tests that need it: a skip would hide that they never ran.
+    """
     if not SHARED_RAVDESS.is_dir():
-        pytest.skip(f"shared RAVDESS data not found at {SHARED_RAVDESS}")
+        pytest.fail(f"shared RAVDESS data not found at {SHARED_RAVDESS}: clone beside shared/")
     return SHARED_RAVDESS
 
 
