@@ -298,7 +298,7 @@ def fold_robustness(run_dir: Path, prepared: Path, cfg) -> list[dict]:
     from kndcli.inference.robustness import robustness_report, save_report
 
     report = robustness_report(
-        Predictor.from_bundle(run_dir), PreparedSet.open(prepared), "test", cfg.robustness
+        Predictor.from_config(run_dir), PreparedSet.open(prepared), "test", cfg.robustness
     )
     save_report(report, run_dir / "eval")
     return report.rows

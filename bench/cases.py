@@ -155,13 +155,11 @@ class Context:
 
 def untrained_bundle(out: Path) -> Path:
     """A complete bundle of the default model with random weights: same cost, no training."""
-    from dataclasses import asdict
-
     import numpy as np
 
     from kndcli.audio import Audio, audio_features
     from kndcli.config import LABELS, ModelConfig
-    from kndcli.inference.bundle import BUNDLE_JSON
+    from kndcli.inference.bundle import BUNDLE_JSON, BundleMeta
     from kndcli.models import build_model
     from kndcli.monitoring.reference import build_reference
     from kndcli.training.export import write_bundle
@@ -174,17 +172,16 @@ def untrained_bundle(out: Path) -> Path:
     clips = [0.1 * rng.standard_normal(48000).astype(np.float32) for _ in range(4)]
     feats = [audio_features(Audio(c, 16000, 16000, 1, "gen", 0.3, 0.0)) for c in clips]
     reference = build_reference(feats, ["happy"] * 4, feats, ["sad"] * 4, ["sad"] * 4, [0.5] * 4)
-    meta = {
-        "name": "bench-untrained",
-        "labels": list(LABELS),
-        "sample_rate": 16000,
-        "clip_seconds": 3.0,
-        "window_seconds": 3.0,
-        "hop_seconds": 1.5,
-        "trim_silence": True,
-        "model": asdict(cfg),
-        "metrics": {},
-    }
+    meta = BundleMeta(
+        name="bench-untrained",
+        labels=list(LABELS),
+        sample_rate=16000,
+        clip_seconds=3.0,
+        window_seconds=3.0,
+        hop_seconds=1.5,
+        trim_silence=True,
+        model=cfg,
+    )
     return write_bundle(model, out, meta, np.stack(clips[:2]), reference=reference)
 
 
@@ -213,7 +210,7 @@ def bench_prepare(ctx: Context) -> BenchResult:
                         "ravdess",
                         "--raw",
                         str(raw),
-                        "--out",
+                        "--prepared",
                         str(out),
                     ]
                 )
@@ -358,7 +355,10 @@ def bench_predict_dir(ctx: Context) -> BenchResult:
     _read_all(clips)
     knd_rates = []
     for _ in range(ctx.reps):
-        seconds = timed_run([*knd_command(), "predict", "--model", str(bundle), "--json", str(raw)])
+        # --jsonl streams one object per file, as --json did before it became one document.
+        seconds = timed_run(
+            [*knd_command(), "predict", "--model", str(bundle), "--jsonl", str(raw)]
+        )
         knd_rates.append(len(clips) / seconds)
     subset = [str(p) for p in ctx.all_clips()[:: 960 // (2 if ctx.quick else 10)]]
     out = subprocess.run(
@@ -386,7 +386,7 @@ def bench_predict_dir(ctx: Context) -> BenchResult:
         ],
         details={
             "clips": len(clips),
-            "output": "--json to /dev/null",
+            "output": "--jsonl to /dev/null",
             "bundle": ctx.bundle_note,
             "baseline_seconds_per_clip": per_clip,
         },

@@ -82,7 +82,9 @@ def main(records: int = 10_000, seed: int = 0) -> dict[str, Any]:
         import evidently  # noqa: F401  (timed on its own: a cold import dominates one run)
 
         import_s = time.perf_counter() - t0
-        from kndcli.monitoring.drift import analyze_drift, read_log, write_report
+        from kndcli.monitoring.drift import write_report
+        from kndcli.monitoring.inputs import read_log
+        from kndcli.monitoring.verdict import analyze_drift
 
         cfg = DriftConfig()
         t0 = time.perf_counter()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +69,7 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained but complete bundle (ONNX, safetensors, reference): fast to build."""
     from kndcli.audio import Audio, audio_features
     from kndcli.config import LABELS, ModelConfig
+    from kndcli.inference.bundle import BundleMeta
     from kndcli.models import build_model
     from kndcli.monitoring.reference import build_reference
     from kndcli.training.export import write_bundle
@@ -84,17 +84,16 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ]
     feats = [audio_features(Audio(c, 16000, 16000, 1, "gen", 0.3, 0.0)) for c in clips]
     reference = build_reference(feats, ["happy"] * 4, feats, ["sad"] * 4, ["sad"] * 4, [0.5] * 4)
-    meta = {
-        "name": "tiny",
-        "labels": list(LABELS),
-        "sample_rate": 16000,
-        "clip_seconds": 2.0,
-        "window_seconds": 2.0,
-        "hop_seconds": 1.0,
-        "trim_silence": True,
-        "model": asdict(cfg),
-        "metrics": {},
-    }
+    meta = BundleMeta(
+        name="tiny",
+        labels=list(LABELS),
+        sample_rate=16000,
+        clip_seconds=2.0,
+        window_seconds=2.0,
+        hop_seconds=1.0,
+        trim_silence=True,
+        model=cfg,
+    )
     return write_bundle(model, out, meta, np.stack(clips[:2]), reference=reference)
 
 
@@ -142,11 +141,10 @@ def ravdess_clips(root: Path, actors: range | list[int]) -> list[Path]:
 def drift_bundle(tiny_bundle: Path, ravdess_root: Path, tmp_path_factory) -> Path:
     """A copy of `tiny_bundle` whose reference is real speech: features of RAVDESS actors
     01-10 (train rows) and the model's predictions on actors 11-12 (val rows)."""
-    import json
     import shutil
 
     from kndcli.audio import audio_features, decode
-    from kndcli.inference.bundle import BUNDLE_JSON, REFERENCE_FILE, write_bundle_json
+    from kndcli.inference.bundle import REFERENCE_FILE, update_bundle
     from kndcli.inference.predictor import Predictor
     from kndcli.monitoring.reference import build_reference
 
@@ -156,7 +154,7 @@ def drift_bundle(tiny_bundle: Path, ravdess_root: Path, tmp_path_factory) -> Pat
     train_feats = [audio_features(decode(p)) for p in train]
     val = [
         p
-        for p in Predictor.from_bundle(root).predict_paths(
+        for p in Predictor.from_config(root).predict_paths(
             ravdess_clips(ravdess_root, [11, 12]), features=True
         )
         if p.ok
@@ -170,6 +168,5 @@ def drift_bundle(tiny_bundle: Path, ravdess_root: Path, tmp_path_factory) -> Pat
         [p.confidence for p in val],
     )
     reference.to_parquet(root / REFERENCE_FILE, index=False)
-    meta = json.loads((root / BUNDLE_JSON).read_text())
-    write_bundle_json(root, meta, list(meta["files"]))
+    update_bundle(root, {})  # re-hash: the reference file changed
     return root

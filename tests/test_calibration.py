@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from kndcli.config import InferenceConfig
 from kndcli.inference.bundle import BUNDLE_JSON, load_bundle, update_bundle
 from kndcli.inference.calibration import (
     apply_temperature,
@@ -77,8 +78,8 @@ def calibrated_bundle(tiny_bundle: Path, tmp_path: Path) -> Path:
 
 def test_predictor_applies_the_bundle_temperature(tiny_bundle, calibrated_bundle, wav_factory):
     clip = wav_factory("a.wav", seconds=2.5, freq=180)
-    raw = next(Predictor.from_bundle(tiny_bundle).predict_paths([clip]))
-    sharp = next(Predictor.from_bundle(calibrated_bundle).predict_paths([clip]))
+    raw = next(Predictor.from_config(tiny_bundle).predict_paths([clip]))
+    sharp = next(Predictor.from_config(calibrated_bundle).predict_paths([clip]))
     labels = list(raw.probabilities)
     expected = apply_temperature(np.array([[raw.probabilities[k] for k in labels]]), 0.25)[0]
     got = np.array([sharp.probabilities[k] for k in labels])
@@ -102,7 +103,7 @@ def test_min_confidence_out_of_range_is_refused(tiny_bundle):
     from kndcli.errors import KndError
 
     with pytest.raises(KndError, match="inference.min_confidence"):
-        Predictor.from_bundle(tiny_bundle, min_confidence=1.5)
+        Predictor.from_config(tiny_bundle, InferenceConfig(min_confidence=1.5))
 
 
 def test_knd_predict_answers_uncertain_below_the_threshold(calibrated_bundle, wav_factory):
@@ -115,7 +116,7 @@ def test_knd_predict_answers_uncertain_below_the_threshold(calibrated_bundle, wa
         text=True,
         check=True,
     )
-    answer, refused = json.loads(loose.stdout), json.loads(strict.stdout)
+    answer, refused = (json.loads(p.stdout)["predictions"][0] for p in (loose, strict))
     assert answer["label"] != UNCERTAIN
     assert refused["label"] == UNCERTAIN
     assert refused["probabilities"] == answer["probabilities"]

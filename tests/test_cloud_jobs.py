@@ -10,11 +10,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from gcp_fake import FakeGoogle, error_body
+from kndcli.cli import options as opt
+from kndcli.cli.cloud import Project, forwarded_overrides
 from kndcli.cli.main import app
 from kndcli.cloud import jobs
+from kndcli.config import CloudConfig, parse_duration
+from kndcli.errors import ConfigError, KndError, UsageError
 
 JOBS = r"/v1/projects/p1/locations/europe-west4/customJobs"
 JOB = r"/v1/projects/p1/locations/europe-west4/customJobs/(\d+)"
@@ -82,7 +87,7 @@ def test_submit_sends_the_custom_job(fake: FakeGoogle, tmp_path) -> None:
         *BASE_ARGS,
         "--config",
         str(cfg),
-        "--image",
+        "--train-image",
         "europe-docker.pkg.dev/p1/knd/train:abc",
         "--machine",
         "g2-standard-24",
@@ -103,6 +108,7 @@ def test_submit_sends_the_custom_job(fake: FakeGoogle, tmp_path) -> None:
         "team=speech",
         "--env",
         "WANDB_MODE=offline",
+        "--set",
         "train.trainer.max_epochs=5",
     ]
     result = CliRunner().invoke(app, args)
@@ -124,7 +130,9 @@ def test_submit_sends_the_custom_job(fake: FakeGoogle, tmp_path) -> None:
         "train",
         "--config",
         str(cfg),
+        "--set",
         "train.trainer.max_epochs=5",
+        "--set",
         "train.trainer.num_nodes=3",
     ]
     assert container["env"] == [{"name": "WANDB_MODE", "value": "offline"}]
@@ -140,7 +148,7 @@ def test_submit_sends_the_custom_job(fake: FakeGoogle, tmp_path) -> None:
 
 def test_single_node_on_demand_has_one_pool_and_no_strategy(fake: FakeGoogle) -> None:
     _created(fake)
-    result = CliRunner().invoke(app, [*BASE_ARGS, "--image", "img"])
+    result = CliRunner().invoke(app, [*BASE_ARGS, "--train-image", "img"])
     assert result.exit_code == 0, result.output
     [call] = fake.calls("POST", JOBS)
     spec = call.body["jobSpec"]
@@ -170,7 +178,7 @@ def test_defaults_come_from_config_and_environment(fake: FakeGoogle, tmp_path, m
 
 
 def test_dry_run_prints_the_request_and_calls_nothing(fake: FakeGoogle) -> None:
-    args = [*BASE_ARGS, "--image", "img", "--spot", "--replicas", "2", "--dry-run"]
+    args = [*BASE_ARGS, "--train-image", "img", "--spot", "--replicas", "2", "--dry-run"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     request = json.loads(result.output)
@@ -183,7 +191,9 @@ def test_dry_run_prints_the_request_and_calls_nothing(fake: FakeGoogle) -> None:
 def test_wait_polls_until_the_job_ends(fake: FakeGoogle) -> None:
     _created(fake)
     _states(fake, ["JOB_STATE_PENDING", "JOB_STATE_RUNNING", "JOB_STATE_SUCCEEDED"])
-    result = CliRunner().invoke(app, [*BASE_ARGS, "--image", "img", "--wait", "--poll", "0.01"])
+    result = CliRunner().invoke(
+        app, [*BASE_ARGS, "--train-image", "img", "--wait", "--poll", "0.01"]
+    )
     assert result.exit_code == 0, result.output
     assert len(fake.calls("GET", JOB)) == 3
     assert "JOB_STATE_RUNNING" in result.output
@@ -193,8 +203,11 @@ def test_wait_polls_until_the_job_ends(fake: FakeGoogle) -> None:
 def test_wait_reports_a_failed_job(fake: FakeGoogle) -> None:
     _created(fake)
     _states(fake, ["JOB_STATE_FAILED"], error={"code": 13, "message": "CUDA out of memory"})
-    result = CliRunner().invoke(app, [*BASE_ARGS, "--image", "img", "--wait", "--poll", "0.01"])
-    assert isinstance(result.exception, jobs.KndError)
+    result = CliRunner().invoke(
+        app, [*BASE_ARGS, "--train-image", "img", "--wait", "--poll", "0.01"]
+    )
+    assert isinstance(result.exception, KndError)
+    assert result.exception.exit_code == 3
     assert "JOB_STATE_FAILED" in str(result.exception)
     assert "CUDA out of memory" in str(result.exception)
 
@@ -210,7 +223,7 @@ def test_wait_reports_a_failed_job(fake: FakeGoogle) -> None:
 )
 def test_google_errors_become_one_line(fake: FakeGoogle, code: int, words: str) -> None:
     fake.reply("POST", JOBS, code, error_body(code, "the fake says no"))
-    result = CliRunner().invoke(app, [*BASE_ARGS, "--image", "img"])
+    result = CliRunner().invoke(app, [*BASE_ARGS, "--train-image", "img"])
     assert result.exception.exit_code == 3
     message = str(result.exception)
     assert words in message
@@ -224,7 +237,7 @@ def test_error_through_the_entry_point_is_one_line(fake: FakeGoogle) -> None:
     env = {**os.environ, "KND_VERTEX_ENDPOINT": fake.endpoint}
     knd = Path(sys.executable).parent / "knd"
     proc = subprocess.run(
-        [str(knd), *BASE_ARGS, "--image", "img"],
+        [str(knd), *BASE_ARGS, "--train-image", "img"],
         capture_output=True,
         text=True,
         env=env,
@@ -255,27 +268,156 @@ def test_status_of_a_bare_job_id(fake: FakeGoogle) -> None:
     assert json.loads(result.output)["state"] == "JOB_STATE_QUEUED"
 
 
+def test_dry_run_forwards_config_files_and_sets(fake: FakeGoogle, tmp_path) -> None:
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text("train:\n  trainer:\n    max_epochs: 3\n")
+    args = [
+        *BASE_ARGS,
+        "--train-image",
+        "img",
+        "--replicas",
+        "2",
+        "-c",
+        str(cfg),
+        "--set",
+        "train.trainer.num_nodes=2",
+        "--set",
+        "data.prepared=gs://b/prepared",
+        "--dry-run",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    pools = json.loads(result.output)["customJob"]["jobSpec"]["workerPoolSpecs"]
+    # The user's num_nodes is not said twice; the remote run gets the same files and sets.
+    assert pools[0]["containerSpec"]["args"] == [
+        "train",
+        "--config",
+        str(cfg),
+        "--set",
+        "train.trainer.num_nodes=2",
+        "--set",
+        "data.prepared=gs://b/prepared",
+    ]
+    assert pools[1]["containerSpec"]["args"] == pools[0]["containerSpec"]["args"]
+    assert fake.requests == []
+
+
+def test_keyed_flags_outside_cloud_are_forwarded_as_sets() -> None:
+    """A flag that sets a non-cloud key reaches the remote `knd train` as --set."""
+    seen: list[list[str]] = []
+    probe = typer.Typer()
+
+    @probe.command()
+    def run(
+        ctx: typer.Context,
+        project: Project = None,
+        prepared: opt.Prepared = None,
+        sets: opt.Sets = None,
+    ) -> None:
+        seen.append(forwarded_overrides(ctx))
+
+    args = ["--project", "p1", "--prepared", "gs://b/set", "--set", "train.seed=7"]
+    result = CliRunner().invoke(probe, args)
+    assert result.exit_code == 0, result.output
+    assert seen == [["train.seed=7", "data.prepared=gs://b/set"]]
+
+
+def test_print_config_shows_what_the_job_would_use(fake: FakeGoogle) -> None:
+    args = [*BASE_ARGS, "--machine", "g2-standard-8", "--spot", "--print-config"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "machine: g2-standard-8" in result.output
+    assert "spot: true" in result.output
+    assert "project: p1" in result.output
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize(
+    ("flags", "key"),
+    [
+        (["--timeout", "12hours"], "cloud.timeout"),
+        (["--replicas", "0"], "cloud.replicas"),
+        (["--accelerator-count", "-1"], "cloud.accelerator_count"),
+        (["--accelerator", "NVIDIA_FOO"], "cloud.accelerator"),
+        (["--accelerator", "nvidia-l4"], "cloud.accelerator"),
+        (["--accelerator-count", "2"], "cloud.accelerator_count"),
+        (["--base-output-dir", "/local/runs"], "cloud.base_output_dir"),
+        (["--set", "cloud.machin=x"], "cloud.machin"),
+    ],
+)
+def test_bad_cloud_values_are_usage_errors_naming_the_key(
+    fake: FakeGoogle, flags: list[str], key: str
+) -> None:
+    result = CliRunner().invoke(app, [*BASE_ARGS, "--train-image", "img", *flags, "--dry-run"])
+    assert isinstance(result.exception, ConfigError), result.output
+    assert result.exception.exit_code == 2
+    assert key in str(result.exception)
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--label", "team"], "--label 'team' is not of the form KEY=VALUE"),
+        (["--label", "Team=x"], "--label Team"),
+        (["--env", "=x"], "--env '=x'"),
+        (["--env", "1BAD=x"], "--env '1BAD'"),
+    ],
+)
+def test_bad_labels_and_env_are_usage_errors(
+    fake: FakeGoogle, flags: list[str], words: str
+) -> None:
+    result = CliRunner().invoke(app, [*BASE_ARGS, "--train-image", "img", *flags])
+    assert isinstance(result.exception, UsageError), result.output
+    assert result.exception.exit_code == 2
+    assert words in str(result.exception)
+    assert fake.requests == []
+
+
+BAD_TIMEOUT = ["--timeout", "12hours", "--dry-run"]
+
+
+def test_usage_error_through_the_entry_point_is_exit_2() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("KND_PROJECT", "KND_REGION")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "kndcli", *BASE_ARGS, "--train-image", "img", *BAD_TIMEOUT],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "cloud.timeout" in proc.stderr and "12hours" in proc.stderr
+    assert proc.stdout == ""
+
+
 @pytest.mark.parametrize(
     ("change", "words"),
     [
-        ({"image": ""}, "no training image"),
+        ({"train_image": ""}, "no training image"),
         ({"project": ""}, "no Google Cloud project"),
-        ({"replicas": 0}, "--replicas"),
-        ({"accelerator_count": 2}, "needs --accelerator"),
+        ({"region": ""}, "no region"),
+        ({"accelerator_count": 2}, "needs cloud.accelerator"),
         ({"base_output_dir": "/local"}, "gs://"),
-        ({"labels": {"Team": "x"}}, "label Team"),
-        ({"timeout": "soon"}, "timeout 'soon'"),
+        ({"timeout": "soon"}, "cloud.timeout"),
     ],
 )
 def test_bad_options_name_the_problem(change: dict, words: str) -> None:
-    opts = jobs.JobOptions(project="p", region="r", image="img", display_name="d")
-    for key, value in change.items():
-        setattr(opts, key, value)
-    with pytest.raises(jobs.KndError, match=words):
+    cloud = CloudConfig(**{"project": "p", "region": "r", "train_image": "img", **change})
+    opts = jobs.JobOptions(cloud=cloud, display_name="d")
+    with pytest.raises(ConfigError, match=words):
         jobs.build_custom_job(opts)
 
 
+def test_missing_project_through_the_cli_is_exit_2(fake: FakeGoogle) -> None:
+    result = CliRunner().invoke(app, ["cloud", "submit", "--train-image", "img"])
+    assert isinstance(result.exception, ConfigError)
+    assert "--project" in str(result.exception)
+
+
 def test_durations() -> None:
-    assert jobs.parse_duration("90m") == 5400
-    assert jobs.parse_duration("2d") == 172800
-    assert jobs.parse_duration("3600") == 3600
+    assert parse_duration("90m") == 5400
+    assert parse_duration("2d") == 172800
+    assert parse_duration("3600") == 3600
+    with pytest.raises(ConfigError, match="cloud.timeout"):
+        parse_duration("12hours")

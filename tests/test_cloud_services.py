@@ -4,6 +4,9 @@ loopback fake that records the requests and runs the long-running operation."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -11,7 +14,8 @@ from typer.testing import CliRunner
 from gcp_fake import FakeGoogle, error_body
 from kndcli.cli.main import app
 from kndcli.cloud import services
-from kndcli.errors import KndError
+from kndcli.config import CloudConfig, load_config
+from kndcli.errors import ConfigError, KndError, UsageError
 
 NAME = "projects/p1/locations/europe-west1/services/emotions"
 SERVICE = f"/v2/{NAME}"
@@ -26,7 +30,7 @@ BASE_ARGS = [
     "europe-west1",
     "--service",
     "emotions",
-    "--image",
+    "--serve-image",
     "europe-docker.pkg.dev/p1/knd/serve:abc",
 ]
 POLLS_BEFORE_DONE = 2
@@ -111,7 +115,7 @@ def test_deploy_creates_or_updates_in_one_call_and_waits(fake: FakeGoogle) -> No
         "20",
         "--concurrency",
         "16",
-        "--timeout",
+        "--request-timeout",
         "120",
         "--service-account",
         "serve@p1.iam.gserviceaccount.com",
@@ -174,36 +178,139 @@ def test_allow_unauthenticated_adds_the_invoker_binding(fake: FakeGoogle) -> Non
     assert revoked == [owner]
 
 
-def test_config_log_sink_used_only_when_durable(tmp_path) -> None:
-    from kndcli.config import load_config
-
+def test_config_log_sink_used_only_when_durable() -> None:
     cfg = load_config(overrides=["serve.log_sink=gs://logs/knd", "cloud.serve_image=img"])
-    opts = services.service_options(cfg.cloud, log_sink_default=cfg.serve.log_sink, project="p")
+    cfg.cloud.project = "p"
+    opts = services.service_options(cfg)
     assert opts.log_sink == "gs://logs/knd"
-    cfg = load_config(overrides=["cloud.serve_image=img"])  # predictions.sqlite: local disk
-    opts = services.service_options(cfg.cloud, log_sink_default=cfg.serve.log_sink, project="p")
-    assert opts.log_sink == ""
+    cfg = load_config(overrides=["cloud.serve_image=img"])  # predictions.sqlite: the image's
+    cfg.cloud.project = "p"
+    opts = services.service_options(cfg)
+    assert opts.log_sink == "" and opts.model == ""
     names = [e["name"] for e in services.build_service(opts)["template"]["containers"][0]["env"]]
-    assert "KND_LOG_SINK" not in names
+    assert "KND_LOG_SINK" not in names and "KND_MODEL" not in names
+
+
+def test_a_local_log_sink_is_refused() -> None:
+    cfg = load_config(overrides=["serve.log_sink=logs/predictions.sqlite"])
+    with pytest.raises(ConfigError, match="serve.log_sink.*gs://BUCKET/PREFIX"):
+        services.service_options(cfg)
 
 
 def test_failed_rollout_is_an_error(fake: FakeGoogle) -> None:
     _run_service_api(fake, ready=False)
     result = CliRunner().invoke(app, BASE_ARGS)
     assert isinstance(result.exception, KndError)
+    assert result.exception.exit_code == 3
     assert "startup probe on /ready" in str(result.exception)
 
 
 def test_dry_run_prints_the_request_and_calls_nothing(fake: FakeGoogle) -> None:
     result = CliRunner().invoke(app, [*BASE_ARGS, "--dry-run"])
     assert result.exit_code == 0, result.output
-    request = json.loads(result.output)
+    document = json.loads(result.output)
+    assert set(document) == {"service"}  # IAM is left alone: no policy request
+    request = document["service"]
     assert request["allowMissing"] is True
     assert request["service"]["name"] == NAME
     assert request["service"]["template"]["containers"][0]["startupProbe"]["httpGet"] == {
         "path": "/ready",
         "port": 8080,
     }
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize(
+    ("flag", "action"),
+    [("--allow-unauthenticated", "ADD"), ("--no-allow-unauthenticated", "REMOVE")],
+)
+def test_dry_run_shows_the_iam_change(fake: FakeGoogle, flag: str, action: str) -> None:
+    result = CliRunner().invoke(app, [*BASE_ARGS, flag, "--dry-run"])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.output)
+    assert document["service"]["service"]["name"] == NAME
+    assert document["iam"] == {
+        "method": "setIamPolicy",
+        "resource": NAME,
+        "policyDelta": {
+            "bindingDeltas": [{"action": action, "role": "roles/run.invoker", "member": "allUsers"}]
+        },
+    }
+    assert fake.requests == []
+
+
+def test_dry_run_with_model_and_config(fake: FakeGoogle, tmp_path) -> None:
+    cfg = tmp_path / "deploy.yaml"
+    cfg.write_text("cloud:\n  cpu: '4'\n  memory: 8Gi\nserve:\n  log_sink: gs://logs/p\n")
+    args = [
+        *BASE_ARGS,
+        "-c",
+        str(cfg),
+        "-m",
+        "/opt/knd-image/models/exp1",
+        "--set",
+        "cloud.concurrency=8",
+    ]
+    result = CliRunner().invoke(app, [*args, "--dry-run"])
+    assert result.exit_code == 0, result.output
+    template = json.loads(result.output)["service"]["service"]["template"]
+    [container] = template["containers"]
+    assert container["resources"]["limits"] == {"cpu": "4", "memory": "8Gi"}
+    assert template["maxInstanceRequestConcurrency"] == 8
+    env = _env(container)
+    assert env["KND_MODEL"] == "/opt/knd-image/models/exp1"  # a path inside the image, verbatim
+    assert env["KND_LOG_SINK"] == "gs://logs/p"
+    assert "volumes" not in template or template["volumes"] == []
+
+
+@pytest.mark.parametrize("model", ["models/exp1", "./bundle", "LOCAL_ABSOLUTE"])
+def test_a_local_model_is_refused(fake: FakeGoogle, tmp_path, model: str) -> None:
+    if model == "LOCAL_ABSOLUTE":
+        model = str(tmp_path)  # absolute, but it exists on this machine
+    result = CliRunner().invoke(app, [*BASE_ARGS, "--model", model, "--dry-run"])
+    assert isinstance(result.exception, UsageError), result.output
+    message = str(result.exception)
+    assert f"--model {model} is a path on this machine" in message
+    assert "gsutil cp -r" in message and "absolute path" in message
+    assert fake.requests == []
+
+
+def test_a_local_model_through_the_entry_point_is_exit_2(tmp_path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("KND_PROJECT", "KND_REGION")}
+    args = [*BASE_ARGS, "--model", "models/exp1", "--dry-run"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "kndcli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: --model models/exp1 is a path on this machine")
+    assert "gsutil cp -r models/exp1 gs://BUCKET/" in proc.stderr
+    assert proc.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("flags", "key"),
+    [
+        (["--memory", "2GB"], "cloud.memory"),
+        (["--cpu", "3"], "cloud.cpu"),
+        (["--concurrency", "0"], "cloud.concurrency"),
+        (["--request-timeout", "7200"], "cloud.request_timeout_s"),
+        (["--min-instances", "5", "--max-instances", "2"], "cloud.max_instances"),
+        (["--service", "Bad_Name"], "cloud.service"),
+        (["--log-sink", "/var/log/p.sqlite"], "serve.log_sink"),
+    ],
+)
+def test_bad_values_are_usage_errors_naming_the_key(
+    fake: FakeGoogle, flags: list[str], key: str
+) -> None:
+    result = CliRunner().invoke(app, [*BASE_ARGS, *flags, "--dry-run"])
+    assert isinstance(result.exception, ConfigError), result.output
+    assert result.exception.exit_code == 2
+    assert key in str(result.exception)
     assert fake.requests == []
 
 
@@ -240,19 +347,24 @@ def test_status_of_a_missing_service_is_one_line(fake: FakeGoogle) -> None:
 
 
 @pytest.mark.parametrize(
-    ("change", "words"),
+    ("change", "error", "words"),
     [
-        ({"image": ""}, "no serve image"),
-        ({"service": "Bad_Name"}, "service name"),
-        ({"min_instances": 5, "max_instances": 2}, "exceeds"),
-        ({"concurrency": 0}, "--concurrency"),
-        ({"env": {"PORT": "9000"}}, "set by Cloud Run"),
-        ({"model": "gs://"}, "gs://bucket/path"),
+        ({"cloud": {"serve_image": ""}}, ConfigError, "no serve image"),
+        ({"cloud": {"project": ""}}, ConfigError, "no Google Cloud project"),
+        ({"cloud": {"service": "Bad_Name"}}, ConfigError, "cloud.service"),
+        ({"env": {"PORT": "9000"}}, UsageError, "set by Cloud Run"),
+        ({"env": {"1BAD": "x"}}, UsageError, "--env '1BAD'"),
+        ({"labels": {"Team": "x"}}, UsageError, "--label Team"),
+        ({"model": "gs://"}, UsageError, "gs://bucket/path"),
+        ({"model": "models/exp1"}, UsageError, "path on this machine"),
+        ({"log_sink": "predictions.sqlite"}, ConfigError, "serve.log_sink"),
     ],
 )
-def test_bad_options_name_the_problem(change: dict, words: str) -> None:
-    opts = services.ServiceOptions(project="p", region="r", service="knd", image="img")
-    for key, value in change.items():
-        setattr(opts, key, value)
-    with pytest.raises(KndError, match=words):
+def test_bad_options_name_the_problem(change: dict, error: type, words: str) -> None:
+    cloud = CloudConfig(
+        **{"project": "p", "region": "r", "service": "knd", "serve_image": "img"}
+        | change.pop("cloud", {})
+    )
+    opts = services.ServiceOptions(cloud=cloud, **change)
+    with pytest.raises(error, match=words):
         services.build_service(opts)

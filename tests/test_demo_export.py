@@ -46,20 +46,32 @@ def test_reexport_keeps_parity_and_files(demo_result, tmp_path):
 
 def test_int8_export_is_smaller_and_reports_the_change(demo_result, tmp_path):
     out = tmp_path / "q"
-    report = export_bundle(demo_result.bundle, out, quantize="int8", data=demo_result.prepared)
+    report = export_bundle(
+        demo_result.bundle, out, quantize="int8", data=demo_result.prepared, force=True
+    )
     assert report["size_after"] < report["size_before"]
+    assert report["kept"] and {"accuracy_before", "ms_per_clip_after"} <= set(report)
     assert 0 <= report["accuracy_after"] <= 1
     assert load_bundle(out).meta["export"]["quantize"] == "int8"
 
 
 def test_export_cli_rejects_unknown_format(demo_result):
     proc = subprocess.run(
-        [sys.executable, "-m", "kndcli", "export", str(demo_result.bundle), "--format", "tflite"],
+        [
+            sys.executable,
+            "-m",
+            "kndcli",
+            "export",
+            "-m",
+            str(demo_result.bundle),
+            "--format",
+            "tflite",
+        ],
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "only onnx is supported" in proc.stderr
 
 

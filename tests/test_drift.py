@@ -21,17 +21,10 @@ from typer.testing import CliRunner
 from conftest import ravdess_clips
 from kndcli.cli.main import app
 from kndcli.config import DriftConfig
-from kndcli.monitoring.drift import (
-    CANNOT_JUDGE,
-    DRIFT,
-    OK,
-    analyze_drift,
-    cached_report_html,
-    categorical_drift,
-    clear_report_cache,
-    numeric_drift,
-    parse_since,
-)
+from kndcli.monitoring.drift_stats import categorical_drift, numeric_drift
+from kndcli.monitoring.inputs import parse_since
+from kndcli.monitoring.report_cache import cached_report_html, clear_report_cache
+from kndcli.monitoring.verdict import CANNOT_JUDGE, DRIFT, OK, analyze_drift
 
 CURRENT_ACTORS = [13, 14]
 runner = CliRunner()
@@ -78,7 +71,7 @@ def _fill_log(bundle: Path, folder: Path, db: Path, minutes_ago: float = 5.0) ->
     from kndcli.inference.predictor import Predictor
     from kndcli.monitoring.predlog import open_log, prediction_record
 
-    predictor = Predictor.from_bundle(bundle)
+    predictor = Predictor.from_config(bundle)
     ts = (datetime.now(UTC) - timedelta(minutes=minutes_ago)).isoformat()
     records = [
         prediction_record(
@@ -109,21 +102,18 @@ def _check(*args: str) -> tuple[int, dict]:
 
 def test_constant_reference_feature_gives_share_not_nan() -> None:
     reference = np.zeros(200)
-    test, stat, p, distance, drifted, severe = numeric_drift(
-        reference, np.r_[np.zeros(90), np.full(10, 0.2)], 0.05, 0.25, 0.9
-    )
-    assert test == "share outside constant reference"
-    assert stat == pytest.approx(0.1) and not drifted and distance is None
-    _, stat, p, _, drifted, severe = numeric_drift(reference, np.full(50, 0.2), 0.05, 0.25, 0.9)
-    assert stat == 1.0 and p < 1e-6 and drifted and severe
+    some = numeric_drift(reference, np.r_[np.zeros(90), np.full(10, 0.2)], 0.05, 0.25, 0.9)
+    assert some.test == "share outside constant reference"
+    assert some.statistic == pytest.approx(0.1) and not some.drifted and some.distance is None
+    every = numeric_drift(reference, np.full(50, 0.2), 0.05, 0.25, 0.9)
+    assert every.statistic == 1.0 and every.p_value < 1e-6 and every.drifted and every.severe
 
 
 def test_unseen_category_counts_fully() -> None:
-    test, tvd, p, psi, drifted, severe, note = categorical_drift(
-        [48000.0] * 300, [8000.0] * 60, 0.05, 0.25, 0.9
-    )
-    assert test == "chi-square" and tvd == 1.0 and p < 1e-6 and drifted and severe
-    assert "8000" in note and psi > 1
+    outcome = categorical_drift([48000.0] * 300, [8000.0] * 60, 0.05, 0.25, 0.9)
+    assert outcome.test == "chi-square" and outcome.statistic == 1.0 and outcome.p_value < 1e-6
+    assert outcome.drifted and outcome.severe
+    assert "8000" in outcome.note and outcome.distance is not None and outcome.distance > 1
 
 
 def test_parse_since() -> None:
@@ -141,7 +131,7 @@ def test_too_few_samples_cannot_judge(drift_bundle: Path) -> None:
     reference = pd.read_parquet(drift_bundle / "reference.parquet")
     few = reference[reference["source"] == "val"].head(5)
     result = analyze_drift(reference, few, DriftConfig(min_samples=30))
-    assert result.verdict == CANNOT_JUDGE and result.exit_code == 2
+    assert result.verdict == CANNOT_JUDGE and result.exit_code == 4
     assert "only 5 current samples" in result.reason and "30" in result.reason
 
 
@@ -170,7 +160,7 @@ def test_telephone_audio_is_flagged_through_sqlite_log(
     drift_bundle: Path, variant, tmp_path: Path
 ) -> None:
     db = _fill_log(drift_bundle, variant("telephone"), tmp_path / "predictions.sqlite")
-    code, summary = _check("--model", drift_bundle, "--log", db, "--since", "1h")
+    code, summary = _check("--model", drift_bundle, "--log-sink", db, "--since", "1h")
     assert code == 1 and summary["current_rows"] == 120
     drifted = set(summary["drifted_columns"])
     assert {"spectral_rolloff_hz", "spectral_centroid_hz", "sample_rate", "band_4000_8000"} <= (
@@ -191,7 +181,7 @@ def test_clipping_is_flagged_and_report_written(
             "report",
             "--model",
             str(drift_bundle),
-            "--log",
+            "--log-sink",
             str(db),
             "--out",
             str(out),
@@ -246,27 +236,35 @@ def _knd(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
-def test_check_exit_2_too_few_samples_and_no_log(
+def test_check_exit_4_too_few_samples_and_2_without_a_log(
     drift_bundle: Path, variant, tmp_path: Path
 ) -> None:
     db = _fill_log(drift_bundle, variant("clean"), tmp_path / "predictions.sqlite")
-    few = _knd("drift", "check", "--model", drift_bundle, "--log", db, "--last", "10", cwd=tmp_path)
-    assert few.returncode == 2, few.stdout + few.stderr
+    few = _knd(
+        "drift", "check", "--model", drift_bundle, "--log-sink", db, "--last", "10", cwd=tmp_path
+    )
+    assert few.returncode == 4, few.stdout + few.stderr
     assert "cannot-judge" in few.stdout and "only 10 current samples" in few.stdout
     empty = _knd(
         "drift",
         "check",
         "--model",
         drift_bundle,
-        "--log",
+        "--log-sink",
         db,
         "--since",
         "2999-01-01T00:00",
         cwd=tmp_path,
     )
-    assert empty.returncode == 2 and "no requests" in empty.stdout
+    assert empty.returncode == 4 and "no requests" in empty.stdout
     none = _knd(
-        "drift", "check", "--model", drift_bundle, "--log", tmp_path / "nope.sqlite", cwd=tmp_path
+        "drift",
+        "check",
+        "--model",
+        drift_bundle,
+        "--log-sink",
+        tmp_path / "nope.sqlite",
+        cwd=tmp_path,
     )
-    assert none.returncode == 2 and "no prediction log at" in none.stderr
+    assert none.returncode == 2 and "no prediction log at" in none.stderr  # a wrong path
     assert not (tmp_path / "nope.sqlite").exists()

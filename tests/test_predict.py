@@ -27,8 +27,9 @@ def knd(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProce
     )
 
 
-def json_lines(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+def predictions(text: str) -> list[dict]:
+    """The predictions of `knd predict --json`'s one document."""
+    return json.loads(text)["predictions"]
 
 
 @pytest.fixture
@@ -77,7 +78,7 @@ def test_mix_of_good_and_bad_files_json(
     paths = [*good_files.values(), *bad_files.values()]
     result = knd("predict", "--model", tiny_bundle, "--json", *paths)
     assert result.returncode == 1, result.stderr
-    rows = {Path(r["file"]).name: r for r in json_lines(result.stdout)}
+    rows = {Path(r["file"]).name: r for r in predictions(result.stdout)}
     assert len(rows) == len(paths)
     for name, path in good_files.items():
         row = rows[path.name]
@@ -115,11 +116,11 @@ def test_directory_recursive_and_glob(
     (tmp_path / "corpus" / "readme.txt").write_text("not audio, not picked up")
     result = knd("predict", "-m", tiny_bundle, "--json", tmp_path / "corpus")
     assert result.returncode == 0, result.stderr
-    names = sorted(Path(r["file"]).name for r in json_lines(result.stdout))
+    names = sorted(Path(r["file"]).name for r in predictions(result.stdout))
     assert names == ["0.wav", "1.wav", "2.wav", "x.flac"]
     globbed = knd("predict", "-m", tiny_bundle, "--json", str(tmp_path / "corpus" / "a" / "*.wav"))
     assert globbed.returncode == 0
-    assert len(json_lines(globbed.stdout)) == 3
+    assert len(predictions(globbed.stdout)) == 3
 
 
 def test_csv_output_parses(
@@ -140,7 +141,7 @@ def test_timeline_json_and_csv(tiny_bundle: Path, good_files: dict[str, Path]) -
     clip = good_files["long_window"]
     result = knd("predict", "-m", tiny_bundle, "--json", "--timeline", clip)
     assert result.returncode == 0, result.stderr
-    (row,) = json_lines(result.stdout)
+    (row,) = predictions(result.stdout)
     windows = row["windows"]
     assert len(windows) >= 3  # 5 s of audio, 2 s windows, 1 s hop
     assert all(w["end"] - w["start"] == pytest.approx(2.0) for w in windows)
@@ -166,7 +167,7 @@ def test_set_overrides_and_config_default_model(
         clip,
     )
     assert result.returncode == 1
-    assert "too long" in json_lines(result.stdout)[0]["error"]
+    assert "too long" in predictions(result.stdout)[0]["error"]
     config = tmp_path / "conf.yaml"
     config.write_text(f"inference:\n  model: {tiny_bundle}\n")
     assert knd("predict", "--json", "-c", config, clip).returncode == 0
@@ -174,15 +175,15 @@ def test_set_overrides_and_config_default_model(
 
 def test_missing_model_and_no_files_are_one_line_errors(tmp_path: Path, tiny_bundle: Path) -> None:
     result = knd("predict", "--json", tmp_path / "nothing.wav", cwd=tmp_path)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "no bundle at models/latest" in result.stderr
     assert "Traceback" not in result.stderr
     empty = tmp_path / "empty_dir"
     empty.mkdir()
     result = knd("predict", "-m", tiny_bundle, empty)
-    assert result.returncode == 1 and "no audio files found" in result.stderr
+    assert result.returncode == 2 and "no audio files found" in result.stderr
     both = knd("predict", "-m", tiny_bundle, "--json", "--csv", empty)
-    assert both.returncode == 1 and "--json" in both.stderr
+    assert both.returncode == 2 and "--json" in both.stderr
 
 
 def test_missing_file_is_reported_and_others_scored(
@@ -190,22 +191,22 @@ def test_missing_file_is_reported_and_others_scored(
 ) -> None:
     result = knd("predict", "-m", tiny_bundle, "--json", "/no/such/clip.wav", good_files["mono16k"])
     assert result.returncode == 1
-    rows = json_lines(result.stdout)
+    rows = predictions(result.stdout)
     assert rows[0] == {"file": "/no/such/clip.wav", "error": "no such file"}
     assert rows[1]["label"] in LABELS
 
 
 def test_torch_backend_agrees_with_onnx(tiny_bundle: Path, good_files: dict[str, Path]) -> None:
     clips = [good_files["stereo"], good_files["long_window"]]
-    onnx = json_lines(knd("predict", "-m", tiny_bundle, "--json", *clips).stdout)
+    onnx = predictions(knd("predict", "-m", tiny_bundle, "--json", *clips).stdout)
     torch = knd("predict", "-m", tiny_bundle, "--json", "--backend", "torch", *clips)
     assert torch.returncode == 0, torch.stderr
-    for a, b in zip(onnx, json_lines(torch.stdout), strict=True):
+    for a, b in zip(onnx, predictions(torch.stdout), strict=True):
         assert a["label"] == b["label"]
         for label in LABELS:
             assert a["probabilities"][label] == pytest.approx(b["probabilities"][label], abs=1e-4)
     bad = knd("predict", "-m", tiny_bundle, "--backend", "tf", clips[0])
-    assert bad.returncode == 1 and "choose 'onnx' or 'torch'" in bad.stderr
+    assert bad.returncode == 2 and "inference.backend" in bad.stderr
 
 
 def test_forced_progress_keeps_stdout_clean(
@@ -214,4 +215,4 @@ def test_forced_progress_keeps_stdout_clean(
     clips = [wav_factory(f"many/{i}.wav", seconds=0.3) for i in range(25)]
     result = knd("predict", "-m", tiny_bundle, "--json", "--progress", *clips)
     assert result.returncode == 0, result.stderr
-    assert len(json_lines(result.stdout)) == 25
+    assert len(predictions(result.stdout)) == 25

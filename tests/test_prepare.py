@@ -106,8 +106,9 @@ def test_cli_prepare_and_split_report(ravdess_two_actors, tmp_path):
             "ravdess",
             "--raw",
             str(ravdess_two_actors),
-            "--out",
+            "--prepared",
             str(out),
+            "--set",
             "data.split.test_speakers=['01']",
         ],
     )

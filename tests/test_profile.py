@@ -41,6 +41,8 @@ def test_profile_predict_torch_json_and_trace(tiny_bundle: Path, clips, tmp_path
                 "predict",
                 "-m",
                 str(tiny_bundle),
+                "--backend",
+                "torch",
                 *map(str, clips),
                 str(bad),
                 "--json",
@@ -140,8 +142,11 @@ def test_profile_train(synth_prepared: Path, tmp_path: Path) -> None:
             [
                 "profile",
                 "train",
-                f"data.prepared={synth_prepared}",
+                "--prepared",
+                str(synth_prepared),
+                "--set",
                 "train.batch_size=4",
+                "--set",
                 "model.channels=8",
                 "--steps",
                 "2",
@@ -161,8 +166,11 @@ def test_profile_train(synth_prepared: Path, tmp_path: Path) -> None:
         [
             "profile",
             "train",
-            f"data.prepared={synth_prepared}",
+            "--prepared",
+            str(synth_prepared),
+            "--set",
             "train.batch_size=4",
+            "--set",
             "model.channels=8",
             "--steps",
             "1",
@@ -176,6 +184,6 @@ def test_profile_train(synth_prepared: Path, tmp_path: Path) -> None:
 
 def test_profile_train_bad_steps(synth_prepared: Path) -> None:
     result = runner.invoke(
-        app, ["profile", "train", f"data.prepared={synth_prepared}", "--steps", "0"]
+        app, ["profile", "train", "--prepared", str(synth_prepared), "--steps", "0"]
     )
     assert result.exit_code != 0

@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from kndcli.cli.main import app
-from kndcli.config import load_config
+from kndcli.config import InferenceConfig, load_config
 from kndcli.data.store import PreparedSet
 from kndcli.inference.bundle import BundleError, load_bundle
 from kndcli.inference.predictor import Predictor
@@ -34,6 +34,11 @@ TINY = [
 
 def tiny_overrides(prepared: Path, out: Path, *extra: str) -> list[str]:
     return [f"data.prepared={prepared}", f"train.output_dir={out}", *TINY, *extra]
+
+
+def as_sets(overrides: list[str]) -> list[str]:
+    """`key=value` overrides as the CLI takes them: `--set key=value` each."""
+    return [arg for item in overrides for arg in ("--set", item)]
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +113,8 @@ def test_reference_table_holds_train_features_and_val_predictions(trained_run):
 def test_onnx_and_torch_agree_on_real_clips(trained_run, synth_prepared):
     ps = PreparedSet.open(synth_prepared)
     clips = [center_fit(ps.waveform(i), 24000) for i in ps.indices("test")[:6]]
-    onnx = Predictor.from_bundle(trained_run.run_dir)
-    torch_backend = Predictor.from_bundle(trained_run.run_dir, backend="torch")
+    onnx = Predictor.from_config(trained_run.run_dir)
+    torch_backend = Predictor.from_config(trained_run.run_dir, InferenceConfig(backend="torch"))
     batch = np.stack(clips).astype(np.float32)
     assert np.abs(onnx._run(batch) - torch_backend._run(batch)).max() < 1e-4
 
@@ -128,9 +133,7 @@ def test_tampered_bundle_is_refused(trained_run, tmp_path):
 
 
 def test_evaluate_cli_matches_bundle_metrics(trained_run, synth_prepared):
-    result = CliRunner().invoke(
-        app, ["evaluate", str(trained_run.run_dir), "--data", str(synth_prepared), "--json"]
-    )
+    result = CliRunner().invoke(app, ["evaluate", "-m", str(trained_run.run_dir), "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output.strip().splitlines()[-1])
     expected = load_bundle(trained_run.run_dir).meta["metrics"]["test"]
@@ -146,8 +149,7 @@ def test_unknown_model_is_a_config_error(synth_prepared, tmp_path):
             "-m",
             "kndcli",
             "train",
-            *tiny_overrides(synth_prepared, tmp_path),
-            "model.name=transformer9000",
+            *as_sets(tiny_overrides(synth_prepared, tmp_path, "model.name=transformer9000")),
         ],
         capture_output=True,
         text=True,
@@ -176,13 +178,15 @@ def test_resume_after_sigkill(synth_prepared, tmp_path):
     epochs = 8
     args = [
         "train",
-        *tiny_overrides(
-            synth_prepared,
-            tmp_path,
-            "train.run_name=killed",
-            f"train.trainer.max_epochs={epochs}",
-            "wandb.enabled=false",
-            "train.trainer.limit_train_batches=1.0",
+        *as_sets(
+            tiny_overrides(
+                synth_prepared,
+                tmp_path,
+                "train.run_name=killed",
+                f"train.trainer.max_epochs={epochs}",
+                "wandb.enabled=false",
+                "train.trainer.limit_train_batches=1.0",
+            )
         ),
     ]
     proc = _knd(*args)
@@ -211,14 +215,16 @@ def test_resume_after_sigkill(synth_prepared, tmp_path):
 def test_ddp_with_two_cpu_processes(synth_prepared, tmp_path):
     proc = _knd(
         "train",
-        *tiny_overrides(
-            synth_prepared,
-            tmp_path,
-            "train.run_name=ddp",
-            "wandb.enabled=false",
-            "train.trainer.strategy=ddp",
-            "train.trainer.devices=2",
-            "train.trainer.accelerator=cpu",
+        *as_sets(
+            tiny_overrides(
+                synth_prepared,
+                tmp_path,
+                "train.run_name=ddp",
+                "wandb.enabled=false",
+                "train.trainer.strategy=ddp",
+                "train.trainer.devices=2",
+                "train.trainer.accelerator=cpu",
+            )
         ),
     )
     output, _ = proc.communicate(timeout=600)
@@ -503,25 +509,25 @@ def test_a_bundle_written_before_ensembles_loads_as_one_backbone(tmp_path):
     from dataclasses import asdict
 
     from kndcli.config import LABELS, ModelConfig
+    from kndcli.inference.bundle import BundleMeta, update_bundle
     from kndcli.models import build_model
     from kndcli.training.export import write_bundle
 
     cfg = ModelConfig(channels=8, ensemble=1)
-    hyper = asdict(cfg)
-    del hyper["ensemble"]
-    meta = {
-        "name": "old",
-        "labels": list(LABELS),
-        "sample_rate": 16000,
-        "clip_seconds": 1.0,
-        "trim_silence": False,
-        "model": hyper,
-        "metrics": {},
-    }
+    meta = BundleMeta(
+        name="old",
+        labels=list(LABELS),
+        sample_rate=16000,
+        clip_seconds=1.0,
+        trim_silence=False,
+        model=cfg,
+    )
     clips = np.random.default_rng(0).standard_normal((2, 16000)).astype(np.float32) * 0.1
     write_bundle(build_model(cfg, len(LABELS), 16000), tmp_path / "old", meta, clips)
-    onnx = Predictor.from_bundle(tmp_path / "old")
-    torch_backend = Predictor.from_bundle(tmp_path / "old", backend="torch")
+    legacy = {k: v for k, v in asdict(cfg).items() if k != "ensemble"}
+    update_bundle(tmp_path / "old", {"model": legacy})  # as written before ensembles
+    onnx = Predictor.from_config(tmp_path / "old")
+    torch_backend = Predictor.from_config(tmp_path / "old", InferenceConfig(backend="torch"))
     assert np.abs(onnx._run(clips) - torch_backend._run(clips)).max() < 1e-4
 
 
@@ -552,8 +558,9 @@ def test_robustness_report_is_deterministic_and_drawn(trained_run, synth_prepare
         "robustness.clipping_drive_db=[]",
     ]
     command = [
-        sys.executable, "-m", "kndcli", "evaluate", str(trained_run.run_dir),
-        "--data", str(synth_prepared), "--robustness", "--json", "--out", str(tmp_path), *suite,
+        sys.executable, "-m", "kndcli", "evaluate", "-m", str(trained_run.run_dir),
+        "--prepared", str(synth_prepared), "--robustness", "--json", "--out", str(tmp_path),
+        *as_sets(suite),
     ]  # fmt: skip
     first = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
@@ -580,8 +587,8 @@ def test_robustness_report_is_deterministic_and_drawn(trained_run, synth_prepare
 
 def test_bad_robustness_level_is_one_line_exit_2(trained_run, synth_prepared):
     result = subprocess.run(
-        [sys.executable, "-m", "kndcli", "evaluate", str(trained_run.run_dir), "--data",
-         str(synth_prepared), "--robustness", "robustness.rt60_s=[9]"],
+        [sys.executable, "-m", "kndcli", "evaluate", "-m", str(trained_run.run_dir), "--prepared",
+         str(synth_prepared), "--robustness", "--set", "robustness.rt60_s=[9]"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 2

@@ -18,6 +18,7 @@ from typing import BinaryIO
 import numpy as np
 
 from kndcli.errors import KndError
+from kndcli.timing import Stage, untimed
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif")
 _BLOCK_FRAMES = 1 << 16
@@ -62,11 +63,13 @@ def decode(
     max_duration_s: float | None = 60.0,
     max_bytes: int | None = None,
     name: str | None = None,
+    stage: Stage = untimed,
 ) -> Audio:
     """Read any soundfile-readable clip into mono float32 at `sample_rate`.
 
     Reads in blocks so an over-long file is rejected after at most `max_duration_s` of
-    audio, whatever its header claims.
+    audio, whatever its header claims. Resampling is interleaved with reading, so it is
+    marked as stage "resample" through `stage` (the `knd profile` hook) from in here.
     """
     import soundfile as sf
 
@@ -81,7 +84,7 @@ def decode(
     _check_riff_length(fileobj, label, size)
     try:
         with fileobj, sf.SoundFile(fileobj) as snd:
-            return _read(snd, label, sample_rate, max_duration_s)
+            return _read(snd, label, sample_rate, max_duration_s, stage)
     except AudioError:
         raise
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, EOFError) as exc:
@@ -145,7 +148,7 @@ def _check_riff_length(fileobj: BinaryIO, label: str, size: int | None) -> None:
         fileobj.seek(start)
 
 
-def _read(snd, label: str, sample_rate: int, max_duration_s: float | None) -> Audio:
+def _read(snd, label: str, sample_rate: int, max_duration_s: float | None, stage: Stage) -> Audio:
     import soxr
 
     orig_sr, channels, declared = int(snd.samplerate), int(snd.channels), int(snd.frames)
@@ -177,9 +180,13 @@ def _read(snd, label: str, sample_rate: int, max_duration_s: float | None) -> Au
         if block_peak >= _CLIP_LEVEL:
             clipped += int((np.abs(block) >= _CLIP_LEVEL).any(axis=1).sum())
         mono = block.mean(axis=1) if channels > 1 else block[:, 0]
-        pieces.append(resampler.resample_chunk(mono) if resampler else mono)
+        if resampler is not None:
+            with stage("resample"):
+                mono = resampler.resample_chunk(mono)
+        pieces.append(mono)
     if resampler is not None:
-        pieces.append(resampler.resample_chunk(np.zeros(0, np.float32), last=True))
+        with stage("resample"):
+            pieces.append(resampler.resample_chunk(np.zeros(0, np.float32), last=True))
     if total == 0:
         raise AudioError(label, "contains no audio frames")
     if exact and declared > 0 and total < declared:
@@ -243,11 +250,6 @@ def speech_bounds(
     return max(0, int(loud[0]) * frame - margin), min(
         len(samples), (int(loud[-1]) + 1) * frame + margin
     )
-
-
-def trim_silence(samples: np.ndarray, sample_rate: int) -> np.ndarray:
-    start, stop = speech_bounds(samples, sample_rate)
-    return samples[start:stop]
 
 
 # ----------------------------------------------------------------------------- features

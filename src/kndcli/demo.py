@@ -93,7 +93,7 @@ def run_demo(
         p for p in paths if p.parent.name == f"Actor_{actors:02d}" and "-05-02-" in p.name
     )
     say(f"5/5 predicting {heldout.name} (an angry clip from the held-out speaker)")
-    predictor = Predictor.from_bundle(result.run_dir)
+    predictor = Predictor.from_config(result.run_dir)
     prediction = next(iter(predictor.predict_paths([heldout], timeline=True))).to_dict(True)
     timings["predict"] = time.perf_counter() - started
     return DemoResult(

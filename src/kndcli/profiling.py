@@ -1,11 +1,11 @@
 """Where the time goes: stage timings plus operator profiles for prediction and training.
 
-`profile_predict` runs a bundle's model over files stage by stage (decode, resample,
-windowing, frontend, backbone, post-processing), timing each with `perf_counter` while
-torch.profiler (torch backend) or ONNX Runtime's profiler (onnx backend) records the
-operators. `profile_train` runs a few steps of the real LightningModule over the real
-DataModule and separates data-loader wait from compute. Both return plain dicts (the
-`--json` output) and can write a Chrome trace.
+`profile_predict` scores files through the real `Predictor` and `audio.decode`, timing the
+stages they mark through their stage hook (decode, resample, windowing, frontend,
+backbone, post-processing; `kndcli.timing`) while torch.profiler (torch backend) or ONNX
+Runtime's profiler (onnx backend) records the operators. `profile_train` runs a few steps
+of the real LightningModule over the real DataModule and separates data-loader wait from
+compute. Both return plain dicts (the `--json` output) and can write a Chrome trace.
 """
 
 from __future__ import annotations
@@ -19,38 +19,56 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kndcli.cpus import usable_cpus
 from kndcli.errors import KndError
+
+if TYPE_CHECKING:
+    from kndcli.inference.predictor import Predictor
 
 PREDICT_STAGES = ("decode", "resample", "windowing", "frontend", "backbone", "post_processing")
 ONNX_STAGES = ("decode", "resample", "windowing", "model", "post_processing")
-MAX_BATCH = 64
 
 
 class StageTimer:
-    """Accumulates wall seconds per named stage; optionally syncs CUDA around each one."""
+    """Accumulates wall seconds per named stage; optionally syncs CUDA at each switch.
 
-    def __init__(self, names: Sequence[str], sync: Any = None) -> None:
+    Stages nest as the code marks them (decode holds resample, the torch model run holds
+    the frontend and backbone), and time goes to the innermost open stage only, so the
+    stages add up to the total. `report_as` files a stage under another row.
+    """
+
+    def __init__(
+        self, names: Sequence[str], sync: Any = None, report_as: dict[str, str] | None = None
+    ) -> None:
         self.seconds: dict[str, float] = dict.fromkeys(names, 0.0)
         self._sync = sync
+        self._report_as = report_as or {}
+        self._open: list[str] = []
+        self._since = 0.0
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        from_torch = _record_function(name)
-        with from_torch:
-            if self._sync:
-                self._sync()
-            start = time.perf_counter()
+        with _record_function(name):
+            self._switch()
+            self._open.append(self._report_as.get(name, name))
             try:
                 yield
             finally:
-                if self._sync:
-                    self._sync()
-                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+                self._switch()
+                self._open.pop()
+
+    def _switch(self) -> None:
+        """Charge the time since the last switch to the innermost open stage."""
+        if self._sync:
+            self._sync()
+        now = time.perf_counter()
+        if self._open:
+            name = self._open[-1]
+            self.seconds[name] = self.seconds.get(name, 0.0) + now - self._since
+        self._since = now
 
 
 def _record_function(name: str) -> Any:
@@ -65,84 +83,29 @@ def _record_function(name: str) -> Any:
 
 
 # ----------------------------------------------------------------------------- predict
-def _read_and_resample(
-    path: Path, sample_rate: int, timer: StageTimer
-) -> tuple[np.ndarray, float] | str:
-    """Decode (soundfile + down-mix) and resample (soxr) as two timed stages, like `decode`.
+def _score(predictor: Predictor, paths: Sequence[Path]) -> dict[str, Any]:
+    """Decode every file, then score the good ones in shared batches, as `knd predict` does.
 
-    Returns the samples and duration, or the reason the file is unusable.
+    The Predictor's timeline gives the window count; building it is the only work here
+    that a plain `knd predict` skips.
     """
-    import soundfile as sf
-    import soxr
+    from kndcli.audio import AudioError
 
-    with timer.stage("decode"):
-        try:
-            data, orig_sr = sf.read(str(path), dtype="float32", always_2d=True)
-        except Exception as exc:  # soundfile raises several types for unreadable files
-            return f"not a readable audio file ({str(exc).split(':')[-1].strip()})"
-        if len(data) == 0:
-            return "contains no audio frames"
-        mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
-    with timer.stage("resample"):
-        if orig_sr != sample_rate:
-            mono = soxr.resample(mono, orig_sr, sample_rate, quality="HQ").astype(np.float32)
-    return np.ascontiguousarray(mono, dtype=np.float32), len(mono) / sample_rate
-
-
-def _windows(samples: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
-    """The Predictor's windowing: trim silence as in training, then sliding windows."""
-    from kndcli.audio import speech_bounds
-    from kndcli.inference.windowing import make_windows
-
-    rate = meta["sample_rate"]
-    if meta["trim"]:
-        start, stop = speech_bounds(samples, rate)
-        samples = samples[start:stop]
-    windows, _ = make_windows(samples, meta["window"], meta["hop"])
-    return windows
-
-
-def _bundle_meta(bundle: Any) -> dict[str, Any]:
-    rate = bundle.sample_rate
-    return {
-        "sample_rate": rate,
-        "window": int(round(bundle.window_seconds * rate)),
-        "hop": max(1, int(round(bundle.hop_seconds * rate))),
-        "trim": bundle.trim_silence,
-    }
-
-
-def _decode_all(
-    paths: Sequence[Path], meta: dict[str, Any], timer: StageTimer
-) -> tuple[list[np.ndarray], list[str], list[dict[str, str]], float]:
-    """Windows per good file, their names, the failures, and the audio seconds."""
-    batches, names, failed = [], [], []
-    audio_s = 0.0
+    audios, failed = [], []
     for path in paths:
-        got = _read_and_resample(path, meta["sample_rate"], timer)
-        if isinstance(got, str):
-            failed.append({"file": str(path), "error": got})
-            continue
-        samples, seconds = got
-        audio_s += seconds
-        with timer.stage("windowing"):
-            batches.append(_windows(samples, meta))
-        names.append(str(path))
-    return batches, names, failed, audio_s
-
-
-def _aggregate(
-    labels: list[str], names: list[str], batches: list[np.ndarray], probs: np.ndarray
-) -> list[dict[str, Any]]:
-    """Mean probabilities per clip and the winning label, as the Predictor reports them."""
-    out = []
-    start = 0
-    for name, windows in zip(names, batches, strict=True):
-        mean = probs[start : start + len(windows)].mean(axis=0)
-        start += len(windows)
-        best = int(mean.argmax())
-        out.append({"file": name, "label": labels[best], "confidence": float(mean[best])})
-    return out
+        try:
+            audios.append(predictor.decode(path))
+        except AudioError as exc:
+            failed.append({"file": str(path), "error": exc.problem})
+    predictions = predictor.predict_audios(audios, timeline=True)
+    return {
+        "windows": sum(len(p.windows or []) for p in predictions),
+        "audio_s": sum(a.duration for a in audios),
+        "failed": failed,
+        "predictions": [
+            {"file": p.source, "label": p.label, "confidence": p.confidence} for p in predictions
+        ],
+    }
 
 
 def profile_predict(
@@ -187,32 +150,24 @@ def _profile_predict_torch(
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from kndcli.inference.predictor import Predictor
+
     if threads:
         torch.set_num_threads(threads)
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    model = bundle.torch_model().to(device)
-    meta = _bundle_meta(bundle)
-    timer = StageTimer(PREDICT_STAGES, sync=torch.cuda.synchronize if cuda else None)
+    # The frontend and backbone mark their own stages inside the model run; what the run
+    # keeps (the softmax, the copy back to numpy) is reported as post-processing.
+    timer = StageTimer(
+        PREDICT_STAGES,
+        sync=torch.cuda.synchronize if cuda else None,
+        report_as={"model": "post_processing"},
+    )
+    predictor = Predictor(
+        bundle, backend="torch", stage=timer.stage, device="cuda" if cuda else "cpu"
+    )
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities, acc_events=True) as prof:
-        batches, names, failed, audio_s = _decode_all(paths, meta, timer)
-        probs: list[np.ndarray] = []
-        if batches:
-            stacked = np.concatenate(batches)
-            with torch.inference_mode():
-                for i in range(0, len(stacked), MAX_BATCH):
-                    x = torch.from_numpy(stacked[i : i + MAX_BATCH]).to(device)
-                    with timer.stage("frontend"):
-                        mel = model.frontend(x)
-                    with timer.stage("backbone"):
-                        logits = model.backbone(mel)
-                    with timer.stage("post_processing"):
-                        probs.append(torch.softmax(logits, dim=-1).cpu().numpy())
-        with timer.stage("post_processing"):
-            results = (
-                _aggregate(bundle.labels, names, batches, np.concatenate(probs)) if probs else []
-            )
+        scored = _score(predictor, paths)
     trace_path = None
     if trace:
         trace_path = str(trace)
@@ -222,10 +177,7 @@ def _profile_predict_torch(
         "device": "cuda" if cuda else "cpu",
         "stages": timer.seconds,
         "operators": torch_operators(prof, top, cuda=cuda),
-        "windows": int(sum(len(b) for b in batches)),
-        "audio_s": audio_s,
-        "failed": failed,
-        "predictions": results,
+        **scored,
         "trace": trace_path,
     }
 
@@ -252,35 +204,16 @@ def torch_operators(prof: Any, top: int, *, cuda: bool = False) -> list[dict[str
 def _profile_predict_onnx(
     bundle: Any, paths: list[Path], trace: Any, top: int, threads: int | None
 ) -> dict[str, Any]:
-    import onnxruntime as ort
-
     from kndcli.inference.bundle import ONNX_FILE
+    from kndcli.inference.predictor import Predictor
 
-    meta = _bundle_meta(bundle)
     timer = StageTimer(ONNX_STAGES)
     with tempfile.TemporaryDirectory(prefix="knd-ort-profile-") as tmp:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or usable_cpus()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.enable_profiling = True
-        options.profile_file_prefix = str(Path(tmp) / "ort")
-        session = ort.InferenceSession(
-            str(bundle.path(ONNX_FILE)), options, providers=["CPUExecutionProvider"]
+        predictor = Predictor(
+            bundle, threads=threads, stage=timer.stage, onnx_profile_prefix=str(Path(tmp) / "ort")
         )
-        name = session.get_inputs()[0].name
-        batches, names, failed, audio_s = _decode_all(paths, meta, timer)
-        probs: list[np.ndarray] = []
-        if batches:
-            stacked = np.concatenate(batches)
-            for i in range(0, len(stacked), MAX_BATCH):
-                with timer.stage("model"):
-                    probs.append(session.run(None, {name: stacked[i : i + MAX_BATCH]})[0])
-        with timer.stage("post_processing"):
-            results = (
-                _aggregate(bundle.labels, names, batches, np.concatenate(probs)) if probs else []
-            )
-        profile_file = session.end_profiling()
+        scored = _score(predictor, paths)
+        profile_file = predictor.session.end_profiling()
         events = json.loads(Path(profile_file).read_text())
         trace_path = None
         if trace:
@@ -293,10 +226,7 @@ def _profile_predict_onnx(
         "stages": timer.seconds,
         "model_breakdown_ms": parts,
         "operators": operators,
-        "windows": int(sum(len(b) for b in batches)),
-        "audio_s": audio_s,
-        "failed": failed,
-        "predictions": results,
+        **scored,
         "trace": trace_path,
     }
 
@@ -375,7 +305,7 @@ def profile_train(
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from kndcli.data.store import PreparedSet, local_prepared
+    from kndcli.data.store import PreparedSet
     from kndcli.training.data import PreparedDataModule
     from kndcli.training.module import EmotionClassifier
     from kndcli.training.train import check_config, resolve_precision, training_labels
@@ -383,7 +313,7 @@ def profile_train(
     if steps < 1:
         raise KndError(f"--steps must be at least 1, got {steps}")
     check_config(cfg)
-    prepared = PreparedSet.open(local_prepared(cfg.data.prepared))
+    prepared = PreparedSet.open(cfg.data.prepared)
     labels = training_labels(cfg, prepared)
     torch.manual_seed(cfg.train.seed)
     cuda = torch.cuda.is_available()

@@ -1,31 +1,43 @@
-"""`knd cloud`: Vertex AI training jobs and Cloud Run services."""
+"""`knd cloud`: Vertex AI training jobs and Cloud Run services.
+
+Every flag that is configuration names its key (`--machine` sets `cloud.machine`), so a
+flag, `--set cloud.machine=...`, `KND_PROJECT`/`KND_REGION` and the `cloud:` section of a
+config file are one thing, resolved and checked by `opt.load`. The Google SDKs are
+imported inside the command bodies only.
+"""
 
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from kndcli.cli.common import ConfigOpt, JsonOpt, OverridesArg, SetOpt, build_config
+from kndcli.cli import options as opt
 
 app = typer.Typer(help="Train on Vertex AI, serve on Cloud Run.", no_args_is_help=True)
 
-ProjectOpt = Annotated[
-    str | None, typer.Option("--project", help="Google Cloud project (or KND_PROJECT).")
+
+Project = Annotated[
+    str | None,
+    opt.keyed("cloud.project", "--project", help="Google Cloud project; KND_PROJECT also sets it."),
 ]
-RegionOpt = Annotated[str | None, typer.Option("--region", help="Region (or KND_REGION).")]
-LabelOpt = Annotated[
-    list[str] | None, typer.Option("--label", help="Resource label k=v (repeatable).")
+Region = Annotated[
+    str | None, opt.keyed("cloud.region", "--region", help="Region; KND_REGION also sets it.")
 ]
-EnvOpt = Annotated[
-    list[str] | None, typer.Option("--env", help="Container environment K=V (repeatable).")
+ServiceAccount = Annotated[
+    str | None,
+    opt.keyed(
+        "cloud.service_account", "--service-account", help="Service account e-mail to run as."
+    ),
 ]
-DryRunOpt = Annotated[
-    bool, typer.Option("--dry-run", help="Print the exact request JSON; call nothing.")
+Labels = Annotated[
+    list[str] | None,
+    typer.Option("--label", metavar="K=V", help="Resource label k=v (repeatable)."),
 ]
-ServiceAccountOpt = Annotated[
-    str | None, typer.Option("--service-account", help="Service account e-mail to run as.")
+Env = Annotated[
+    list[str] | None,
+    typer.Option("--env", metavar="K=V", help="Container environment K=V (repeatable)."),
 ]
 
 
@@ -35,77 +47,98 @@ def _print_summary(summary: dict, as_json: bool) -> None:
         return
     from rich.table import Table
 
-    from kndcli.cli.common import console
-
     table = Table(show_header=False, box=None)
     for key, value in summary.items():
         if value not in ("", None):
             table.add_row(f"[bold]{key}[/bold]", str(value))
-    console().print(table)
+    opt.console().print(table)
+
+
+def _dotlist_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def forwarded_overrides(ctx: typer.Context) -> list[str]:
+    """The `key=value` overrides the remote `knd train` gets: the user's `--set`s, then the
+    keyed flags given here that set keys outside `cloud:` (those configure the job itself)."""
+    overrides = list(ctx.params.get("sets") or [])
+    for param in ctx.command.params:
+        key = opt.FLAG_KEYS.get(param.opts[0]) if param.opts else None
+        value = ctx.params.get(param.name or "")
+        if key and value is not None and not key.startswith("cloud."):
+            overrides.append(f"{key}={_dotlist_value(value)}")
+    return overrides
 
 
 @app.command("submit")
 def submit(
-    config: ConfigOpt = None,
-    overrides: OverridesArg = None,
-    project: ProjectOpt = None,
-    region: RegionOpt = None,
-    image: Annotated[str | None, typer.Option("--image", help="Training image URI.")] = None,
+    ctx: typer.Context,
+    project: Project = None,
+    region: Region = None,
+    train_image: Annotated[
+        str | None, opt.keyed("cloud.train_image", "--train-image", help="Training image URI.")
+    ] = None,
     machine: Annotated[
-        str | None, typer.Option("--machine", help="Machine type, e.g. n1-highcpu-32.")
+        str | None,
+        opt.keyed("cloud.machine", "--machine", help="Machine type, e.g. n1-highcpu-32."),
     ] = None,
     accelerator: Annotated[
-        str | None, typer.Option("--accelerator", help="Accelerator type, e.g. NVIDIA_L4.")
+        str | None,
+        opt.keyed("cloud.accelerator", "--accelerator", help="Accelerator type, e.g. NVIDIA_L4."),
     ] = None,
     accelerator_count: Annotated[
-        int | None, typer.Option("--accelerator-count", help="Accelerators per node.")
+        int | None,
+        opt.keyed("cloud.accelerator_count", "--accelerator-count", help="Accelerators per node."),
     ] = None,
     replicas: Annotated[
-        int | None, typer.Option("--replicas", help="Nodes: one primary plus N-1 workers.")
+        int | None,
+        opt.keyed("cloud.replicas", "--replicas", help="Nodes: one primary plus N-1 workers."),
     ] = None,
     spot: Annotated[
-        bool | None, typer.Option("--spot/--no-spot", help="Run on Spot capacity.")
+        bool | None, opt.keyed("cloud.spot", "--spot/--no-spot", help="Run on Spot capacity.")
     ] = None,
     timeout: Annotated[
-        str | None, typer.Option("--timeout", help="Longest run, e.g. 24h or 90m.")
+        str | None,
+        opt.keyed("cloud.timeout", "--timeout", help="Longest run, e.g. 24h, 90m or 2d."),
     ] = None,
-    service_account: ServiceAccountOpt = None,
+    service_account: ServiceAccount = None,
     base_output_dir: Annotated[
         str | None,
-        typer.Option("--base-output-dir", help="gs:// root for AIP_MODEL_DIR and checkpoints."),
+        opt.keyed(
+            "cloud.base_output_dir",
+            "--base-output-dir",
+            help="gs:// root for AIP_MODEL_DIR and checkpoints.",
+        ),
     ] = None,
-    label: LabelOpt = None,
-    env: EnvOpt = None,
+    label: Labels = None,
+    env: Env = None,
     display_name: Annotated[
         str | None, typer.Option("--display-name", help="Job name shown in the console.")
     ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the job until it ends.")] = False,
     poll: Annotated[float, typer.Option("--poll", help="Seconds between polls.")] = 30.0,
-    dry_run: DryRunOpt = False,
-    as_json: JsonOpt = False,
+    dry_run: opt.DryRun = False,
+    as_json: opt.Json = False,
+    config: opt.ConfigFiles = None,
+    sets: opt.Sets = None,
+    print_config: opt.PrintConfig = False,
 ) -> None:
-    """Submit a Vertex AI CustomJob that runs `knd train` with this config and overrides."""
+    """Submit a Vertex AI CustomJob that runs `knd train` with these config files and --sets.
+
+    Its container runs `knd train --config F ... --set k=v ...` (paths inside the image).
+    """
     from kndcli.cloud import jobs
 
-    cfg = build_config(config, overrides)
-    opts = jobs.job_options(
-        cfg.cloud,
+    cfg = opt.load(ctx)
+    opts = jobs.JobOptions(
+        cloud=cfg.cloud,
         display_name=display_name or jobs.default_display_name(cfg.train.run_name),
-        config_files=[str(path) for path in config or []],
-        overrides=list(overrides or []),
-        project=project,
-        region=region,
-        image=image,
-        machine=machine,
-        accelerator=accelerator,
-        accelerator_count=accelerator_count,
-        replicas=replicas,
-        spot=spot,
-        timeout=timeout,
-        service_account=service_account,
-        base_output_dir=base_output_dir,
         labels=jobs.parse_pairs(label, "--label"),
         env=jobs.parse_pairs(env, "--env"),
+        config_files=[str(path) for path in config or []],
+        overrides=forwarded_overrides(ctx),
     )
     if dry_run:
         typer.echo(jobs.request_json(opts))
@@ -118,39 +151,49 @@ def submit(
 
 @app.command("deploy")
 def deploy(
-    config: ConfigOpt = None,
-    overrides: SetOpt = None,
-    project: ProjectOpt = None,
-    region: RegionOpt = None,
-    service: Annotated[str | None, typer.Option("--service", help="Service name.")] = None,
-    image: Annotated[str | None, typer.Option("--image", help="Serve image URI.")] = None,
-    model: Annotated[
-        str | None,
-        typer.Option("--model", help="Bundle: gs://bucket/path (mounted) or a path in the image."),
+    ctx: typer.Context,
+    project: Project = None,
+    region: Region = None,
+    service: Annotated[
+        str | None, opt.keyed("cloud.service", "--service", help="Service name.")
     ] = None,
+    serve_image: Annotated[
+        str | None, opt.keyed("cloud.serve_image", "--serve-image", help="Serve image URI.")
+    ] = None,
+    model: opt.Model = None,
     log_sink: Annotated[
         str | None,
-        typer.Option(
-            "--log-sink", help="Prediction log, gs://bucket/path (default serve.log_sink)."
-        ),
+        opt.keyed("serve.log_sink", "--log-sink", help="Prediction log, gs://bucket/prefix."),
     ] = None,
     token_secret: Annotated[
         str | None,
         typer.Option("--token-secret", help="Secret Manager secret[:version] holding the token."),
     ] = None,
-    cpu: Annotated[str | None, typer.Option("--cpu", help="CPUs per instance.")] = None,
-    memory: Annotated[str | None, typer.Option("--memory", help="Memory, e.g. 2Gi.")] = None,
-    min_instances: Annotated[int | None, typer.Option("--min-instances")] = None,
-    max_instances: Annotated[int | None, typer.Option("--max-instances")] = None,
+    cpu: Annotated[str | None, opt.keyed("cloud.cpu", "--cpu", help="CPUs per instance.")] = None,
+    memory: Annotated[
+        str | None, opt.keyed("cloud.memory", "--memory", help="Memory per instance, e.g. 2Gi.")
+    ] = None,
+    min_instances: Annotated[
+        int | None,
+        opt.keyed("cloud.min_instances", "--min-instances", help="Instances kept warm."),
+    ] = None,
+    max_instances: Annotated[
+        int | None,
+        opt.keyed("cloud.max_instances", "--max-instances", help="Most instances."),
+    ] = None,
     concurrency: Annotated[
-        int | None, typer.Option("--concurrency", help="Requests per instance.")
+        int | None,
+        opt.keyed("cloud.concurrency", "--concurrency", help="Requests per instance."),
     ] = None,
-    timeout: Annotated[
-        int | None, typer.Option("--timeout", help="Request timeout in seconds.")
+    request_timeout: Annotated[
+        int | None,
+        opt.keyed(
+            "cloud.request_timeout_s", "--request-timeout", help="Request timeout in seconds."
+        ),
     ] = None,
-    service_account: ServiceAccountOpt = None,
-    env: EnvOpt = None,
-    label: LabelOpt = None,
+    service_account: ServiceAccount = None,
+    env: Env = None,
+    label: Labels = None,
     allow_unauthenticated: Annotated[
         bool | None,
         typer.Option(
@@ -158,30 +201,22 @@ def deploy(
             help="Grant (or revoke) public access. Default: leave as is (new: private).",
         ),
     ] = None,
-    dry_run: DryRunOpt = False,
-    as_json: JsonOpt = False,
+    dry_run: opt.DryRun = False,
+    as_json: opt.Json = False,
+    config: opt.ConfigFiles = None,
+    sets: opt.Sets = None,
+    print_config: opt.PrintConfig = False,
 ) -> None:
-    """Create or update the Cloud Run service that runs `knd serve`, and print its URL."""
+    """Create or update the Cloud Run service that runs `knd serve`, and print its URL.
+
+    The model must be a gs:// URI (mounted read-only) or an absolute path inside the image.
+    """
     from kndcli.cloud import jobs, services
 
-    cfg = build_config(config, overrides)
+    cfg = opt.load(ctx)
     opts = services.service_options(
-        cfg.cloud,
-        log_sink_default=cfg.serve.log_sink,
-        project=project,
-        region=region,
-        service=service,
-        image=image,
-        model=model,
-        log_sink=log_sink,
-        token_secret=token_secret,
-        cpu=cpu,
-        memory=memory,
-        min_instances=min_instances,
-        max_instances=max_instances,
-        concurrency=concurrency,
-        request_timeout_s=timeout,
-        service_account=service_account,
+        cfg,
+        token_secret=token_secret or "",
         env=jobs.parse_pairs(env, "--env"),
         labels=jobs.parse_pairs(label, "--label"),
         allow_unauthenticated=allow_unauthenticated,
@@ -197,20 +232,22 @@ def deploy(
 
 @app.command("status")
 def status(
+    ctx: typer.Context,
     target: Annotated[
         str, typer.Argument(help="CustomJob resource name or job id, or a Cloud Run service.")
     ],
-    config: ConfigOpt = None,
-    project: ProjectOpt = None,
-    region: RegionOpt = None,
-    as_json: JsonOpt = False,
+    project: Project = None,
+    region: Region = None,
+    as_json: opt.Json = False,
+    config: opt.ConfigFiles = None,
+    sets: opt.Sets = None,
+    print_config: opt.PrintConfig = False,
 ) -> None:
     """Show the state of a Vertex AI job or Cloud Run service: state, times, URL, revision."""
     from kndcli.cloud import jobs, services
 
-    cfg = build_config(config, [])
-    project = jobs.pick(project, "KND_PROJECT", cfg.cloud.project)
-    region = jobs.pick(region, "KND_REGION", cfg.cloud.region)
+    cfg = opt.load(ctx)
+    project, region = cfg.cloud.project, cfg.cloud.region
     job_name = jobs.resolve_job_name(target, project, region)
     if job_name:
         summary = jobs.job_status(job_name, jobs.region_of(job_name, region))

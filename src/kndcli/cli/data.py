@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from kndcli.cli.common import ConfigOpt, OverridesArg, build_config, console
+from kndcli.cli import options as opt
+from kndcli.cli.options import console
 
 app = typer.Typer(help="Get raw audio and turn it into a prepared set.", no_args_is_help=True)
 
@@ -17,7 +18,7 @@ def download(
     dataset: Annotated[str, typer.Argument(help="ravdess, cremad or tess.")],
     url: Annotated[str | None, typer.Option(help="Download from this URL instead.")] = None,
     md5: Annotated[str | None, typer.Option(help="Expected md5 of the archive.")] = None,
-    out: Annotated[Path, typer.Option(help="Extract under this directory.")] = Path("data/raw"),
+    out: Annotated[Path, opt.out_option("Extract under this directory.")] = Path("data/raw"),
 ) -> None:
     """Download a public dataset, verify its checksum and extract it safely."""
     from kndcli.datasets.download import download_dataset
@@ -28,7 +29,7 @@ def download(
 
 @app.command("synth")
 def synth(
-    out: Annotated[Path, typer.Option(help="Write RAVDESS-named WAV files here.")] = Path(
+    out: Annotated[Path, opt.out_option("Write RAVDESS-named WAV files here.")] = Path(
         "data/synth"
     ),
     actors: Annotated[int, typer.Option(help="Number of synthetic speakers.")] = 8,
@@ -44,25 +45,25 @@ def synth(
 
 @app.command("prepare")
 def prepare(
+    ctx: typer.Context,
     dataset: Annotated[
-        str | None, typer.Option(help="ravdess, cremad, tess, folder or synth.")
+        str | None,
+        opt.keyed("data.dataset", "--dataset", help="ravdess, cremad, tess, folder or synth."),
     ] = None,
-    raw: Annotated[Path | None, typer.Option(help="Folder of raw audio.")] = None,
-    out: Annotated[Path | None, typer.Option(help="Prepared set directory.")] = None,
+    raw: Annotated[str | None, opt.keyed("data.raw", "--raw", help="Folder of raw audio.")] = None,
+    prepared: opt.Prepared = None,
     strict: Annotated[bool, typer.Option(help="Fail on the first bad file.")] = False,
-    config: ConfigOpt = None,
-    overrides: OverridesArg = None,
+    config: opt.ConfigFiles = None,
+    sets: opt.Sets = None,
+    print_config: opt.PrintConfig = False,
 ) -> None:
-    """Catalog, split by speaker, decode and store a dataset for training."""
+    """Catalog, split by speaker, decode and store a dataset for training.
+
+    Bad files are skipped and listed (exit 1 when there were any); --strict stops at the first.
+    """
     from kndcli.data.prepare import prepare_dataset
 
-    cfg = build_config(config, overrides)
-    if dataset:
-        cfg.data.dataset = dataset
-    if raw:
-        cfg.data.raw = str(raw)
-    if out:
-        cfg.data.prepared = str(out)
+    cfg = opt.load(ctx)
     result = prepare_dataset(cfg, strict=strict, progress=True)
     con = console()
     con.print(
@@ -75,17 +76,20 @@ def prepare(
         con.print(f"[yellow]skipped {len(result.failures)} bad files:[/]")
         for failure in result.failures:
             con.print(f"  {failure}")
+        raise typer.Exit(1)
 
 
 @app.command("split-report")
 def split_report(
-    prepared: Annotated[Path | None, typer.Option(help="Prepared set directory.")] = None,
-    config: ConfigOpt = None,
-    overrides: OverridesArg = None,
+    ctx: typer.Context,
+    prepared: opt.Prepared = None,
+    config: opt.ConfigFiles = None,
+    sets: opt.Sets = None,
+    print_config: opt.PrintConfig = False,
 ) -> None:
     """Clips per split x label x speaker; exit 1 if a speaker is in two splits."""
     from kndcli.data.report import print_split_report
 
-    cfg = build_config(config, overrides)
-    ok = print_split_report(prepared or Path(cfg.data.prepared), console())
+    cfg = opt.load(ctx)
+    ok = print_split_report(cfg.data.prepared, console())
     raise typer.Exit(0 if ok else 1)

@@ -8,18 +8,17 @@ from typing import Annotated
 
 import typer
 
-from kndcli.cli.common import console
+from kndcli.cli import options as opt
+from kndcli.cli.options import console
 
 
 def demo(
-    out: Annotated[Path, typer.Option(help="Write everything under this directory.")] = Path(
+    out: Annotated[Path, opt.out_option("Write everything under this directory.")] = Path(
         "knd-demo"
     ),
     actors: Annotated[int, typer.Option(help="Synthetic speakers (last two held out).")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic data.")] = 0,
-    overrides: Annotated[
-        list[str] | None, typer.Argument(help="Config overrides key=value.", show_default=False)
-    ] = None,
+    sets: opt.Sets = None,
 ) -> None:
     """Synthesize, prepare, train, evaluate and predict, offline, in minutes on a CPU."""
     from kndcli.cli.train import print_evaluation
@@ -28,7 +27,7 @@ def demo(
 
     con = console()
     started = time.perf_counter()
-    result = run_demo(out, actors=actors, seed=seed, overrides=overrides, say=con.print)
+    result = run_demo(out, actors=actors, seed=seed, overrides=sets, say=con.print)
     m = result.metrics
     print_evaluation(Evaluation.from_summary(m))
     p = result.prediction

@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from kndcli.cli.common import ConfigOpt, JsonOpt, ModelOpt, OverridesArg, build_config, console
+from kndcli.cli import options as opt
+from kndcli.cli.options import console
 
 if TYPE_CHECKING:
     from kndcli.monitoring.drift import DriftResult
@@ -18,8 +19,8 @@ app = typer.Typer(
 
 LogOpt = Annotated[
     str | None,
-    typer.Option(
-        "--log", help="Prediction log: SQLite path or gs://bucket/prefix (default: serve.log_sink)."
+    opt.keyed(
+        "serve.log_sink", "--log-sink", help="Prediction log: SQLite path or gs://bucket/prefix."
     ),
 ]
 AudioOpt = Annotated[
@@ -33,20 +34,13 @@ SinceOpt = Annotated[
 LastOpt = Annotated[int | None, typer.Option("--last", help="Only the newest N log records.")]
 
 
-def _analyze(
-    model: Path | None,
-    log: str | None,
-    audio: Path | None,
-    since: str | None,
-    last: int | None,
-    config: list[Path] | None,
-    overrides: list[str] | None,
-) -> tuple[DriftResult, object]:
+def _analyze(ctx: typer.Context, audio: Path | None, since: str | None, last: int | None):
     from kndcli.inference.bundle import resolve_model
     from kndcli.monitoring.drift import run_drift
 
-    cfg = build_config(config, overrides)
-    bundle = resolve_model(model, cfg.inference.model)
+    cfg = opt.load(ctx)
+    bundle = resolve_model(cfg.inference.model)
+    log = ctx.params.get("log_sink") if audio else cfg.serve.log_sink  # both: refused below
     return run_drift(bundle, cfg, log=log, audio=audio, since=since, last=last), cfg
 
 
@@ -56,24 +50,38 @@ def _print(result: DriftResult, as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
         return
+    from rich import box
     from rich.table import Table
 
     out = console()
     if result.columns:
-        table = Table(title=f"drift: {result.source}", title_justify="left")
-        for name, justify in (
-            ("column", "left"),
-            ("test", "left"),
-            ("statistic", "right"),
-            ("p-value", "right"),
-            ("distance", "right"),
-            ("reference", "left"),
-            ("current", "left"),
-            ("drifted", "left"),
+        # Eight narrow columns: headers and numbers never wrap, the two summaries fold,
+        # so the table fits 80 columns in a terminal and in a piped log alike.
+        table = Table(
+            title=f"drift: {result.source}",
+            title_justify="left",
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+            show_edge=False,
+        )
+        for name, justify, fold in (
+            ("column", "left", False),
+            ("test", "left", False),
+            ("stat", "right", False),
+            ("p", "right", False),
+            ("dist", "right", False),
+            ("reference", "left", True),
+            ("current", "left", True),
+            ("drift", "left", True),
         ):
-            table.add_column(name, justify=justify)  # type: ignore[arg-type]
+            table.add_column(
+                name,
+                justify=justify,
+                no_wrap=not fold,  # type: ignore[arg-type]
+                overflow="fold" if fold else "ellipsis",
+            )
         for c in result.columns:
-            mark = "[red]yes (severe)[/]" if c.severe else "[red]yes[/]" if c.drifted else "no"
+            mark = "[red]severe[/]" if c.severe else "[red]yes[/]" if c.drifted else "no"
             table.add_row(
                 c.column,
                 c.test,
@@ -91,40 +99,48 @@ def _print(result: DriftResult, as_json: bool) -> None:
 
 @app.command("report")
 def report(
-    model: ModelOpt = None,
-    log: LogOpt = None,
+    ctx: typer.Context,
+    model: opt.Model = None,
+    log_sink: LogOpt = None,
     audio: AudioOpt = None,
-    out: Annotated[
-        Path, typer.Option("--out", "-o", help="HTML report; the JSON summary goes beside it.")
-    ] = Path("drift_report.html"),
+    out: Annotated[Path, opt.out_option("HTML report; the JSON summary goes beside it.")] = Path(
+        "drift_report.html"
+    ),
     since: SinceOpt = None,
     last: LastOpt = None,
-    as_json: JsonOpt = False,
-    config: ConfigOpt = None,
-    overrides: OverridesArg = None,
+    json_out: opt.Json = False,
+    config: opt.ConfigFiles = None,
+    sets: opt.Sets = None,
+    print_config: opt.PrintConfig = False,
 ) -> None:
     """Write an HTML drift report (Evidently) and a JSON summary, and print the table."""
     from kndcli.monitoring.drift import write_report
 
-    result, cfg = _analyze(model, log, audio, since, last, config, overrides)
+    result, cfg = _analyze(ctx, audio, since, last)
     written = write_report(result, out, out.with_suffix(".json"), cfg)  # type: ignore[arg-type]
-    _print(result, as_json)
-    if not as_json:
+    _print(result, json_out)
+    if not json_out:
         console().print(f"report: {written['html']}  summary: {written['json']}")
 
 
 @app.command("check")
 def check(
-    model: ModelOpt = None,
-    log: LogOpt = None,
+    ctx: typer.Context,
+    model: opt.Model = None,
+    log_sink: LogOpt = None,
     audio: AudioOpt = None,
     since: SinceOpt = None,
     last: LastOpt = None,
-    as_json: JsonOpt = False,
-    config: ConfigOpt = None,
-    overrides: OverridesArg = None,
+    json_out: opt.Json = False,
+    config: opt.ConfigFiles = None,
+    sets: opt.Sets = None,
+    print_config: opt.PrintConfig = False,
 ) -> None:
-    """Exit 0 without drift, 1 with drift, 2 when it cannot judge (for cron and CI)."""
-    result, _ = _analyze(model, log, audio, since, last, config, overrides)
-    _print(result, as_json)
+    """Exit 0 without drift, 1 with drift, 4 when there is too little data to judge.
+
+    A wrong bundle, log path or option is 2 and an unreachable log 3, so a cron job's
+    `|| alert` can tell drift from a typo.
+    """
+    result, _ = _analyze(ctx, audio, since, last)
+    _print(result, json_out)
     raise typer.Exit(result.exit_code)

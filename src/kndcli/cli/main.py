@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import traceback
 from typing import Annotated
 
 import typer
@@ -23,7 +24,7 @@ from kndcli.cli import (
     serve,
     train,
 )
-from kndcli.errors import KndError
+from kndcli.errors import EXIT_RUNTIME, EXIT_USAGE, KndError
 
 app = typer.Typer(
     name="knd",
@@ -64,7 +65,7 @@ app.command("demo")(demo.demo)
 
 
 def main() -> None:
-    """Run the app; user errors become one red line and their exit code, not a traceback."""
+    """Run the app; every failure becomes its exit code (errors.py) and a short message."""
     try:
         result = app(standalone_mode=False)
         sys.exit(result if isinstance(result, int) else 0)
@@ -73,12 +74,27 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except typer.Abort:
-        print("aborted", file=sys.stderr)
-        sys.exit(130)
-    except KeyboardInterrupt:
+    except (typer.Abort, KeyboardInterrupt):
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    except ClickException as exc:  # usage errors: the usage line, the problem, exit 2
-        exc.show()
-        sys.exit(exc.exit_code)
+    except ClickException as exc:
+        _usage_error(exc)
+        sys.exit(EXIT_USAGE)
+    except Exception:  # a bug in knd: the traceback is what a report needs
+        traceback.print_exc()
+        print("error: knd failed unexpectedly (a bug: please report it)", file=sys.stderr)
+        sys.exit(EXIT_RUNTIME)
+
+
+def _usage_error(exc: ClickException) -> None:
+    """One line for the problem, one with the command's usage and where help is."""
+    message = exc.format_message()
+    if not message:  # a group run alone: its help is already printed
+        return
+    if "unexpected extra argument" in message and "=" in message:
+        message += "; config overrides are given as --set KEY=VALUE"
+    ctx = getattr(exc, "ctx", None)
+    print(f"error: {message}", file=sys.stderr)
+    if ctx is not None:
+        usage = ctx.get_usage().replace("Usage: ", "").strip()
+        print(f"usage: {usage}  (see: {ctx.command_path} --help)", file=sys.stderr)

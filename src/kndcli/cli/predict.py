@@ -9,35 +9,34 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from kndcli.cli.common import ConfigOpt, ModelOpt, SetOpt
-from kndcli.errors import KndError
+from kndcli.cli import options as opt
+from kndcli.errors import UsageError
 
 if TYPE_CHECKING:
-    from kndcli.config import KndConfig
-    from kndcli.inference.predictor import Prediction, Predictor
+    from kndcli.inference.predictor import Prediction
 
 PROGRESS_MIN_FILES = 20
 
 
 def predict(
-    paths: Annotated[
-        list[str],
-        typer.Argument(
-            help="Audio files, directories (searched recursively) or globs.", show_default=False
+    ctx: typer.Context,
+    paths: opt.Paths,
+    model: opt.Model = None,
+    backend: opt.Backend = None,
+    min_confidence: Annotated[
+        float | None,
+        opt.keyed(
+            "inference.min_confidence",
+            "--min-confidence",
+            help="Answer 'uncertain' below this calibrated confidence.",
         ),
-    ],
-    model: ModelOpt = None,
-    backend: Annotated[
-        str | None, typer.Option(help="onnx (default) or torch.", show_default=False)
     ] = None,
-    json_out: Annotated[
-        bool, typer.Option("--json", help="One JSON object per line on stdout.")
-    ] = False,
+    json_out: opt.Json = False,
+    jsonl: opt.Jsonl = False,
     csv_out: Annotated[bool, typer.Option("--csv", help="CSV on stdout.")] = False,
     timeline: Annotated[
         bool, typer.Option("--timeline", help="Per-window labels for clips longer than a window.")
@@ -49,21 +48,25 @@ def predict(
             help="Progress bar on stderr (default: on a terminal, for many files).",
         ),
     ] = None,
-    config: ConfigOpt = None,
-    overrides: SetOpt = None,
+    config: opt.ConfigFiles = None,
+    sets: opt.Sets = None,
+    print_config: opt.PrintConfig = False,
 ) -> None:
-    """Predict the emotion of each clip: label, confidence and top-3 (table, JSON or CSV)."""
-    if json_out and csv_out:
-        raise KndError("choose one of --json and --csv")
-    cfg = cli_config(config, overrides)
+    """Predict the emotion of each clip: label, confidence and top-3 (table, JSON or CSV).
+
+    Exit 1 when any file could not be scored (the others are still printed).
+    """
+    opt.choose_output(json_out, jsonl=jsonl, csv=csv_out)
+    cfg = opt.load(ctx)
     from kndcli.audio import find_audio_files
     from kndcli.inference.bundle import resolve_model
+    from kndcli.inference.predictor import Predictor
 
     files = find_audio_files(paths)
     if not files:
-        raise KndError(f"no audio files found in {' '.join(paths)}")
-    bundle = resolve_model(model, default=cfg.inference.model)
-    predictor = load_predictor(bundle, cfg, backend)
+        raise UsageError(f"no audio files found in {' '.join(paths)}")
+    bundle = resolve_model(cfg.inference.model)
+    predictor = Predictor.from_config(bundle, cfg.inference)
     predictions = predictor.predict_paths(
         files,
         batch_size=cfg.inference.batch_size,
@@ -76,7 +79,9 @@ def predict(
     if progress:
         predictions = _with_progress(predictions, len(files))
     if json_out:
-        failed = _write_json(predictions, timeline)
+        failed = _write_json(predictions, timeline, str(bundle))
+    elif jsonl:
+        failed = _write_jsonl(predictions, timeline)
     elif csv_out:
         failed = _write_csv(predictions, predictor.labels, timeline)
     else:
@@ -86,32 +91,6 @@ def predict(
         raise typer.Exit(1)
 
 
-def load_predictor(bundle: Path, cfg: KndConfig, backend: str | None = None) -> Predictor:
-    """The bundle's Predictor, with the configured window and hop when they are set."""
-    from kndcli.inference.predictor import Predictor
-
-    inf = cfg.inference
-    predictor = Predictor.from_bundle(
-        bundle, backend=backend or inf.backend, min_confidence=inf.min_confidence
-    )
-    if inf.window_s > 0:
-        predictor.window = int(round(inf.window_s * predictor.sample_rate))
-    if inf.hop_s > 0:
-        predictor.hop = max(1, int(round(inf.hop_s * predictor.sample_rate)))
-    return predictor
-
-
-def cli_config(files: list[Path] | None, overrides: list[str] | None) -> KndConfig:
-    """The defaults need no YAML parser; omegaconf is imported only to merge files or --set."""
-    if files or overrides:
-        from kndcli.cli.common import build_config
-
-        return build_config(files, overrides)
-    from kndcli.config import KndConfig
-
-    return KndConfig()
-
-
 def _error_line(pred: Prediction) -> None:
     print(f"error: {pred.source}: {pred.error}", file=sys.stderr, flush=True)
 
@@ -119,7 +98,7 @@ def _error_line(pred: Prediction) -> None:
 def _with_progress(predictions: Iterable[Prediction], total: int) -> Iterator[Prediction]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    from kndcli.cli.common import console
+    from kndcli.cli.options import console
 
     columns = (
         "[progress.description]{task.description}",
@@ -134,7 +113,22 @@ def _with_progress(predictions: Iterable[Prediction], total: int) -> Iterator[Pr
             yield pred
 
 
-def _write_json(predictions: Iterable[Prediction], timeline: bool) -> int:
+def _write_json(predictions: Iterable[Prediction], timeline: bool, model: str) -> int:
+    """One document: the model, counts and every prediction (failures with their error)."""
+    import json
+
+    rows = []
+    for pred in predictions:
+        if not pred.ok:
+            _error_line(pred)
+        rows.append(pred.to_dict(timeline=timeline))
+    failed = sum(1 for row in rows if row.get("error"))
+    document = {"model": model, "files": len(rows), "failed": failed, "predictions": rows}
+    sys.stdout.write(json.dumps(document) + "\n")
+    return failed
+
+
+def _write_jsonl(predictions: Iterable[Prediction], timeline: bool) -> int:
     import json
 
     failed = 0
@@ -187,7 +181,7 @@ def _write_csv(predictions: Iterable[Prediction], labels: list[str], timeline: b
 def _write_table(predictions: Iterable[Prediction], timeline: bool) -> int:
     from rich.table import Table
 
-    from kndcli.cli.common import console
+    from kndcli.cli.options import console
 
     table = Table(show_edge=False, pad_edge=False)
     table.add_column("file", overflow="fold")

@@ -8,8 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
-from kndcli.cli.common import ConfigOpt, JsonOpt, ModelOpt, OverridesArg, SetOpt
-from kndcli.errors import KndError
+from kndcli.cli import options as opt
+from kndcli.errors import UsageError
 
 app = typer.Typer(help="Profile training or prediction.", no_args_is_help=True)
 
@@ -21,28 +21,24 @@ TopOpt = Annotated[int, typer.Option("--top", help="How many operators to list."
 
 @app.command("predict")
 def profile_predict(
-    paths: Annotated[
-        list[str],
-        typer.Argument(help="Audio files, directories or globs.", show_default=False),
-    ],
-    model: ModelOpt = None,
-    backend: Annotated[
-        str, typer.Option(help="torch (stage by stage, torch.profiler) or onnx (ORT profiler).")
-    ] = "torch",
-    json_out: JsonOpt = False,
+    ctx: typer.Context,
+    paths: opt.Paths,
+    model: opt.Model = None,
+    backend: opt.Backend = None,
+    json_out: opt.Json = False,
     trace: TraceOpt = None,
     top: TopOpt = 15,
-    config: ConfigOpt = None,
-    overrides: SetOpt = None,
+    config: opt.ConfigFiles = None,
+    sets: opt.Sets = None,
+    print_config: opt.PrintConfig = False,
 ) -> None:
     """Profile the prediction path stage by stage: decode, resample, frontend, backbone, post."""
-    from kndcli.cli.common import build_config
     from kndcli.inference.bundle import resolve_model
     from kndcli.profiling import profile_predict as run
 
-    cfg = build_config(config, overrides)
-    bundle = resolve_model(model, default=cfg.inference.model)
-    result = run(bundle, paths, backend=backend, trace=trace, top=top)
+    cfg = opt.load(ctx)
+    bundle = resolve_model(cfg.inference.model)
+    result = run(bundle, paths, backend=cfg.inference.backend, trace=trace, top=top)
     if json_out:
         result.pop("predictions", None)
         typer.echo(json.dumps(result, indent=2))
@@ -64,19 +60,21 @@ def profile_predict(
 
 @app.command("train")
 def profile_train(
-    config: ConfigOpt = None,
-    overrides: OverridesArg = None,
+    ctx: typer.Context,
+    prepared: opt.Prepared = None,
     steps: Annotated[int, typer.Option(help="Measured training steps.")] = 5,
     warmup: Annotated[int, typer.Option(help="Unmeasured steps first.")] = 1,
-    json_out: JsonOpt = False,
+    json_out: opt.Json = False,
     trace: TraceOpt = None,
     top: TopOpt = 15,
+    config: opt.ConfigFiles = None,
+    sets: opt.Sets = None,
+    print_config: opt.PrintConfig = False,
 ) -> None:
     """Profile a few training steps: data-loader wait versus compute, samples/s, operators."""
-    from kndcli.cli.common import build_config
     from kndcli.profiling import profile_train as run
 
-    cfg = build_config(config, overrides)
+    cfg = opt.load(ctx)
     result = run(cfg, steps=steps, warmup=warmup, trace=trace, top=top)
     if json_out:
         typer.echo(json.dumps(result, indent=2))
@@ -97,7 +95,7 @@ def profile_train(
 
 
 def _console():
-    from kndcli.cli.common import console
+    from kndcli.cli.options import console
 
     return console()
 
@@ -108,7 +106,7 @@ def _print_failures(result: dict[str, Any]) -> None:
     for bad in result["failed"]:
         print(f"error: {bad['file']}: {bad['error']}", file=sys.stderr)
     if result["failed"] and len(result["failed"]) == result["files"]:
-        raise KndError("every file failed to decode: nothing was profiled")
+        raise UsageError("every file failed to decode: nothing was profiled")
 
 
 def _print_stages(result: dict[str, Any], title: str) -> None:

@@ -2,41 +2,64 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated
 
 import typer
 
-from kndcli.cli.common import ConfigOpt, ModelOpt, SetOpt
+from kndcli.cli import options as opt
 
 
 def serve(
-    model: ModelOpt = None,
-    host: Annotated[
-        str | None, typer.Option(help="Bind address (default serve.host, 127.0.0.1).")
-    ] = None,
+    ctx: typer.Context,
+    model: opt.Model = None,
+    host: Annotated[str | None, opt.keyed("serve.host", "--host", help="Bind address.")] = None,
     port: Annotated[
-        int | None, typer.Option(help="Port (default: $PORT, then serve.port).")
+        int | None, opt.keyed("serve.port", "--port", help="Port (Cloud Run's PORT also sets it).")
     ] = None,
     workers: Annotated[
-        int | None, typer.Option(help="Worker processes, each with its own model copy.")
+        int | None,
+        opt.keyed("serve.workers", "--workers", help="uvicorn worker processes."),
     ] = None,
-    backend: Annotated[str | None, typer.Option(help="onnx (default) or torch.")] = None,
+    backend: opt.Backend = None,
     access_log: Annotated[
         bool, typer.Option("--access-log/--no-access-log", help="Log every request.")
     ] = False,
-    config: ConfigOpt = None,
-    overrides: SetOpt = None,
+    config: opt.ConfigFiles = None,
+    sets: opt.Sets = None,
+    print_config: opt.PrintConfig = False,
 ) -> None:
     """Serve a bundle over HTTP: /predict, /predict/batch, /health, /ready, /metrics, /docs."""
-    from kndcli.cli.predict import cli_config
     from kndcli.inference.bundle import load_bundle, resolve_model
     from kndcli.serving.app import run_server
     from kndcli.serving.settings import ServeSettings
 
-    cfg = cli_config(config, overrides)
-    bundle = resolve_model(model, default=cfg.inference.model)
-    load_bundle(bundle)  # fail here, in one line, rather than in every worker
-    settings = ServeSettings.from_config(
-        cfg, bundle, host=host, port=port, workers=workers, backend=backend
-    )
+    cfg = opt.load(ctx)
+    path = resolve_model(cfg.inference.model)
+    bundle = load_bundle(path)  # fail here, in one line, rather than in every worker
+    settings = ServeSettings.from_config(cfg, path)
+    _announce(settings, bundle)
     run_server(settings, access_log=access_log)
+
+
+def _announce(settings, bundle) -> None:
+    """What a person starting the service needs to see before the first request."""
+    inf = settings.inference
+    token = "required (KND_API_TOKEN)" if settings.token() else "none: every route is open"
+    lines = [
+        f"model    {bundle.version} ({len(bundle.labels)} labels, {inf.backend}) "
+        f"from {bundle.root}",
+        f"listen   http://{settings.host}:{settings.port}  (docs at /docs)",
+        f"scoring  {settings.processes or 'in-process'} worker(s), batches of "
+        f"{settings.max_batch_size}, clips up to {settings.max_duration_s:g} s",
+        f"log      {settings.log_sink}",
+        f"token    {token}",
+    ]
+    if inf.min_confidence > 0:
+        lines.append(f"answers  'uncertain' below confidence {inf.min_confidence:g}")
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.token():
+        lines.append(
+            f"warning  bound to {settings.host} without a token: anyone who can reach this "
+            "port can use the service; set KND_API_TOKEN"
+        )
+    print("\n".join(lines), file=sys.stderr, flush=True)

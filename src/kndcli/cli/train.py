@@ -3,26 +3,53 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from kndcli.cli.common import ConfigOpt, JsonOpt, OverridesArg, build_config, console
+from kndcli.cli import options as opt
+from kndcli.cli.options import console
+from kndcli.errors import UsageError
 
 
 def train(
-    config: ConfigOpt = None,
-    overrides: OverridesArg = None,
+    ctx: typer.Context,
+    prepared: opt.Prepared = None,
     resume: Annotated[
-        Path | None, typer.Option(help="Continue a run directory from its last checkpoint.")
+        Path | None,
+        typer.Option(
+            help="Continue this run directory from its last checkpoint, with its config.",
+            show_default=False,
+        ),
     ] = None,
+    config: opt.ConfigFiles = None,
+    sets: opt.Sets = None,
+    print_config: opt.PrintConfig = False,
 ) -> None:
     """Train a model on the prepared set and write a model bundle."""
-    from kndcli.training.train import load_run_config
+    from kndcli.training.train import finished_bundle, run_config_file
     from kndcli.training.train import train as run_training
 
-    cfg = load_run_config(resume, overrides) if resume else build_config(config, overrides)
+    if resume and (done := finished_bundle(resume)):
+        print(
+            f"{resume}: this run finished and wrote {done}; nothing to resume "
+            "(start a new run with --set train.run_name=NAME)",
+            file=sys.stderr,
+        )
+        return
+    if resume and config:
+        raise UsageError("--resume continues a run with its own config: drop --config")
+    run = (
+        {
+            "files": [run_config_file(resume)],
+            "values": {"train.run_name": resume.name, "train.output_dir": str(resume.parent)},
+        }
+        if resume
+        else {}
+    )
+    cfg = opt.load(ctx, **run)
     result = run_training(cfg)
     if result is None:  # a non-zero rank of a distributed run
         return
@@ -34,20 +61,16 @@ def train(
             f"UAR {m['uar']:.1%}  ({m['n_clips']} clips)"
         )
     con.print(f"bundle: {result.bundle_dir}")
-    con.print(
-        f"next:   knd evaluate {result.bundle_dir}  |  knd predict -m {result.bundle_dir} clip.wav"
-    )
+    con.print(f"next:   knd evaluate -m {result.bundle_dir}")
+    con.print(f"        knd predict -m {result.bundle_dir} clip.wav")
 
 
 def evaluate(
-    bundle: Annotated[
-        Path | None, typer.Argument(help="Bundle directory (default: latest).")
-    ] = None,
-    data: Annotated[
-        Path | None, typer.Option(help="Prepared set (default: data.prepared).")
-    ] = None,
-    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
-    backend: Annotated[str, typer.Option(help="onnx or torch.")] = "onnx",
+    ctx: typer.Context,
+    model: opt.Model = None,
+    prepared: opt.Prepared = None,
+    split: opt.Split = "test",
+    backend: opt.Backend = None,
     robustness: Annotated[
         bool,
         typer.Option(
@@ -58,35 +81,57 @@ def evaluate(
     ] = False,
     out: Annotated[
         Path | None,
-        typer.Option(help="Write metrics JSON and PNGs here (default: BUNDLE/eval)."),
+        opt.out_option("Write metrics JSON and PNGs here (default: BUNDLE/eval)."),
     ] = None,
-    json_out: JsonOpt = False,
-    config: ConfigOpt = None,
-    overrides: OverridesArg = None,
+    json_out: opt.Json = False,
+    config: opt.ConfigFiles = None,
+    sets: opt.Sets = None,
+    print_config: opt.PrintConfig = False,
 ) -> None:
-    """Evaluate a bundle: accuracy, macro-F1, UAR, calibration (ECE), per class and speaker."""
-    from kndcli.data.store import PreparedSet
+    """Evaluate a bundle: accuracy, macro-F1, UAR, calibration (ECE), per class and speaker.
+
+    Scores the prepared set recorded in the bundle unless --prepared names another, and
+    refuses a split the bundle was trained on.
+    """
     from kndcli.inference.bundle import resolve_model
     from kndcli.inference.evaluate import evaluate_predictor, save_evaluation
     from kndcli.inference.predictor import Predictor
 
-    cfg = build_config(config, overrides)
-    path = resolve_model(bundle, cfg.inference.model)
-    predictor = Predictor.from_bundle(
-        path, backend=backend, min_confidence=cfg.inference.min_confidence
-    )
-    prepared = PreparedSet.open(data or cfg.data.prepared)
-    out_dir = out or path / "eval"
+    cfg = opt.load(ctx)
+    path = resolve_model(cfg.inference.model)
+    predictor = Predictor.from_config(path, cfg.inference)
+    data, out_dir = _evaluation_set(predictor.bundle, opt.chosen_prepared(ctx, cfg), out)
     if robustness:
-        _robustness(predictor, prepared, split, cfg, out_dir, json_out)
+        _robustness(predictor, data, split, cfg, out_dir, json_out)
         return
-    result = evaluate_predictor(predictor, prepared, split)
+    result = evaluate_predictor(predictor, data, split)
     written = save_evaluation(result, out_dir)
     if json_out:
         typer.echo(json.dumps(result.summary()))
         return
     print_evaluation(result)
     console().print("wrote " + ", ".join(str(p) for p in written))
+
+
+def _evaluation_set(bundle, chosen: str | None, out: Path | None):
+    """The set the user chose, else the bundle's recorded one; where the results go.
+
+    Results for another set never overwrite the bundle's own `eval/`.
+    """
+    from kndcli.config import DataConfig
+    from kndcli.data.store import PreparedSet
+    from kndcli.inference.evaluate import is_recorded_set
+
+    recorded = (bundle.meta.get("data") or {}).get("prepared")
+    data = PreparedSet.open(chosen or recorded or DataConfig().prepared)
+    if is_recorded_set(bundle.meta, data):
+        return data, out or bundle.root / "eval"
+    if recorded:
+        print(
+            f"note: scoring {data.source}, not {recorded} (the set this bundle was trained on)",
+            file=sys.stderr,
+        )
+    return data, out or bundle.root / f"eval-{Path(data.source.rstrip('/')).name}"
 
 
 def _robustness(predictor, prepared, split: str, cfg, out_dir: Path, json_out: bool) -> None:

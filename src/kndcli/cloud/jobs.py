@@ -1,21 +1,22 @@
 """Vertex AI CustomJobs that run `knd train` in the training image, on one or many nodes.
 
 `build_custom_job` is pure (options in, request dict out) so the exact request can be
-printed by `--dry-run` and checked in tests; `submit_job` sends it with the SDK.
+printed by `--dry-run` and checked in tests; `submit_job` sends it with the SDK. The
+machine, image and scheduling come from the resolved `cloud:` section (`JobOptions.cloud`,
+already merged from files, the environment, `--set` and flags by `config.load_config`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kndcli.config import CloudConfig
-from kndcli.errors import KndError
+from kndcli.config import CloudConfig, parse_duration
+from kndcli.errors import ConfigError, KndError, UsageError
 
 TERMINAL_JOB_STATES = {
     "JOB_STATE_SUCCEEDED",
@@ -24,44 +25,27 @@ TERMINAL_JOB_STATES = {
     "JOB_STATE_EXPIRED",
     "JOB_STATE_PARTIALLY_SUCCEEDED",
 }
+NUM_NODES_KEY = "train.trainer.num_nodes"
 _LABEL = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 _LABEL_VALUE = re.compile(r"^[a-z0-9_-]{0,63}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_ACCELERATOR = re.compile(r"[A-Z][A-Z0-9_]+")
 
 
 @dataclass
 class JobOptions:
-    """Everything a CustomJob request is built from; CLI flags over env over `cloud:`."""
+    """A CustomJob: the resolved `cloud:` section plus what is not configuration.
 
-    project: str
-    region: str
-    image: str
+    `config_files` and `overrides` (`key=value`, as `--set` takes them) are handed to the
+    container's `knd train`, so the remote run resolves the config the dry run printed.
+    """
+
+    cloud: CloudConfig
     display_name: str
-    machine: str = "n1-highcpu-32"
-    accelerator: str = ""
-    accelerator_count: int = 0
-    replicas: int = 1
-    spot: bool = False
-    timeout: str = "24h"
-    service_account: str = ""
-    base_output_dir: str = ""
     labels: dict[str, str] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
     config_files: list[str] = field(default_factory=list)
     overrides: list[str] = field(default_factory=list)
-
-
-def parse_duration(text: str, what: str = "timeout") -> int:
-    """Seconds in '90s', '30m', '24h', '2d' or a bare number of seconds."""
-    match = _DURATION.match(str(text))
-    if not match:
-        raise KndError(f"{what} {text!r} is not a duration like 3600, 90m, 24h or 2d")
-    scale = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
-    seconds = int(float(match.group(1)) * scale)
-    if seconds <= 0:
-        raise KndError(f"{what} {text!r} must be positive")
-    return seconds
 
 
 def parse_pairs(items: list[str] | None, what: str) -> dict[str, str]:
@@ -69,147 +53,118 @@ def parse_pairs(items: list[str] | None, what: str) -> dict[str, str]:
     pairs: dict[str, str] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise KndError(f"{what} {item!r} is not of the form KEY=VALUE")
+        if not sep or not key.strip():
+            raise UsageError(f"{what} {item!r} is not of the form KEY=VALUE")
         pairs[key.strip()] = value
     return pairs
 
 
-def pick(flag: Any, env_name: str | None, configured: Any) -> Any:
-    """A CLI flag wins, then an environment variable, then the config file's value."""
-    if flag not in (None, ""):
-        return flag
-    if env_name and os.environ.get(env_name):
-        return os.environ[env_name]
-    return configured
+def require_location(cloud: CloudConfig) -> None:
+    """A project and a region, or a usage error saying how to give them."""
+    if not cloud.project:
+        raise ConfigError(
+            "no Google Cloud project: pass --project, set KND_PROJECT or cloud.project"
+        )
+    if not cloud.region:
+        raise ConfigError("no region: pass --region, set KND_REGION or cloud.region")
 
 
-def job_options(
-    cloud: CloudConfig,
-    *,
-    display_name: str,
-    config_files: list[str],
-    overrides: list[str],
-    project: str | None = None,
-    region: str | None = None,
-    image: str | None = None,
-    machine: str | None = None,
-    accelerator: str | None = None,
-    accelerator_count: int | None = None,
-    replicas: int | None = None,
-    spot: bool | None = None,
-    timeout: str | None = None,
-    service_account: str | None = None,
-    base_output_dir: str | None = None,
-    labels: dict[str, str] | None = None,
-    env: dict[str, str] | None = None,
-) -> JobOptions:
-    """Merge flags, KND_PROJECT / KND_REGION and the `cloud:` section into JobOptions."""
-    return JobOptions(
-        project=pick(project, "KND_PROJECT", cloud.project),
-        region=pick(region, "KND_REGION", cloud.region),
-        image=pick(image, None, cloud.train_image),
-        display_name=display_name,
-        machine=pick(machine, None, cloud.machine),
-        accelerator=pick(accelerator, None, cloud.accelerator),
-        accelerator_count=int(pick(accelerator_count, None, cloud.accelerator_count)),
-        replicas=int(pick(replicas, None, cloud.replicas)),
-        spot=bool(cloud.spot if spot is None else spot),
-        timeout=str(pick(timeout, None, cloud.timeout)),
-        service_account=pick(service_account, None, cloud.service_account),
-        base_output_dir=pick(base_output_dir, None, cloud.base_output_dir),
-        labels=dict(labels or {}),
-        env=dict(env or {}),
-        config_files=list(config_files),
-        overrides=list(overrides),
-    )
+def check_labels(labels: dict[str, str]) -> None:
+    for key, value in labels.items():
+        if not _LABEL.match(key) or not _LABEL_VALUE.match(value):
+            raise UsageError(
+                f"--label {key}={value!r}: keys and values must be lowercase letters, digits, "
+                "'_' or '-' (keys start with a letter; at most 63 characters)"
+            )
+
+
+def check_env_names(env: dict[str, str]) -> None:
+    for name in env:
+        if not _ENV_NAME.match(name):
+            raise UsageError(f"--env {name!r} is not a valid environment variable name")
 
 
 def _check(opts: JobOptions) -> None:
-    if not opts.project:
-        raise KndError("no Google Cloud project: pass --project, set KND_PROJECT or cloud.project")
-    if not opts.region:
-        raise KndError("no region: pass --region, set KND_REGION or cloud.region")
-    if not opts.image:
-        raise KndError(
-            "no training image: pass --image or set cloud.train_image "
+    """What the config schema cannot check alone (its values are checked by load_config)."""
+    c = opts.cloud
+    require_location(c)
+    if not c.train_image:
+        raise ConfigError(
+            "no training image: pass --train-image or set cloud.train_image "
             "(build it with docker/cloudbuild.yaml)"
         )
-    if opts.replicas < 1:
-        raise KndError(f"--replicas must be at least 1, got {opts.replicas}")
-    if opts.accelerator_count < 0:
-        raise KndError(f"--accelerator-count must not be negative, got {opts.accelerator_count}")
-    if opts.accelerator_count and not opts.accelerator:
-        raise KndError("--accelerator-count needs --accelerator (e.g. NVIDIA_L4)")
-    if opts.accelerator and not re.fullmatch(r"[A-Z][A-Z0-9_]+", opts.accelerator):
-        raise KndError(f"--accelerator {opts.accelerator!r} is not a Vertex accelerator type")
-    if opts.base_output_dir and not opts.base_output_dir.startswith("gs://"):
-        raise KndError(f"--base-output-dir {opts.base_output_dir!r} must be a gs:// URI")
-    for key, value in opts.labels.items():
-        if not _LABEL.match(key) or not _LABEL_VALUE.match(value):
-            raise KndError(
-                f"label {key}={value!r}: keys and values must be lowercase letters, digits, "
-                "'_' or '-' (keys start with a letter; at most 63 characters)"
-            )
-    for name in opts.env:
-        if not _ENV_NAME.match(name):
-            raise KndError(f"--env {name!r} is not a valid environment variable name")
+    if c.accelerator_count and not c.accelerator:
+        raise ConfigError(
+            "key 'cloud.accelerator_count' needs cloud.accelerator: pass --accelerator "
+            "(e.g. NVIDIA_L4)"
+        )
+    if c.accelerator and not _ACCELERATOR.fullmatch(c.accelerator):
+        raise ConfigError(
+            f"key 'cloud.accelerator': {c.accelerator!r} is not a Vertex accelerator type "
+            "(e.g. NVIDIA_L4, NVIDIA_TESLA_A100)"
+        )
+    if c.base_output_dir and not c.base_output_dir.startswith("gs://"):
+        raise ConfigError(f"key 'cloud.base_output_dir': {c.base_output_dir!r} must be a gs:// URI")
+    check_labels(opts.labels)
+    check_env_names(opts.env)
 
 
 def container_args(opts: JobOptions) -> list[str]:
-    """`knd train` arguments: the config files (paths inside the image) and the overrides."""
+    """`knd train --config F ... --set k=v ...`: the user's files (paths inside the image)
+    and overrides, so the job resolves the same configuration as this command."""
     args = ["train"]
     for file in opts.config_files:
         args += ["--config", file]
-    args += opts.overrides
+    for override in opts.overrides:
+        args += ["--set", override]
     # Lightning also learns num_nodes from the environment (vertex_env); saying it here keeps
     # the resolved config that travels with the bundle truthful.
-    if opts.replicas > 1 and not any(
-        o.startswith("train.trainer.num_nodes=") for o in opts.overrides
-    ):
-        args.append(f"train.trainer.num_nodes={opts.replicas}")
+    replicas = opts.cloud.replicas
+    if replicas > 1 and not any(o.startswith(f"{NUM_NODES_KEY}=") for o in opts.overrides):
+        args += ["--set", f"{NUM_NODES_KEY}={replicas}"]
     return args
 
 
 def build_custom_job(opts: JobOptions) -> dict[str, Any]:
     """The CustomJob (proto field names): pool 0 the primary, pool 1 the other N-1 nodes."""
     _check(opts)
-    machine_spec: dict[str, Any] = {"machine_type": opts.machine}
-    if opts.accelerator:
-        machine_spec["accelerator_type"] = opts.accelerator
-        machine_spec["accelerator_count"] = opts.accelerator_count or 1
+    c = opts.cloud
+    machine_spec: dict[str, Any] = {"machine_type": c.machine}
+    if c.accelerator:
+        machine_spec["accelerator_type"] = c.accelerator
+        machine_spec["accelerator_count"] = c.accelerator_count or 1
     container = {
-        "image_uri": opts.image,
+        "image_uri": c.train_image,
         "args": container_args(opts),
         "env": [{"name": k, "value": v} for k, v in sorted(opts.env.items())],
     }
     pools = [{"machine_spec": machine_spec, "replica_count": 1, "container_spec": container}]
-    if opts.replicas > 1:
+    if c.replicas > 1:
         pools.append(
             {
                 "machine_spec": dict(machine_spec),
-                "replica_count": opts.replicas - 1,
+                "replica_count": c.replicas - 1,
                 "container_spec": json.loads(json.dumps(container)),
             }
         )
-    scheduling: dict[str, Any] = {"timeout": f"{parse_duration(opts.timeout)}s"}
-    if opts.spot:
+    scheduling: dict[str, Any] = {"timeout": f"{parse_duration(c.timeout, 'cloud.timeout')}s"}
+    if c.spot:
         scheduling["strategy"] = "SPOT"
-    if opts.replicas > 1:
+    if c.replicas > 1:
         # DDP cannot continue with a node missing: restart every node together, and the
         # restarted job resumes from AIP_CHECKPOINT_DIR.
         scheduling["restart_job_on_worker_restart"] = True
     spec: dict[str, Any] = {"worker_pool_specs": pools, "scheduling": scheduling}
-    if opts.service_account:
-        spec["service_account"] = opts.service_account
-    if opts.base_output_dir:
-        spec["base_output_directory"] = {"output_uri_prefix": opts.base_output_dir}
+    if c.service_account:
+        spec["service_account"] = c.service_account
+    if c.base_output_dir:
+        spec["base_output_directory"] = {"output_uri_prefix": c.base_output_dir}
     labels = {"created-by": "knd", **opts.labels}
     return {"display_name": opts.display_name, "job_spec": spec, "labels": labels}
 
 
 def parent(opts: JobOptions) -> str:
-    return f"projects/{opts.project}/locations/{opts.region}"
+    return f"projects/{opts.cloud.project}/locations/{opts.cloud.region}"
 
 
 def request_json(opts: JobOptions) -> str:
@@ -224,6 +179,15 @@ def _request(opts: JobOptions) -> Any:
     from google.cloud import aiplatform_v1
 
     job = build_custom_job(opts)
+    accelerator = opts.cloud.accelerator
+    known = [
+        n for n in aiplatform_v1.AcceleratorType.__members__ if n != "ACCELERATOR_TYPE_UNSPECIFIED"
+    ]
+    if accelerator and accelerator not in known:
+        raise ConfigError(
+            f"key 'cloud.accelerator': {accelerator!r} is not a Vertex accelerator type; "
+            f"choose one of {', '.join(known)}"
+        )
     try:
         return aiplatform_v1.CreateCustomJobRequest(parent=parent(opts), custom_job=job)
     except (ValueError, KeyError, TypeError) as exc:
@@ -251,7 +215,7 @@ def submit_job(
     from kndcli.cloud.clients import google_errors, job_client
 
     request = _request(opts)
-    client = client or job_client(opts.region)
+    client = client or job_client(opts.cloud.region)
     with google_errors("Vertex AI submit"):
         job = client.create_custom_job(request=request)
     echo(f"submitted {job.name}")
@@ -328,7 +292,9 @@ def resolve_job_name(target: str, project: str, region: str) -> str | None:
         return target
     if target.isdigit():
         if not project:
-            raise KndError("a bare job id needs a project: pass --project or set KND_PROJECT")
+            raise ConfigError(
+                "a bare job id needs a project: pass --project, set KND_PROJECT or cloud.project"
+            )
         return f"projects/{project}/locations/{region}/customJobs/{target}"
     return None
 

@@ -2,21 +2,24 @@
 
 `build_service` is pure (options in, Service dict out); `deploy_service` creates or updates
 the service in one call (`update_service` with `allow_missing`), waits for the rollout and
-returns the URL. The container learns where things are from environment variables:
-KND_MODEL (the bundle directory), KND_LOG_SINK (the prediction log: a gs:// prefix) and
-KND_API_TOKEN (the API token, from Secret Manager). A gs:// model is mounted read-only with a
-Cloud Storage volume, so loading it needs no Google libraries.
+returns the URL. Sizes, scaling and names come from the resolved `cloud:` section
+(`ServiceOptions.cloud`). The container learns where things are from environment
+variables: KND_MODEL (the bundle directory), KND_LOG_SINK (the prediction log: a gs://
+prefix) and KND_API_TOKEN (the API token, from Secret Manager). A gs:// model is mounted
+read-only with a Cloud Storage volume, so loading it needs no Google libraries.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from kndcli.config import CloudConfig
-from kndcli.errors import KndError
+from kndcli.config import CloudConfig, InferenceConfig, KndConfig, ServeConfig
+from kndcli.errors import ConfigError, KndError, UsageError
 
 PORT = 8080
 MODEL_MOUNT = "/mnt/models"
@@ -28,22 +31,16 @@ _RESERVED_ENV = {"PORT", "K_SERVICE", "K_REVISION", "K_CONFIGURATION"}
 
 @dataclass
 class ServiceOptions:
-    """Everything a Cloud Run service is built from; CLI flags over env over `cloud:`."""
+    """A Cloud Run service: the resolved `cloud:` section plus what it serves and logs to.
 
-    project: str
-    region: str
-    service: str
-    image: str
+    `model` and `log_sink` are what the container gets (KND_MODEL, KND_LOG_SINK); '' leaves
+    the image's own default. `service_options` derives them from the configuration.
+    """
+
+    cloud: CloudConfig
     model: str = ""
     log_sink: str = ""
     token_secret: str = ""
-    cpu: str = "2"
-    memory: str = "2Gi"
-    min_instances: int = 0
-    max_instances: int = 10
-    concurrency: int = 32
-    request_timeout_s: int = 60
-    service_account: str = ""
     env: dict[str, str] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
     # None leaves the IAM policy alone; True grants allUsers run.invoker; False revokes it.
@@ -51,54 +48,77 @@ class ServiceOptions:
 
 
 def service_options(
-    cloud: CloudConfig,
+    cfg: KndConfig,
     *,
-    log_sink_default: str = "",
-    project: str | None = None,
-    region: str | None = None,
-    service: str | None = None,
-    image: str | None = None,
-    model: str | None = None,
-    log_sink: str | None = None,
-    token_secret: str | None = None,
-    cpu: str | None = None,
-    memory: str | None = None,
-    min_instances: int | None = None,
-    max_instances: int | None = None,
-    concurrency: int | None = None,
-    request_timeout_s: int | None = None,
-    service_account: str | None = None,
+    token_secret: str = "",
     env: dict[str, str] | None = None,
     labels: dict[str, str] | None = None,
     allow_unauthenticated: bool | None = None,
 ) -> ServiceOptions:
-    """Merge flags, KND_PROJECT / KND_REGION and the `cloud:` section into ServiceOptions.
-
-    The config's `serve.log_sink` is used only when it is durable (gs://): the container's
-    own disk is gone when the instance scales down.
-    """
-    from kndcli.cloud.jobs import pick
-
-    sink = log_sink if log_sink is not None else log_sink_default
+    """The service for a resolved configuration: `cloud:`, `inference.model`, `serve.log_sink`."""
     return ServiceOptions(
-        project=pick(project, "KND_PROJECT", cloud.project),
-        region=pick(region, "KND_REGION", cloud.region),
-        service=pick(service, None, cloud.service),
-        image=pick(image, None, cloud.serve_image),
-        model=model or "",
-        log_sink=sink if sink.startswith("gs://") or log_sink is not None else "",
+        cloud=cfg.cloud,
+        model=deployed_model(cfg.inference.model),
+        log_sink=deployed_log_sink(cfg.serve.log_sink),
         token_secret=token_secret or "",
-        cpu=str(pick(cpu, None, cloud.cpu)),
-        memory=str(pick(memory, None, cloud.memory)),
-        min_instances=int(pick(min_instances, None, cloud.min_instances)),
-        max_instances=int(pick(max_instances, None, cloud.max_instances)),
-        concurrency=int(pick(concurrency, None, cloud.concurrency)),
-        request_timeout_s=int(pick(request_timeout_s, None, cloud.request_timeout_s)),
-        service_account=pick(service_account, None, cloud.service_account),
         env=dict(env or {}),
         labels=dict(labels or {}),
         allow_unauthenticated=allow_unauthenticated,
     )
+
+
+def deployed_model(model: str) -> str:
+    """The bundle the service loads (KND_MODEL), from `inference.model`.
+
+    The schema's default (`models/latest`, a path on this machine) gives '': the image's own
+    KND_MODEL. Anything else must be a gs:// URI or an absolute path inside the image.
+    """
+    model = str(model or "")
+    if model == InferenceConfig().model:
+        return ""
+    check_model(model)
+    return model
+
+
+def check_model(model: str) -> None:
+    """Refuse a bundle on this machine (relative, or a path that exists here): the service
+    cannot read it. A gs:// URI is mounted; an absolute path is taken to be in the image."""
+    if not model or model.startswith("gs://"):
+        if model:
+            split_gs(model, "--model")
+        return
+    if not model.startswith("/") or Path(model).exists():
+        name = Path(model).name or "bundle"
+        raise UsageError(
+            f"--model {model} is a path on this machine (inference.model): the service cannot "
+            f"read it. Upload it (gsutil cp -r {model} gs://BUCKET/models/{name}) and pass "
+            f"--model gs://BUCKET/models/{name}, or bake it into the serve image and pass its "
+            "absolute path there"
+        )
+
+
+def deployed_log_sink(sink: str) -> str:
+    """The prediction log the service writes (KND_LOG_SINK), from `serve.log_sink`.
+
+    The schema's default (a SQLite file) gives '': the image's own default. Anything else
+    must be a gs:// prefix: a local path would be on the instance's disk, gone when Cloud
+    Run scales it down.
+    """
+    sink = str(sink or "")
+    if sink == ServeConfig().log_sink:
+        return ""
+    check_log_sink(sink)
+    return sink
+
+
+def check_log_sink(sink: str) -> None:
+    if sink and not sink.startswith("gs://"):
+        raise ConfigError(
+            f"key 'serve.log_sink': {sink!r} would be on the service instance's disk, lost "
+            "when it scales down: pass --log-sink gs://BUCKET/PREFIX"
+        )
+    if sink:
+        split_gs(sink, "--log-sink")
 
 
 def split_gs(uri: str, what: str) -> tuple[str, str]:
@@ -106,44 +126,38 @@ def split_gs(uri: str, what: str) -> tuple[str, str]:
     rest = uri.removeprefix("gs://")
     bucket, _, path = rest.partition("/")
     if not uri.startswith("gs://") or not bucket:
-        raise KndError(f"{what} {uri!r} is not a gs://bucket/path URI")
+        raise UsageError(f"{what} {uri!r} is not a gs://bucket/path URI")
     return bucket, path.strip("/")
 
 
 def _check(opts: ServiceOptions) -> None:
-    if not opts.project:
-        raise KndError("no Google Cloud project: pass --project, set KND_PROJECT or cloud.project")
-    if not opts.region:
-        raise KndError("no region: pass --region, set KND_REGION or cloud.region")
-    if not opts.image:
-        raise KndError(
-            "no serve image: pass --image or set cloud.serve_image "
+    """What the config schema cannot check alone (its values are checked by load_config)."""
+    from kndcli.cloud.jobs import check_env_names, check_labels, require_location
+
+    c = opts.cloud
+    require_location(c)
+    if not c.serve_image:
+        raise ConfigError(
+            "no serve image: pass --serve-image or set cloud.serve_image "
             "(build it with docker/cloudbuild.yaml)"
         )
-    if not _SERVICE_NAME.match(opts.service):
-        raise KndError(
-            f"service name {opts.service!r}: use lowercase letters, digits and '-', "
+    if not _SERVICE_NAME.match(c.service):
+        raise ConfigError(
+            f"key 'cloud.service': {c.service!r}: use lowercase letters, digits and '-', "
             "starting with a letter, at most 49 characters"
         )
-    if opts.min_instances < 0 or opts.max_instances < 1:
-        raise KndError("--min-instances must be >= 0 and --max-instances >= 1")
-    if opts.min_instances > opts.max_instances:
-        raise KndError(
-            f"--min-instances {opts.min_instances} exceeds --max-instances {opts.max_instances}"
-        )
-    if not 1 <= opts.concurrency <= 1000:
-        raise KndError(f"--concurrency must be between 1 and 1000, got {opts.concurrency}")
-    if not 1 <= opts.request_timeout_s <= 3600:
-        raise KndError(
-            f"--timeout must be between 1 and 3600 seconds, got {opts.request_timeout_s}"
-        )
+    check_model(opts.model)
+    check_log_sink(opts.log_sink)
+    check_labels(opts.labels)
+    check_env_names(opts.env)
     reserved = _RESERVED_ENV & set(opts.env)
     if reserved:
-        raise KndError(f"--env {sorted(reserved)[0]} is set by Cloud Run and cannot be changed")
+        raise UsageError(f"--env {sorted(reserved)[0]} is set by Cloud Run and cannot be changed")
 
 
 def service_name(opts: ServiceOptions) -> str:
-    return f"projects/{opts.project}/locations/{opts.region}/services/{opts.service}"
+    c = opts.cloud
+    return f"projects/{c.project}/locations/{c.region}/services/{c.service}"
 
 
 def build_service(opts: ServiceOptions) -> dict[str, Any]:
@@ -161,8 +175,6 @@ def build_service(opts: ServiceOptions) -> dict[str, Any]:
         else:
             env.append({"name": "KND_MODEL", "value": opts.model})
     if opts.log_sink:
-        if opts.log_sink.startswith("gs://"):
-            split_gs(opts.log_sink, "--log-sink")
         # Verbatim: the prediction log writes gs:// objects itself (JSON lines through gcsfs);
         # SQLite on a mounted bucket would lose its locking.
         env.append({"name": "KND_LOG_SINK", "value": opts.log_sink})
@@ -178,11 +190,11 @@ def build_service(opts: ServiceOptions) -> dict[str, Any]:
         )
     env += [{"name": k, "value": v} for k, v in sorted(opts.env.items())]
     container: dict[str, Any] = {
-        "image": opts.image,
+        "image": opts.cloud.serve_image,
         "ports": [{"name": "http1", "container_port": PORT}],
         "env": env,
         "resources": {
-            "limits": {"cpu": opts.cpu, "memory": opts.memory},
+            "limits": {"cpu": opts.cloud.cpu, "memory": opts.cloud.memory},
             "startup_cpu_boost": True,
             "cpu_idle": True,
         },
@@ -199,15 +211,15 @@ def build_service(opts: ServiceOptions) -> dict[str, Any]:
     template: dict[str, Any] = {
         "containers": [container],
         "scaling": {
-            "min_instance_count": opts.min_instances,
-            "max_instance_count": opts.max_instances,
+            "min_instance_count": opts.cloud.min_instances,
+            "max_instance_count": opts.cloud.max_instances,
         },
-        "max_instance_request_concurrency": opts.concurrency,
-        "timeout": f"{opts.request_timeout_s}s",
+        "max_instance_request_concurrency": opts.cloud.concurrency,
+        "timeout": f"{opts.cloud.request_timeout_s}s",
         "volumes": volumes,
     }
-    if opts.service_account:
-        template["service_account"] = opts.service_account
+    if opts.cloud.service_account:
+        template["service_account"] = opts.cloud.service_account
     return {
         "name": service_name(opts),
         "labels": {"created-by": "knd", **opts.labels},
@@ -224,12 +236,40 @@ def _request(opts: ServiceOptions) -> Any:
         raise KndError(f"invalid Cloud Run service: {exc}") from None
 
 
+def iam_change(opts: ServiceOptions) -> dict[str, Any] | None:
+    """The invoker-policy change `deploy_service` makes, or None when it leaves IAM alone.
+
+    `set_public` reads the policy (getIamPolicy), applies this delta keeping every other
+    binding, and calls setIamPolicy only if that changes something.
+    """
+    if opts.allow_unauthenticated is None:
+        return None
+    action = "ADD" if opts.allow_unauthenticated else "REMOVE"
+    return {
+        "method": "setIamPolicy",
+        "resource": service_name(opts),
+        "policyDelta": {
+            "bindingDeltas": [{"action": action, "role": INVOKER_ROLE, "member": PUBLIC_MEMBER}]
+        },
+    }
+
+
 def request_json(opts: ServiceOptions) -> str:
-    """The exact UpdateService request as JSON, as `--dry-run` prints it."""
+    """Every request deploy sends, as `--dry-run` prints them: one JSON document with the
+    exact UpdateService request ("service") and, with --[no-]allow-unauthenticated, the
+    IAM policy change ("iam")."""
     request = _request(opts)
-    return type(request).to_json(
-        request, use_integers_for_enums=False, always_print_fields_with_no_presence=False
-    )
+    document: dict[str, Any] = {
+        "service": json.loads(
+            type(request).to_json(
+                request, use_integers_for_enums=False, always_print_fields_with_no_presence=False
+            )
+        )
+    }
+    iam = iam_change(opts)
+    if iam is not None:
+        document["iam"] = iam
+    return json.dumps(document, indent=2)
 
 
 def deploy_service(
@@ -310,7 +350,9 @@ def resolve_service_name(target: str, project: str, region: str) -> str:
     if re.fullmatch(r"projects/[^/]+/locations/[^/]+/services/[^/]+", target):
         return target
     if not project:
-        raise KndError("a service name needs a project: pass --project or set KND_PROJECT")
+        raise ConfigError(
+            "a service name needs a project: pass --project, set KND_PROJECT or cloud.project"
+        )
     return f"projects/{project}/locations/{region}/services/{target}"
 
 

@@ -18,7 +18,7 @@ from kndcli.config import KndConfig
 from kndcli.cpus import usable_cpus
 from kndcli.data import store
 from kndcli.data.splits import assign_speakers, shared_speakers
-from kndcli.errors import KndError
+from kndcli.errors import ConfigError, KndError
 
 
 @dataclass
@@ -49,6 +49,11 @@ def prepare_dataset(
     """
     from kndcli.datasets import catalog
 
+    if "://" in cfg.data.prepared:
+        raise ConfigError(
+            f"key 'data.prepared': {cfg.data.prepared!r}: prepare into a local directory, "
+            "then copy it (gcloud storage cp -r DIR gs://...); training reads gs:// sets"
+        )
     started = time.perf_counter()
     data, audio = cfg.data, cfg.audio
     if data.store_dtype not in store.DTYPES:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kndcli.errors import KndError
+from kndcli.errors import UsageError
 
 MANIFEST = "manifest.csv"
 WAVEFORMS = "waveforms.bin"
@@ -49,19 +49,21 @@ class PreparedSet:
     root: Path
     info: dict = field(default_factory=dict)
     rows: list[dict[str, str]] = field(default_factory=list)
+    source: str = ""  # as opened: the directory, or the gs:// URL `root` is a copy of
 
     @classmethod
-    def open(cls, root: str | Path) -> PreparedSet:
-        root = Path(root)
+    def open(cls, location: str | Path) -> PreparedSet:
+        """A local directory, or a gs:// URL downloaded once to the local cache."""
+        root = local_prepared(location)
         info_path = root / INFO
         if not info_path.is_file():
-            raise KndError(
-                f"no prepared set at {root}: run 'knd data prepare' (or pass data.prepared=DIR)"
+            raise UsageError(
+                f"no prepared set at {root}: run 'knd data prepare' or pass --prepared DIR"
             )
         info = json.loads(info_path.read_text())
         with (root / MANIFEST).open(newline="") as handle:
             rows = list(csv.DictReader(handle))
-        return cls(root=root, info=info, rows=rows)
+        return cls(root=root, info=info, rows=rows, source=str(location))
 
     @property
     def sample_rate(self) -> int:
@@ -100,7 +102,7 @@ class PreparedSet:
             for s in ("train", "val", "test")
         }
         info["fit_splits"] = list(splits)
-        return PreparedSet(root=self.root, info=info, rows=rows)
+        return PreparedSet(root=self.root, info=info, rows=rows, source=self.source)
 
     def features(self) -> list[dict[str, float]]:
         """The per-clip audio feature table, in manifest order."""
@@ -152,7 +154,7 @@ def local_prepared(location: str | Path, cache: Path | None = None) -> Path:
         return target
     fs, _, [root] = fsspec.get_fs_token_paths(text)
     if not fs.exists(f"{root.rstrip('/')}/{INFO}"):
-        raise KndError(f"no prepared set at {text}: upload one made by 'knd data prepare'")
+        raise UsageError(f"no prepared set at {text}: upload one made by 'knd data prepare'")
     partial = target.with_name(target.name + ".partial")
     partial.mkdir(parents=True, exist_ok=True)
     for name in (MANIFEST, WAVEFORMS, FEATURES, INFO):

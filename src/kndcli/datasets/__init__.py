@@ -6,7 +6,7 @@ from pathlib import Path
 
 from kndcli.datasets.base import CatalogResult, Clip, normalize_label
 from kndcli.datasets.folder import DEFAULT_SPEAKER_REGEX
-from kndcli.errors import KndError
+from kndcli.errors import UsageError
 
 DATASETS = ("ravdess", "cremad", "tess", "folder", "synth")
 
@@ -36,4 +36,4 @@ def catalog(
         return tess.catalog(root)
     if key == "folder":
         return folder.catalog(root, speaker_regex=speaker_regex)
-    raise KndError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+    raise UsageError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from kndcli.config import LABELS
-from kndcli.errors import KndError
+from kndcli.errors import KndError, UsageError
 
 GENDERS = ("male", "female", "unknown")
 
@@ -59,11 +59,11 @@ def check_root(root: Path, dataset: str) -> Path:
     """Fail early, naming the folder, when there is nothing to catalog."""
     root = Path(root)
     if not root.exists():
-        raise KndError(f"{dataset}: folder {root} does not exist")
+        raise UsageError(f"{dataset}: folder {root} does not exist")
     if not root.is_dir():
-        raise KndError(f"{dataset}: {root} is not a folder")
+        raise UsageError(f"{dataset}: {root} is not a folder")
     if not any(root.iterdir()):
-        raise KndError(f"{dataset}: folder {root} is empty")
+        raise UsageError(f"{dataset}: folder {root} is empty")
     return root
 
 

@@ -29,7 +29,7 @@ from urllib.parse import unquote, urlsplit
 from urllib.request import Request, urlopen
 
 from kndcli import __version__
-from kndcli.errors import KndError
+from kndcli.errors import KndError, UsageError
 
 MAX_MEMBERS = 100_000
 MAX_TOTAL_BYTES = 20 * 10**9
@@ -90,24 +90,24 @@ def download_dataset(
     known = KNOWN_ARCHIVES.get(name)
     if url is None:
         if known is None:
-            raise KndError(
+            raise UsageError(
                 f"unknown dataset {name!r}: choose one of {', '.join(KNOWN_ARCHIVES)}, "
                 "or pass --url to an archive"
             )
         if known.url is None:
-            raise KndError(f"{name}: pass --url. {known.note}")
+            raise UsageError(f"{name}: pass --url. {known.note}")
         url = known.url
     elif not _NAME.match(name):
-        raise KndError(f"dataset name {name!r} must be lower-case letters, digits, '-' or '_'")
+        raise UsageError(f"dataset name {name!r} must be lower-case letters, digits, '-' or '_'")
     if md5 is None and known is not None and url == known.url:
         md5 = known.md5
     if md5 is not None:
         md5 = md5.strip().lower()
         if not _MD5.match(md5):
-            raise KndError(f"--md5 {md5!r} is not an md5 (32 hexadecimal digits)")
+            raise UsageError(f"--md5 {md5!r} is not an md5 (32 hexadecimal digits)")
     scheme = urlsplit(url).scheme
     if scheme not in ("http", "https"):
-        raise KndError(f"cannot download {url}: only http:// and https:// URLs are supported")
+        raise UsageError(f"cannot download {url}: only http:// and https:// URLs are supported")
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ from kndcli.datasets.base import (
     normalize_label,
     walk_files,
 )
-from kndcli.errors import KndError
+from kndcli.errors import ConfigError
 
 EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 DEFAULT_SPEAKER_REGEX = r"^(?P<speaker>[^_\-]+)"
@@ -25,9 +25,9 @@ def compile_speaker_regex(pattern: str) -> re.Pattern[str]:
     try:
         compiled = re.compile(pattern)
     except re.error as exc:
-        raise KndError(f"data.speaker_regex {pattern!r} is not a valid regex: {exc}") from exc
+        raise ConfigError(f"data.speaker_regex {pattern!r} is not a valid regex: {exc}") from exc
     if "speaker" not in compiled.groupindex:
-        raise KndError(f"data.speaker_regex {pattern!r} needs a named group (?P<speaker>...)")
+        raise ConfigError(f"data.speaker_regex {pattern!r} needs a named group (?P<speaker>...)")
     return compiled
 
 

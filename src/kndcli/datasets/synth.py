@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from kndcli.config import LABELS
-from kndcli.errors import KndError
+from kndcli.errors import KndError, UsageError
 
 MAX_ACTORS = 99
 # RAVDESS speech: neutral has only normal intensity; 2 statements x 2 repetitions each.
@@ -647,13 +647,13 @@ def synthesize(
     """
     out = Path(out)
     if not 1 <= actors <= MAX_ACTORS:
-        raise KndError(f"--actors must be between 1 and {MAX_ACTORS}, got {actors}")
+        raise UsageError(f"--actors must be between 1 and {MAX_ACTORS}, got {actors}")
     if seed < 0:
-        raise KndError(f"--seed must be 0 or more, got {seed}")
+        raise UsageError(f"--seed must be 0 or more, got {seed}")
     if not 8000 <= sample_rate <= 96000:
-        raise KndError(f"--sample-rate must be between 8000 and 96000 Hz, got {sample_rate}")
+        raise UsageError(f"--sample-rate must be between 8000 and 96000 Hz, got {sample_rate}")
     if out.exists() and not out.is_dir():
-        raise KndError(f"{out}: exists and is not a directory")
+        raise UsageError(f"{out}: exists and is not a directory")
     jobs = [(out, actor, seed, sample_rate) for actor in range(1, actors + 1)]
     if workers is None:
         workers = min(2, os.cpu_count() or 1, actors) if actors >= 3 else 1

@@ -10,11 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kndcli.errors import KndError
+from kndcli.errors import KndError, UsageError
+
+if TYPE_CHECKING:
+    from kndcli.config import ModelConfig, TrainConfig
 
 SCHEMA_VERSION = 1
 BUNDLE_JSON = "bundle.json"
@@ -25,6 +28,80 @@ REFERENCE_FILE = "reference.parquet"
 
 class BundleError(KndError):
     """A bundle that is missing, incomplete or tampered with."""
+
+
+class BundleNotFound(BundleError, UsageError):
+    """The path given as a bundle holds none (a usage error: exit 2)."""
+
+
+@dataclass(frozen=True)
+class DataSummary:
+    """bundle.json `data`: what the model was fitted on, so evaluation can refuse to call
+    a split it learned from held out (`evaluate.check_held_out`) and re-export can find
+    real clips for its parity check."""
+
+    dataset: str | None
+    prepared: str
+    clips: dict[str, int]
+    speakers: dict[str, list[str]] | None
+    fit_splits: list[str]
+
+
+@dataclass(frozen=True)
+class TrainingSummary:
+    """bundle.json `training`: how the run ended, for resumed or distributed runs."""
+
+    epochs: int
+    best_checkpoint: str
+    resumed_from: str | None
+    world_size: int = 1
+
+
+@dataclass(frozen=True)
+class BundleMeta:
+    """The self-description a new bundle.json starts from, typed and built in one place.
+
+    Training, the test fixtures and the benchmarks all write bundles; hand-built dicts
+    let a key drift between writers while `Bundle` reads it. `to_dict` leaves out what
+    is None, and `Bundle` reads a missing key as older bundles meant it: no window or
+    hop means the clip length and half a window. Provenance (`created`, `onnx`,
+    `versions`, `git_commit`) is stamped by `training.export.write_bundle`, `files` and
+    `schema_version` by `write_bundle_json`, and `metrics` and `calibration` are added
+    later with `update_bundle`.
+    """
+
+    name: str
+    labels: list[str]
+    sample_rate: int
+    clip_seconds: float
+    model: ModelConfig
+    trim_silence: bool
+    window_seconds: float | None = None
+    hop_seconds: float | None = None
+    hyperparameters: TrainConfig | None = None
+    data: DataSummary | None = None
+    training: TrainingSummary | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The bundle.json fields, in the order bundles have always listed them."""
+        fields: dict[str, Any] = {
+            "name": self.name,
+            "labels": list(self.labels),
+            "sample_rate": self.sample_rate,
+            "clip_seconds": self.clip_seconds,
+            "window_seconds": self.window_seconds,
+            "hop_seconds": self.hop_seconds,
+            "trim_silence": self.trim_silence,
+            "model": asdict(self.model),
+            "hyperparameters": _asdict_or_none(self.hyperparameters),
+            "data": _asdict_or_none(self.data),
+            "training": _asdict_or_none(self.training),
+        }
+        return {key: value for key, value in fields.items() if value is not None}
+
+
+def _asdict_or_none(value: Any) -> dict[str, Any] | None:
+    return None if value is None else asdict(value)
 
 
 @dataclass
@@ -100,8 +177,8 @@ def load_bundle(root: str | os.PathLike, *, verify: bool = True) -> Bundle:
     root = Path(root)
     meta_path = root / BUNDLE_JSON
     if not meta_path.is_file():
-        hint = "run 'knd train' or pass --model" if root.name == "latest" else "not a model bundle"
-        raise BundleError(f"no bundle at {root}: {hint}")
+        hint = "run 'knd train' or pass --model DIR" if root.name == "latest" else "no bundle.json"
+        raise BundleNotFound(f"no bundle at {root}: {hint}")
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -138,20 +215,21 @@ def write_bundle_json(root: Path, meta: dict[str, Any], files: list[str]) -> Pat
     return root / BUNDLE_JSON
 
 
-def resolve_model(model: str | os.PathLike | None, default: str = "models/latest") -> Path:
-    """The bundle to use: the one given, else the configured default, else the newest one."""
-    if model:
-        return Path(model)
-    path = Path(default)
-    if (path / BUNDLE_JSON).is_file():
+def resolve_model(location: str | os.PathLike) -> Path:
+    """The bundle `inference.model` names; `<dir>/latest` falls back to the newest bundle.
+
+    Only `latest` falls back: a bundle path given by hand that holds no bundle is an
+    error, never silently another model.
+    """
+    path = Path(location)
+    if (path / BUNDLE_JSON).is_file() or path.name != "latest":
         return path
-    parent = path.parent if path.name == "latest" else path
     candidates = sorted(
-        parent.glob(f"*/{BUNDLE_JSON}"), key=lambda p: p.stat().st_mtime, reverse=True
+        path.parent.glob(f"*/{BUNDLE_JSON}"), key=lambda p: p.stat().st_mtime, reverse=True
     )
     if candidates:
         return candidates[0].parent
-    raise BundleError(f"no bundle at {path}: run 'knd train' or pass --model")
+    raise BundleNotFound(f"no bundle at {path}: run 'knd train' or pass --model DIR")
 
 
 def mark_latest(bundle_dir: Path) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 
 from kndcli.audio import Audio
 from kndcli.data.store import PreparedSet
-from kndcli.errors import KndError
+from kndcli.errors import KndError, UsageError
 from kndcli.inference.calibration import Reliability, coverage_curve, reliability, selective
 from kndcli.inference.predictor import Prediction, Predictor
 
@@ -190,14 +190,21 @@ def check_held_out(meta: dict[str, Any], prepared: PreparedSet, split: str) -> N
     clips; scoring that split again would look like generalisation and be memory.
     """
     data = meta.get("data") or {}
-    fitted = [s for s in data.get("fit_splits", ["train"]) if s != "train"]
-    same_set = data.get("prepared") and Path(data["prepared"]).resolve() == prepared.root.resolve()
-    if split in fitted and same_set:
-        raise KndError(
+    fitted = list(data.get("fit_splits", ["train"]))
+    if split in fitted and is_recorded_set(meta, prepared):
+        raise UsageError(
             f"bundle {meta.get('name', '')!r} was trained on the {split!r} split of "
-            f"{prepared.root} (train.fit_splits={data['fit_splits']}): its figures there are "
-            "not held out; evaluate it on speakers it has not heard (--data DIR)"
+            f"{prepared.root} (train.fit_splits={fitted}): its figures there are "
+            "not held out; evaluate it on speakers it has not heard (--prepared DIR)"
         )
+
+
+def is_recorded_set(meta: dict[str, Any], prepared: PreparedSet) -> bool:
+    """Whether `prepared` is the set bundle.json says the model was trained on."""
+    location = str((meta.get("data") or {}).get("prepared") or "")
+    if "://" in location:
+        return location.rstrip("/") == prepared.source.rstrip("/")
+    return bool(location) and Path(location).resolve() == prepared.root.resolve()
 
 
 def _audio(prepared: PreparedSet, index: int, transform: Transform | None = None) -> Audio:

@@ -18,11 +18,13 @@ from typing import Any
 import numpy as np
 
 from kndcli.audio import Audio, AudioError, AudioSource, audio_features, decode, speech_bounds
+from kndcli.config import InferenceConfig, check_min_confidence
 from kndcli.cpus import usable_cpus
-from kndcli.errors import ConfigError, KndError
+from kndcli.errors import UsageError
 from kndcli.inference.bundle import ONNX_FILE, Bundle, load_bundle
 from kndcli.inference.calibration import apply_temperature
 from kndcli.inference.windowing import make_windows
+from kndcli.timing import Stage, time_forward, untimed
 
 
 @dataclass
@@ -70,12 +72,6 @@ class Prediction:
 UNCERTAIN = "uncertain"
 
 
-def check_min_confidence(value: float) -> None:
-    """`inference.min_confidence` is a confidence in [0, 1): 1 would answer nothing."""
-    if not 0 <= value < 1:
-        raise ConfigError(f"key 'inference.min_confidence': a confidence in [0, 1), got {value}")
-
-
 class Predictor:
     """Scores clips with a bundle's model. Thread-safe: ONNX Runtime sessions are.
 
@@ -89,8 +85,17 @@ class Predictor:
         backend: str = "onnx",
         threads: int | None = None,
         min_confidence: float = 0.0,
+        *,
+        stage: Stage = untimed,
+        device: str = "cpu",
+        onnx_profile_prefix: str | None = None,
     ) -> None:
+        """The keyword-only arguments are `knd profile`'s hooks into this, the real path: a
+        stage hook (decode, resample, windowing, model, post_processing; frontend and
+        backbone inside the torch model), the torch backend's device, and where ONNX
+        Runtime writes its operator profile."""
         check_min_confidence(min_confidence)
+        self.stage = stage
         self.bundle = bundle
         self.temperature = bundle.temperature
         self.min_confidence = min_confidence
@@ -100,26 +105,37 @@ class Predictor:
         self.hop = max(1, int(round(bundle.hop_seconds * self.sample_rate)))
         self.backend = backend
         if backend == "onnx":
-            self._run = self._onnx_runner(threads)
+            self._run = self._onnx_runner(threads, onnx_profile_prefix)
         elif backend == "torch":
-            self._run = self._torch_runner()
+            self._run = self._torch_runner(device)
         else:
-            raise KndError(f"backend {backend!r}: choose 'onnx' or 'torch'")
+            raise UsageError(f"backend {backend!r}: choose 'onnx' or 'torch'")
 
     @classmethod
-    def from_bundle(
+    def from_config(
         cls,
         path: str | os.PathLike,
-        backend: str = "onnx",
+        inference: InferenceConfig | None = None,
         threads: int | None = None,
-        min_confidence: float = 0.0,
     ) -> Predictor:
-        return cls(
-            load_bundle(path), backend=backend, threads=threads, min_confidence=min_confidence
+        """The bundle's Predictor with the `inference:` section applied, the one way every
+        caller (predict, serve, evaluate, drift, profile) builds it: backend,
+        min_confidence, and the window and hop when they are set."""
+        inf = inference or InferenceConfig()
+        predictor = cls(
+            load_bundle(path),
+            backend=inf.backend,
+            threads=threads,
+            min_confidence=inf.min_confidence,
         )
+        if inf.window_s > 0:
+            predictor.window = int(round(inf.window_s * predictor.sample_rate))
+        if inf.hop_s > 0:
+            predictor.hop = max(1, int(round(inf.hop_s * predictor.sample_rate)))
+        return predictor
 
     # ------------------------------------------------------------------ runners
-    def _onnx_runner(self, threads: int | None):
+    def _onnx_runner(self, threads: int | None, profile_prefix: str | None = None):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -128,27 +144,34 @@ class Predictor:
         # Spinning intra-op threads burn the cores that decode threads (predict) and request
         # handling (serve) need; without spinning, 2 threads cost the CPU of 1 when idle.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if profile_prefix:
+            options.enable_profiling = True
+            options.profile_file_prefix = profile_prefix
         session = ort.InferenceSession(
             str(self.bundle.path(ONNX_FILE)), options, providers=["CPUExecutionProvider"]
         )
         name = session.get_inputs()[0].name
 
         def run(batch: np.ndarray) -> np.ndarray:
-            return session.run(None, {name: batch})[0]
+            with self.stage("model"):
+                return session.run(None, {name: batch})[0]
 
         self.session = session
         return run
 
-    def _torch_runner(self):
+    def _torch_runner(self, device: str = "cpu"):
         import torch
 
         from kndcli.models.emotion import WithProbabilities
 
-        wrapped = WithProbabilities(self.bundle.torch_model()).eval()
+        wrapped = WithProbabilities(self.bundle.torch_model()).to(device).eval()
+        if self.stage is not untimed:
+            for part in ("frontend", "backbone"):
+                time_forward(getattr(wrapped.model, part), self.stage, part)
 
         def run(batch: np.ndarray) -> np.ndarray:
-            with torch.inference_mode():
-                return wrapped(torch.from_numpy(batch)).numpy()
+            with torch.inference_mode(), self.stage("model"):
+                return wrapped(torch.from_numpy(batch).to(device)).cpu().numpy()
 
         return run
 
@@ -161,13 +184,15 @@ class Predictor:
         max_duration_s: float | None = None,
         max_bytes: int | None = None,
     ) -> Audio:
-        return decode(
-            source,
-            sample_rate=self.sample_rate,
-            max_duration_s=max_duration_s,
-            max_bytes=max_bytes,
-            name=name,
-        )
+        with self.stage("decode"):
+            return decode(
+                source,
+                sample_rate=self.sample_rate,
+                max_duration_s=max_duration_s,
+                max_bytes=max_bytes,
+                name=name,
+                stage=self.stage,
+            )
 
     def prepare(self, samples: np.ndarray) -> tuple[np.ndarray, list[int], int]:
         """Trim as in training, then cut into model windows: (windows, starts, trim offset)."""
@@ -192,15 +217,14 @@ class Predictor:
     def predict_audios(
         self, audios: list[Audio], *, timeline: bool = False, features: bool = False
     ) -> list[Prediction]:
-        prepared = [self.prepare(a.samples) for a in audios]
+        with self.stage("windowing"):
+            prepared = [self.prepare(a.samples) for a in audios]
         probs = self.score_batches([w for w, _, _ in prepared])
-        return [
-            self._prediction(audio, p, starts, offset, timeline, features)
-            for audio, (_, starts, offset), p in zip(audios, prepared, probs, strict=True)
-        ]
-
-    def predict_audio(self, audio: Audio, **kwargs: bool) -> Prediction:
-        return self.predict_audios([audio], **kwargs)[0]
+        with self.stage("post_processing"):
+            return [
+                self._prediction(audio, p, starts, offset, timeline, features)
+                for audio, (_, starts, offset), p in zip(audios, prepared, probs, strict=True)
+            ]
 
     def _prediction(
         self,

@@ -7,7 +7,7 @@ from torch import nn
 
 from kndcli.config import ModelConfig
 from kndcli.models.pooling import AttentiveStatsPool
-from kndcli.models.registry import register_model
+from kndcli.models.registration import register_model
 
 
 def _conv(c_in: int, c_out: int) -> nn.Sequential:

@@ -14,6 +14,7 @@ from typing import Any
 
 import anyio.to_thread
 from fastapi import APIRouter, FastAPI
+from fastapi_offline import FastAPIOffline
 
 from kndcli.serving.errors import install_error_handlers
 from kndcli.serving.metrics import Metrics, RequestStampMiddleware
@@ -40,12 +41,11 @@ def _load_service(settings: ServeSettings, metrics: Metrics) -> Any:
     processes = settings.processes
     spec = WorkerSpec(
         model=settings.model,
-        backend=settings.backend,
+        inference=settings.inference,
         # One ONNX Runtime thread per worker process; in-process, 0 means one per core.
         threads=settings.threads or (1 if processes else 0),
         max_duration_s=settings.max_duration_s,
         max_bytes=settings.max_body_bytes,
-        min_confidence=settings.min_confidence,
     )
     pool = ScoringPool(spec, processes)
     plog = open_log(settings.log_sink, flush_s=settings.log_flush_s)
@@ -84,7 +84,12 @@ def create_app(
         app.state.batcher = service.batcher
         metrics.model_info.labels(service.model_version).set(1)
         metrics.ready.set(1)
-        log.info("serving %s (%s) from %s", service.model_version, settings.backend, settings.model)
+        log.info(
+            "serving %s (%s) from %s",
+            service.model_version,
+            settings.inference.backend,
+            settings.model,
+        )
         try:
             async with contextlib.AsyncExitStack() as stack:
                 for hook in lifespan_hooks:
@@ -99,7 +104,8 @@ def create_app(
             await anyio.to_thread.run_sync(service.pool.close)
             await anyio.to_thread.run_sync(service.log.close)
 
-    app = FastAPI(
+    # /docs serves Swagger UI's assets from the package, not a CDN: it works offline.
+    app = FastAPIOffline(
         title="knd",
         summary="Speech emotion recognition",
         version=_version(),

@@ -27,15 +27,13 @@ async def monitoring(request: Request, service: Service) -> HTMLResponse:
     if not request.app.state.api_token:
         raise ApiError(404, "monitoring is only served when KND_API_TOKEN is set")
     try:
-        from kndcli.monitoring.drift import cached_report_html
+        from kndcli.monitoring.report_cache import cached_report_html
     except ImportError:
         raise ApiError(501, "monitoring needs the 'monitor' extra (evidently)") from None
-    from kndcli.config import DriftConfig
-
     settings = request.app.state.settings
     html = await anyio.to_thread.run_sync(
         lambda: cached_report_html(
-            service.bundle, service.log, DriftConfig(), settings.monitoring_interval_s
+            service.bundle, service.log, settings.drift, settings.monitoring_interval_s
         )
     )
     return HTMLResponse(html)

@@ -23,11 +23,12 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from kndcli.audio import Audio, AudioError
+from kndcli.config import InferenceConfig
 from kndcli.inference.predictor import Prediction, Predictor
 
 log = logging.getLogger(__name__)
@@ -50,11 +51,10 @@ class WorkerSpec:
     """What a worker needs to load the model and apply the upload limits."""
 
     model: str
-    backend: str = "onnx"
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
     threads: int = 1
     max_duration_s: float | None = None
     max_bytes: int | None = None
-    min_confidence: float = 0.0
 
 
 _state: tuple[Predictor, WorkerSpec] | None = None
@@ -63,12 +63,7 @@ _state: tuple[Predictor, WorkerSpec] | None = None
 def start_worker(spec: WorkerSpec) -> None:
     """Load the model once per worker, and run one pass so no request pays the warm-up."""
     global _state
-    predictor = Predictor.from_bundle(
-        spec.model,
-        backend=spec.backend,
-        threads=spec.threads,
-        min_confidence=spec.min_confidence,
-    )
+    predictor = Predictor.from_config(spec.model, spec.inference, threads=spec.threads)
     predictor.score_batches([np.zeros((1, predictor.window), np.float32)])
     _state = (predictor, spec)
 

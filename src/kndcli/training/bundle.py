@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -11,11 +10,19 @@ import torch
 
 from kndcli.config import KndConfig
 from kndcli.data.store import PreparedSet
-from kndcli.inference.bundle import REFERENCE_FILE, load_bundle, mark_latest, update_bundle
+from kndcli.inference.bundle import (
+    REFERENCE_FILE,
+    BundleMeta,
+    DataSummary,
+    TrainingSummary,
+    load_bundle,
+    mark_latest,
+    update_bundle,
+)
 from kndcli.inference.evaluate import evaluate_predictor, save_evaluation
 from kndcli.inference.predictor import Predictor
 from kndcli.monitoring.reference import build_reference
-from kndcli.training.export import write_bundle
+from kndcli.training.export import parity_batch, write_bundle
 
 
 def load_checkpoint_model(checkpoint: str, cfg: KndConfig, labels: list[str], sample_rate: int):
@@ -45,35 +52,33 @@ def build_bundle(
     world_size: int = 1,
 ) -> dict[str, Any]:
     """Write the bundle into run_dir, evaluate it on val and test, add the drift reference."""
-    from kndcli.training.train import parity_batch
-
     model = load_checkpoint_model(checkpoint, cfg, labels, prepared.sample_rate)
     clip = cfg.train.clip_seconds
     counts = {s: len(prepared.indices(s)) for s in ("train", "val", "test")}
-    meta = {
-        "name": cfg.train.run_name,
-        "labels": labels,
-        "sample_rate": prepared.sample_rate,
-        "clip_seconds": clip,
-        "window_seconds": clip,
-        "hop_seconds": clip / 2,
-        "trim_silence": cfg.train.trim_silence,
-        "model": asdict(cfg.model),
-        "hyperparameters": asdict(cfg.train),
-        "data": {
-            "dataset": prepared.info.get("dataset"),
-            "prepared": str(prepared.root),
-            "clips": counts,
-            "speakers": prepared.info.get("speakers"),
-            "fit_splits": prepared.info.get("fit_splits", ["train"]),
-        },
-        "training": {
-            "epochs": epochs,
-            "best_checkpoint": checkpoint,
-            "resumed_from": resumed_from,
-            "world_size": world_size,
-        },
-    }
+    meta = BundleMeta(
+        name=cfg.train.run_name,
+        labels=labels,
+        sample_rate=prepared.sample_rate,
+        clip_seconds=clip,
+        window_seconds=clip,
+        hop_seconds=clip / 2,
+        trim_silence=cfg.train.trim_silence,
+        model=cfg.model,
+        hyperparameters=cfg.train,
+        data=DataSummary(
+            dataset=prepared.info.get("dataset"),
+            prepared=prepared.source if "://" in prepared.source else str(prepared.root.resolve()),
+            clips=counts,
+            speakers=prepared.info.get("speakers"),
+            fit_splits=prepared.info.get("fit_splits", ["train"]),
+        ),
+        training=TrainingSummary(
+            epochs=epochs,
+            best_checkpoint=checkpoint,
+            resumed_from=resumed_from,
+            world_size=world_size,
+        ),
+    )
     length = int(clip * prepared.sample_rate)
     probe = prepared.indices("val") or prepared.indices("train")
     write_bundle(model, run_dir, meta, parity_batch(prepared, probe, length))
@@ -105,8 +110,8 @@ def build_bundle(
             }
     update_bundle(run_dir, {"metrics": metrics}, [])
     _write_reference(prepared, evaluations.get("val"), run_dir)
-    if os.environ.get("AIP_MODEL_DIR"):
-        _upload(run_dir, os.environ["AIP_MODEL_DIR"])
+    if cfg.train.model_dir:
+        _upload(run_dir, cfg.train.model_dir)
     elif Path(cfg.train.output_dir).resolve() == run_dir.parent.resolve():
         mark_latest(run_dir)
     return metrics
@@ -129,7 +134,7 @@ def _write_reference(prepared: PreparedSet, val, run_dir: Path) -> None:
 
 
 def _upload(run_dir: Path, target: str) -> None:
-    """Copy the bundle files to AIP_MODEL_DIR (a gs:// path on Vertex AI)."""
+    """Copy the bundle files to train.model_dir (AIP_MODEL_DIR, a gs:// path on Vertex AI)."""
     import fsspec
 
     from kndcli.inference.bundle import BUNDLE_JSON

@@ -14,13 +14,16 @@ import torch
 from torch import nn
 
 from kndcli import __version__
-from kndcli.errors import KndError
+from kndcli.data.store import PreparedSet
+from kndcli.errors import KndError, UsageError
 from kndcli.inference.bundle import (
     ONNX_FILE,
     REFERENCE_FILE,
     WEIGHTS_FILE,
+    BundleMeta,
     write_bundle_json,
 )
+from kndcli.inference.windowing import center_fit
 from kndcli.models.emotion import WithProbabilities
 
 PARITY_TOLERANCE = 1e-4
@@ -69,10 +72,20 @@ def check_parity(
     return diff
 
 
+def parity_batch(prepared: PreparedSet, indices: list[int], length: int, n: int = 8) -> np.ndarray:
+    """A few real clips, centre-fitted, for the ONNX-vs-torch parity check.
+
+    Real clips rather than noise, so the check covers inputs like those the model will
+    score. Here, beside the check, because training's export and `knd export` both need it.
+    """
+    chosen = indices[:: max(1, len(indices) // n)][:n]
+    return np.stack([center_fit(prepared.waveform(i), length) for i in chosen]).astype(np.float32)
+
+
 def write_bundle(
     model: nn.Module,
     out: Path,
-    meta: dict[str, Any],
+    meta: BundleMeta,
     parity_waveforms: np.ndarray,
     reference: Any | None = None,
 ) -> Path:
@@ -83,20 +96,20 @@ def write_bundle(
     model = model.eval()
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / WEIGHTS_FILE))
-    export_onnx(model, out / ONNX_FILE, int(meta["sample_rate"]), float(meta["clip_seconds"]))
+    export_onnx(model, out / ONNX_FILE, meta.sample_rate, meta.clip_seconds)
     parity = check_parity(model, out / ONNX_FILE, parity_waveforms.astype(np.float32))
     files = [ONNX_FILE, WEIGHTS_FILE]
     if reference is not None:
         reference.to_parquet(out / REFERENCE_FILE, index=False)
         files.append(REFERENCE_FILE)
-    meta = {
-        **meta,
+    fields = {
+        **meta.to_dict(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "onnx": {"input": "audio", "output": "probabilities", "parity_max_abs_diff": parity},
         "versions": versions(),
         "git_commit": git_commit(),
     }
-    write_bundle_json(out, meta, files)
+    write_bundle_json(out, fields, files)
     return out
 
 
@@ -122,35 +135,45 @@ def git_commit() -> str | None:
         return None
 
 
+# int8 is kept only when it is not worse: at most this much accuracy lost, and faster
+# than the source within timing noise (shared machines drift several percent per run).
+INT8_MAX_ACCURACY_DROP = 0.005
+INT8_MAX_SLOWDOWN = 1.05
+
+
 def export_bundle(
     src: Path,
     out: Path,
     *,
     quantize: str | None = None,
-    data: Path | None = None,
+    data: str | None = None,
     split: str = "test",
-) -> dict[str, float]:
+    force: bool = False,
+) -> dict[str, Any]:
     """Re-export `src`'s ONNX graph into a new bundle `out`, optionally int8-quantized.
 
     A plain re-export must match the torch model within PARITY_TOLERANCE; a quantized
     graph is expected to differ a little, so its difference is reported, not enforced.
-    With `data`, accuracy and speed of both bundles are compared on one split.
+    Accuracy and speed of both bundles are compared on one split of `data` (default: the
+    set the bundle was trained on). An int8 graph that is less accurate or slower is
+    removed again (`kept` False, with the reasons in `refused`) unless `force`.
     """
     import shutil
 
-    from kndcli.data.store import PreparedSet
     from kndcli.inference.bundle import load_bundle
-    from kndcli.inference.windowing import center_fit
-    from kndcli.training.train import parity_batch
 
     bundle = load_bundle(src)
     if out.resolve() == src.resolve():
-        raise KndError(f"--out {out}: choose a directory other than the source bundle")
+        raise UsageError(f"--out {out}: choose a directory other than the source bundle")
+    prepared, split = _comparison_set(bundle.meta, data, split)
+    if quantize and prepared is None and not force:
+        raise UsageError(
+            "int8 export is measured before it is kept, but this bundle's prepared set is "
+            "not here: pass --prepared DIR (or --force to keep it unmeasured)"
+        )
     model = bundle.torch_model()
     length = int(bundle.clip_seconds * bundle.sample_rate)
-    prepared_dir = data or Path(bundle.meta.get("data", {}).get("prepared", ""))
-    if data is not None or (prepared_dir / "prepare.json").is_file():
-        prepared = PreparedSet.open(prepared_dir)
+    if prepared is not None:
         clips = parity_batch(prepared, prepared.indices(split) or prepared.indices(), length)
     else:
         rng = np.random.default_rng(0)
@@ -180,14 +203,56 @@ def export_bundle(
         "versions": versions(),
     }
     write_bundle_json(out, meta, files)
-    report = {
+    report: dict[str, Any] = {
         "parity": parity,
         "size_before": float(bundle.path(ONNX_FILE).stat().st_size),
         "size_after": float((out / ONNX_FILE).stat().st_size),
+        "split": split,
     }
-    if data is not None:
-        report.update(_compare(src, out, PreparedSet.open(data), split))
+    if prepared is not None:
+        report.update(_compare(src, out, prepared, split))
+    report["refused"] = _worse(report) if quantize else []
+    report["kept"] = force or not report["refused"]
+    if not report["kept"]:
+        shutil.rmtree(out)
     return report
+
+
+def _comparison_set(
+    meta: dict[str, Any], data: str | None, split: str
+) -> tuple[PreparedSet | None, str]:
+    """The set to compare on and its split: a held-out one when the bundle was refitted."""
+    from kndcli.inference.evaluate import is_recorded_set
+
+    location = data or (meta.get("data") or {}).get("prepared")
+    if not location:
+        return None, split
+    try:
+        prepared = PreparedSet.open(location)
+    except UsageError:
+        if data:
+            raise
+        return None, split
+    fitted = (meta.get("data") or {}).get("fit_splits", ["train"])
+    if split in fitted and is_recorded_set(meta, prepared):
+        split = "val"
+    return prepared, split
+
+
+def _worse(report: dict[str, Any]) -> list[str]:
+    """Why a quantized graph is not an improvement, if it is not."""
+    if "accuracy_after" not in report:
+        return []
+    reasons = []
+    drop = report["accuracy_before"] - report["accuracy_after"]
+    if drop > INT8_MAX_ACCURACY_DROP:
+        reasons.append(f"accuracy drops {100 * drop:.1f} points")
+    if report["ms_per_clip_after"] > INT8_MAX_SLOWDOWN * report["ms_per_clip_before"]:
+        reasons.append(
+            f"slower: {report['ms_per_clip_after']:.2f} ms per clip instead of "
+            f"{report['ms_per_clip_before']:.2f}"
+        )
+    return reasons
 
 
 def _quantize_int8(path: Path) -> None:
@@ -210,7 +275,7 @@ def _compare(before: Path, after: Path, prepared: Any, split: str) -> dict[str, 
 
     report: dict[str, float] = {}
     for tag, path in (("before", before), ("after", after)):
-        predictor = Predictor.from_bundle(path)
+        predictor = Predictor.from_config(path)
         started = time.perf_counter()
         result = evaluate_predictor(predictor, prepared, split)
         report[f"ms_per_clip_{tag}"] = 1000 * (time.perf_counter() - started) / result.n_clips

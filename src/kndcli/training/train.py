@@ -9,11 +9,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from kndcli.config import KndConfig, load_config, to_yaml
-from kndcli.data.store import PreparedSet, local_prepared
-from kndcli.errors import ConfigError, KndError
+from kndcli.config import KndConfig, TrainerConfig, to_yaml
+from kndcli.data.store import PreparedSet
+from kndcli.errors import ConfigError, KndError, UsageError
+from kndcli.inference.bundle import BUNDLE_JSON
 
 CONFIG_FILE = "config.yaml"
 LAST = "last.ckpt"
@@ -31,15 +30,18 @@ class TrainResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> KndConfig:
+def run_config_file(run_dir: Path) -> Path:
     """The configuration a run was started with, for `knd train --resume RUN_DIR`."""
     path = run_dir / CONFIG_FILE
     if not path.is_file():
-        raise KndError(f"{run_dir}: not a knd run directory (no {CONFIG_FILE})")
-    cfg = load_config([path], overrides)
-    cfg.train.run_name = run_dir.name
-    cfg.train.output_dir = str(run_dir.parent)
-    return cfg
+        raise UsageError(f"{run_dir}: not a knd run directory (no {CONFIG_FILE})")
+    return path
+
+
+def finished_bundle(run_dir: Path) -> Path | None:
+    """The bundle a finished run wrote (then there is nothing to resume), else None."""
+    path = run_dir / BUNDLE_JSON
+    return path if path.is_file() else None
 
 
 def train(cfg: KndConfig) -> TrainResult | None:
@@ -56,17 +58,16 @@ def train(cfg: KndConfig) -> TrainResult | None:
     from kndcli.training.data import PreparedDataModule
     from kndcli.training.module import EmotionClassifier
 
-    prepared = PreparedSet.open(local_prepared(cfg.data.prepared))
+    prepared = PreparedSet.open(cfg.data.prepared)
     if cfg.train.fit_splits != ["train"]:
         prepared = prepared.fitting_on(cfg.train.fit_splits)
     labels = training_labels(cfg, prepared)
-    run_name = (
-        cfg.train.run_name or os.environ.get("KND_RUN_NAME") or time.strftime("run-%Y%m%d-%H%M%S")
-    )
-    os.environ["KND_RUN_NAME"] = run_name  # DDP workers re-run this command: same run dir
+    run_name = cfg.train.run_name or time.strftime("run-%Y%m%d-%H%M%S")
+    # DDP workers re-run this command and read it back (config.ENV_KEYS): same run dir.
+    os.environ["KND_RUN_NAME"] = run_name
     cfg.train.run_name = run_name
     run_dir = Path(cfg.train.output_dir) / run_name
-    ckpt_dir = os.environ.get("AIP_CHECKPOINT_DIR") or str(run_dir / "checkpoints")
+    ckpt_dir = cfg.train.checkpoint_dir or str(run_dir / "checkpoints")
     if _rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         tmp = run_dir / (CONFIG_FILE + ".tmp")
@@ -112,7 +113,7 @@ def train(cfg: KndConfig) -> TrainResult | None:
     )
     return TrainResult(
         run_dir=run_dir,
-        bundle_dir=os.environ.get("AIP_MODEL_DIR") or str(run_dir),
+        bundle_dir=cfg.train.model_dir or str(run_dir),
         best_checkpoint=best,
         epochs=trainer.current_epoch,
         seconds=time.perf_counter() - started,
@@ -162,6 +163,7 @@ def check_config(cfg: KndConfig) -> None:
         raise ConfigError(
             "key 'train.speaker_adversarial': needs a single backbone, set model.ensemble=1"
         )
+    _check_device(cfg.train.trainer)
     from kndcli.perturb.multicondition import check_conditions
 
     check_conditions(cfg.train.augment.conditions)
@@ -312,6 +314,25 @@ def _trainer(cfg: KndConfig, run_dir: Path, ckpt_dir: str, has_val: bool = True)
     return trainer, checkpoint
 
 
+def _check_device(trainer: TrainerConfig) -> None:
+    """Refuse, naming the key, what Lightning would refuse later with a traceback."""
+    import torch
+
+    if trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"key 'train.trainer.accelerator': {trainer.accelerator!r} but this machine has no "
+            "CUDA GPU torch can use; use auto or cpu"
+        )
+    if trainer.accelerator == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("key 'train.trainer.accelerator': 'mps' is not available here")
+    on_cpu = trainer.accelerator == "cpu" or not torch.cuda.is_available()
+    if on_cpu and str(trainer.precision).startswith("16"):
+        raise ConfigError(
+            f"key 'train.trainer.precision': {trainer.precision!r} needs a GPU; on a CPU use "
+            "bf16-mixed, 32-true or auto"
+        )
+
+
 def resolve_precision(precision: str, accelerator: str) -> str:
     """`auto`: bf16 mixed precision where the hardware computes bf16 natively, else fp32.
 
@@ -366,11 +387,3 @@ def _wandb_logger(cfg: KndConfig, run_dir: Path):
         resume="allow",
         config=asdict(cfg),
     )
-
-
-def parity_batch(prepared: PreparedSet, indices: list[int], length: int, n: int = 8) -> np.ndarray:
-    """A few real clips, centre-fitted, for the ONNX-vs-torch parity check."""
-    from kndcli.inference.windowing import center_fit
-
-    chosen = indices[:: max(1, len(indices) // n)][:n]
-    return np.stack([center_fit(prepared.waveform(i), length) for i in chosen]).astype(np.float32)

@@ -1,0 +1,290 @@
+"""The way in, through the installed `knd` entry point: usage errors, exit codes, guards.
+
+Every command is run as a user runs it (a subprocess of the console script), because
+exit codes and what reaches stderr are the behaviour under test.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+KND = Path(sys.executable).parent / "knd"  # the installed console script
+
+
+def knd(*args: str | Path, cwd: Path = REPO, env: dict | None = None, timeout: float = 120):
+    return subprocess.run(
+        [KND, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout
+    )
+
+
+def leaf_commands() -> list[list[str]]:
+    """Every command path of the app (`data prepare`, `predict`, ...), read from the app."""
+    import typer
+
+    from kndcli.cli.main import app
+
+    def walk(command, path):
+        children = getattr(command, "commands", None)
+        if children is None:
+            return [path]
+        return [p for name, sub in sorted(children.items()) for p in walk(sub, [*path, name])]
+
+    return walk(typer.main.get_command(app), [])
+
+
+def groups() -> list[list[str]]:
+    paths = {tuple(p[:-1]) for p in leaf_commands() if len(p) > 1}
+    return [list(p) for p in sorted(paths)]
+
+
+def assert_usage_error(proc: subprocess.CompletedProcess, command: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines[0].startswith("error: "), proc.stderr
+    assert lines[-1].startswith(f"usage: {command}"), proc.stderr
+    assert f"{command} --help" in lines[-1]
+    assert len(lines) == 2, proc.stderr
+
+
+def test_every_command_and_option_is_in_the_readme_table():
+    import typer
+
+    from kndcli.cli.main import app
+
+    readme = (REPO / "README.md").read_text().splitlines()
+    root = typer.main.get_command(app)
+    config_trio = {"--config", "--set", "--print-config"}
+    for path in leaf_commands():
+        command = root
+        for name in path:
+            command = command.commands[name]
+        row = next((line for line in readme if line.startswith(f"| `knd {' '.join(path)}` |")), "")
+        assert row, f"README's command table lacks knd {' '.join(path)}"
+        flags = {p.opts[0] for p in command.params if p.param_type_name == "option"} - {"--help"}
+        if config_trio <= flags:
+            assert "*config*" in row
+            flags -= config_trio
+        for flag in flags:
+            assert f"`{flag}" in row, f"knd {' '.join(path)}: {flag} missing from README"
+
+
+@pytest.mark.parametrize("path", leaf_commands(), ids=" ".join)
+def test_unknown_option_is_a_usage_error_for_every_command(path):
+    assert_usage_error(knd(*path, "--no-such-option"), "knd " + " ".join(path))
+
+
+@pytest.mark.parametrize("path", [[], *groups()], ids=lambda p: " ".join(p) or "knd")
+def test_a_group_alone_shows_its_help_and_exits_2(path):
+    proc = knd(*path)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert "Commands" in proc.stdout + proc.stderr
+
+
+def test_the_typos_of_the_issue_are_usage_errors(tiny_bundle, wav_factory):
+    clip = wav_factory("c.wav", seconds=1.0)
+    assert_usage_error(knd("trian"), "knd")
+    assert_usage_error(knd("predict", "-m", tiny_bundle, "--jsn", clip), "knd predict")
+    assert_usage_error(knd("predict", "-m", tiny_bundle), "knd predict")
+    assert_usage_error(knd("data", "split-report", "--data", "X"), "knd data split-report")
+    assert_usage_error(knd("cloud", "status", "knd", "--dry-run"), "knd cloud status")
+    positional = knd("train", "train.trainer.max_epochs=5")
+    assert_usage_error(positional, "knd train")
+    assert "--set KEY=VALUE" in positional.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "key"),
+    [
+        (["config", "show", "--set", "train.lr=fast"], "train.lr"),
+        (["config", "show", "--set", "train.nope=1"], "train.nope"),
+        (["train", "--set", "train.trainer.precision=fp64"], "train.trainer.precision"),
+        (["serve", "--port", "70000"], "serve.port"),
+        (["predict", "--min-confidence", "1.5", "x.wav"], "inference.min_confidence"),
+        (["config", "show", "--set", "cloud.memory=2GB"], "cloud.memory"),
+    ],
+)
+def test_config_errors_name_the_key_and_exit_2(args, key):
+    proc = knd(*args)
+    assert proc.returncode == 2, proc.stderr
+    assert key in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_gpu_accelerator_without_a_gpu_is_a_config_error(synth_prepared, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: accelerator=gpu is valid here")
+    proc = knd(
+        "train", "--prepared", synth_prepared,
+        "--set", "train.trainer.accelerator=gpu", "--set", f"train.output_dir={tmp_path}",
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "train.trainer.accelerator" in proc.stderr and "no CUDA GPU" in proc.stderr
+    assert not any(tmp_path.iterdir()), "nothing is written before the config is checked"
+
+
+def test_two_output_formats_and_unknown_formats_exit_2(tiny_bundle, wav_factory):
+    clip = wav_factory("c.wav", seconds=1.0)
+    both = knd("predict", "-m", tiny_bundle, "--json", "--csv", clip)
+    assert both.returncode == 2 and "choose one of --json and --csv" in both.stderr
+    tflite = knd("export", "-m", tiny_bundle, "--format", "tflite")
+    assert tflite.returncode == 2 and "only onnx" in tflite.stderr
+
+
+def test_a_missing_bundle_is_a_usage_error_not_a_verdict(tmp_path, wav_factory):
+    clip = wav_factory("c.wav", seconds=1.0)
+    for args in (
+        ["predict", "-m", tmp_path / "nope", clip],
+        ["drift", "check", "-m", tmp_path / "nope", "--audio", tmp_path],
+        ["evaluate", "-m", tmp_path / "nope"],
+    ):
+        proc = knd(*args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert f"no bundle at {tmp_path / 'nope'}" in proc.stderr
+
+
+def test_failed_files_are_the_commands_verdict_exit_1(tiny_bundle, wav_factory, tmp_path):
+    good = wav_factory("good.wav", seconds=1.0)
+    bad = tmp_path / "bad.wav"
+    bad.write_text("not audio")
+    proc = knd("predict", "-m", tiny_bundle, "--json", good, bad)
+    assert proc.returncode == 1
+    document = json.loads(proc.stdout)
+    assert document["files"] == 2 and document["failed"] == 1
+    assert [p.get("error") is None for p in document["predictions"]] == [True, False]
+
+
+def test_predict_json_is_one_document_for_many_files(tiny_bundle, wav_factory):
+    clips = [wav_factory(f"c{i}.wav", seconds=1.0 + i, freq=200 + 50 * i) for i in range(3)]
+    document = json.loads(knd("predict", "-m", tiny_bundle, "--json", *clips).stdout)
+    assert document["model"] == str(tiny_bundle)
+    assert [Path(p["file"]).name for p in document["predictions"]] == [c.name for c in clips]
+    lines = knd("predict", "-m", tiny_bundle, "--jsonl", *clips).stdout.splitlines()
+    assert [json.loads(line) for line in lines] == document["predictions"]
+
+
+def test_flags_are_config_keys_and_print_config_shows_them(tiny_bundle):
+    proc = knd("serve", "-m", tiny_bundle, "--port", "9123", "--print-config")
+    assert proc.returncode == 0
+    assert "port: 9123" in proc.stdout and f"model: {tiny_bundle}" in proc.stdout
+    same = knd("serve", "--set", "serve.port=9123", "--set", f"inference.model={tiny_bundle}",
+               "--print-config")  # fmt: skip
+    assert same.stdout == proc.stdout
+    env = {**__import__("os").environ, "PORT": "7001", "KND_PROJECT": "proj"}
+    from_env = knd("config", "show", env=env).stdout
+    assert "port: 7001" in from_env and "project: proj" in from_env
+    flag_wins = knd("serve", "--port", "7002", "--print-config", env=env).stdout
+    assert "port: 7002" in flag_wins
+
+
+def _bundle_trained_on(tiny_bundle: Path, prepared: Path, dest: Path, fit: list[str]) -> Path:
+    """tiny_bundle with the `data` summary training writes: fitted on `fit` of `prepared`."""
+    from kndcli.data.store import PreparedSet
+    from kndcli.inference.bundle import DataSummary, update_bundle
+
+    shutil.copytree(tiny_bundle, dest)
+    ps = PreparedSet.open(prepared)
+    summary = DataSummary(
+        dataset="synth",
+        prepared=str(prepared.resolve()),
+        clips={s: len(ps.indices(s)) for s in ("train", "val", "test")},
+        speakers=ps.info.get("speakers"),
+        fit_splits=fit,
+    )
+    update_bundle(dest, {"data": asdict(summary)})
+    return dest
+
+
+def test_evaluate_scores_the_bundles_own_set_not_the_default(tiny_bundle, synth_prepared, tmp_path):
+    bundle = _bundle_trained_on(tiny_bundle, synth_prepared, tmp_path / "b", ["train"])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()  # no ./data/prepared here: the recorded set must be used
+    proc = knd("evaluate", "-m", bundle, "--json", cwd=elsewhere)
+    assert proc.returncode == 0, proc.stderr
+    from kndcli.data.store import PreparedSet
+
+    summary = json.loads(proc.stdout)
+    assert summary["n_clips"] == len(PreparedSet.open(synth_prepared).indices("test"))
+    assert (bundle / "eval" / "test_metrics.json").is_file()
+
+
+def test_evaluate_refuses_splits_the_bundle_learned_from(tiny_bundle, synth_prepared, tmp_path):
+    refit = _bundle_trained_on(tiny_bundle, synth_prepared, tmp_path / "r", ["train", "test"])
+    for split in ("train", "test"):
+        proc = knd("evaluate", "-m", refit, "--split", split)
+        assert proc.returncode == 2, proc.stderr
+        assert "not held out" in proc.stderr
+    assert not (refit / "eval").exists()
+    assert knd("evaluate", "-m", refit, "--split", "val", "--json").returncode == 0
+
+
+def test_evaluate_on_another_set_keeps_the_bundles_eval(tiny_bundle, synth_prepared, tmp_path):
+    bundle = _bundle_trained_on(tiny_bundle, synth_prepared, tmp_path / "b", ["train"])
+    other = tmp_path / "other-set"
+    shutil.copytree(synth_prepared, other)
+    proc = knd("evaluate", "-m", bundle, "--prepared", other)
+    assert proc.returncode == 0, proc.stderr
+    assert "not " in proc.stderr and str(synth_prepared.resolve()) in proc.stderr
+    assert (bundle / "eval-other-set").is_dir()
+    assert not (bundle / "eval").exists()
+
+
+def test_resume_of_a_finished_run_changes_nothing(tiny_bundle, tmp_path):
+    run = tmp_path / "runs" / "done"
+    shutil.copytree(tiny_bundle, run)
+    (run / "config.yaml").write_text("train:\n  run_name: done\n")
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    proc = knd("train", "--resume", run)
+    assert proc.returncode == 0, proc.stderr
+    assert "finished" in proc.stderr and "nothing to resume" in proc.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
+
+
+def test_int8_export_is_kept_only_when_not_worse(tiny_bundle, synth_prepared, tmp_path):
+    out = tmp_path / "int8"
+    proc = knd(
+        "export", "-m", tiny_bundle, "--quantize", "int8", "--prepared", synth_prepared,
+        "--out", out, "--json", timeout=300,
+    )  # fmt: skip
+    report = json.loads(proc.stdout)
+    assert {"accuracy_before", "accuracy_after", "ms_per_clip_before", "ms_per_clip_after"} <= set(
+        report
+    )
+    assert report["kept"] == (not report["refused"])
+    assert proc.returncode == (0 if report["kept"] else 1)
+    assert out.is_dir() == report["kept"]
+    forced = knd(
+        "export", "-m", tiny_bundle, "--quantize", "int8", "--prepared", synth_prepared,
+        "--out", out, "--force", "--json", timeout=300,
+    )  # fmt: skip
+    assert forced.returncode == 0 and out.is_dir()
+
+
+def test_int8_judgement():
+    from kndcli.training.export import _worse
+
+    same = {"accuracy_before": 0.7, "accuracy_after": 0.7}
+    assert _worse({**same, "ms_per_clip_before": 5.0, "ms_per_clip_after": 3.0}) == []
+    slower = _worse({**same, "ms_per_clip_before": 5.6, "ms_per_clip_after": 30.0})
+    assert slower and "slower" in slower[0]
+    worse = {"accuracy_before": 0.775, "accuracy_after": 0.517}
+    assert "25.8 points" in _worse({**worse, "ms_per_clip_before": 5, "ms_per_clip_after": 4})[0]
+
+
+def test_int8_without_a_set_to_measure_on_is_refused(tiny_bundle, tmp_path):
+    proc = knd("export", "-m", tiny_bundle, "--quantize", "int8", "--out", tmp_path / "q")
+    assert proc.returncode == 2
+    assert "--prepared" in proc.stderr and "--force" in proc.stderr
+    assert not (tmp_path / "q").exists()
