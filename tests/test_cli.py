@@ -288,3 +288,58 @@ def test_int8_without_a_set_to_measure_on_is_refused(tiny_bundle, tmp_path):
     assert proc.returncode == 2
     assert "--prepared" in proc.stderr and "--force" in proc.stderr
     assert not (tmp_path / "q").exists()
+
+
+def test_predict_and_serve_agree_on_real_clips_under_one_config(
+    tiny_bundle, ravdess_root, tmp_path
+):
+    """The same config file drives both: window, hop and min_confidence reach the
+    service's scoring workers exactly as they reach `knd predict`."""
+    import socket
+    import time
+
+    import httpx
+    from tests.conftest import ravdess_clips
+
+    clips = ravdess_clips(ravdess_root, [1])[:3] + ravdess_clips(ravdess_root, [5])[:2]
+    config = tmp_path / "same.yaml"
+    config.write_text(
+        f"inference:\n  model: {tiny_bundle}\n  window_s: 1.0\n  hop_s: 0.5\n"
+        "  min_confidence: 0.13\n"
+        f"serve:\n  scoring_processes: 1\n  log_sink: {tmp_path / 'log.sqlite'}\n"
+    )
+    predicted = json.loads(knd("predict", "-c", config, "--json", *clips).stdout)["predictions"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [KND, "serve", "-c", config, "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        else:
+            raise AssertionError("knd serve did not become ready in 60 s")
+        for clip, local in zip(clips, predicted, strict=True):
+            with clip.open("rb") as handle:
+                answer = httpx.post(
+                    url + "/predict", files={"file": (clip.name, handle)}, timeout=30
+                )
+            assert answer.status_code == 200, answer.text
+            served = answer.json()
+            assert served["label"] == local["label"], clip
+            for label, p in local["probabilities"].items():
+                assert served["probabilities"][label] == pytest.approx(p, abs=1e-5)
+        assert {p["label"] for p in predicted} != set(), "no clip was scored"
+    finally:
+        server.terminate()
+        _, err = server.communicate(timeout=30)
+    assert "model    tiny@" in err and "listen   http://127.0.0.1" in err  # startup lines
