@@ -343,3 +343,21 @@ def test_predict_and_serve_agree_on_real_clips_under_one_config(
         server.terminate()
         _, err = server.communicate(timeout=30)
     assert "model    tiny@" in err and "listen   http://127.0.0.1" in err  # startup lines
+
+
+def test_tables_fit_80_columns_when_piped(drift_bundle, ravdess_root, synth_prepared, tmp_path):
+    clips = ravdess_root / "Actor_02"
+    bundle = _bundle_trained_on(drift_bundle, synth_prepared, tmp_path / "b", ["train"])
+    outputs = {
+        "drift": knd("drift", "check", "-m", drift_bundle, "--audio", clips),
+        "predict": knd("predict", "-m", drift_bundle, *sorted(clips.iterdir())[:3]),
+        "evaluate": knd("evaluate", "-m", bundle),
+        "split-report": knd("data", "split-report", "--prepared", synth_prepared),
+    }
+    for name, proc in outputs.items():
+        assert proc.returncode in (0, 1), (name, proc.stderr)
+        assert proc.stdout.strip(), name
+        for line in proc.stdout.splitlines():
+            assert len(line.rstrip()) <= 80, (name, line)
+        assert "…" not in proc.stdout, (name, proc.stdout)  # nothing cut short
+    assert "duration_s" in outputs["drift"].stdout and " -> " in outputs["drift"].stdout

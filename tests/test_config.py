@@ -16,6 +16,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_defaults_file_matches_schema():
     assert load_config([REPO / "configs" / "default.yaml"]) == KndConfig()
+    # ... and lists every key, so it is the reference a user reads
+    from kndcli.config import to_yaml
+
+    listed = (REPO / "configs" / "default.yaml").read_text().split("\n", 3)[3]
+    assert listed == to_yaml(KndConfig())
 
 
 def test_experiment_configs_load():

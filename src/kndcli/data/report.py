@@ -16,17 +16,21 @@ def print_split_report(prepared: Path, console) -> bool:
     ps = PreparedSet.open(prepared)
     labels = [label for label in ps.labels if any(r["label"] == label for r in ps.rows)]
     by_split_label = Counter((r["split"], r["label"]) for r in ps.rows)
-    table = Table(title=f"{prepared}: clips per split and label")
-    table.add_column("split")
-    for label in labels:
-        table.add_column(label, justify="right")
+    # Labels down, splits across: eight labels across would not fit 80 columns.
+    table = Table(title=f"{prepared}: clips per label and split")
+    table.add_column("label")
+    for split in SPLITS:
+        table.add_column(split, justify="right")
     table.add_column("total", justify="right")
-    table.add_column("speakers")
+    for label in labels:
+        counts = [by_split_label[(split, label)] for split in SPLITS]
+        table.add_row(label, *map(str, counts), str(sum(counts)))
+    totals = [sum(by_split_label[(split, label)] for label in labels) for split in SPLITS]
+    table.add_row("[bold]total[/]", *map(str, totals), str(sum(totals)))
+    console.print(table)
     for split in SPLITS:
         speakers = sorted({r["speaker"] for r in ps.rows if r["split"] == split})
-        counts = [by_split_label[(split, label)] for label in labels]
-        table.add_row(split, *map(str, counts), str(sum(counts)), " ".join(speakers))
-    console.print(table)
+        console.print(f"{split} speakers: {' '.join(speakers) or '-'}")
 
     per_speaker = Counter((r["speaker"], r["split"]) for r in ps.rows)
     speakers = Table(title="clips per speaker")
