@@ -153,8 +153,16 @@ class Context:
         return make_checkpoint(self.work / "course" / "vgg19.pt")
 
 
-def untrained_bundle(out: Path) -> Path:
-    """A complete bundle of the default model with random weights: same cost, no training."""
+def untrained_bundle(
+    out: Path,
+    *,
+    model: Any = None,
+    name: str = "bench-untrained",
+    clips: list[Any] | None = None,
+) -> Path:
+    """A complete bundle with random weights (ONNX, safetensors, drift reference): the cost
+    of a real one without training. The benchmarks use the default model; the tests a
+    narrow one (`model`) whose window is the length of their `clips`."""
     import numpy as np
 
     from kndcli.audio import Audio, audio_features
@@ -166,23 +174,25 @@ def untrained_bundle(out: Path) -> Path:
 
     if (out / BUNDLE_JSON).is_file():
         return out
-    cfg = ModelConfig()
-    model = build_model(cfg, len(LABELS), 16000)
-    rng = np.random.default_rng(0)
-    clips = [0.1 * rng.standard_normal(48000).astype(np.float32) for _ in range(4)]
+    cfg = model or ModelConfig()
+    if clips is None:
+        rng = np.random.default_rng(0)
+        clips = [0.1 * rng.standard_normal(48000).astype(np.float32) for _ in range(4)]
+    seconds = len(clips[0]) / 16000
     feats = [audio_features(Audio(c, 16000, 16000, 1, "gen", 0.3, 0.0)) for c in clips]
     reference = build_reference(feats, ["happy"] * 4, feats, ["sad"] * 4, ["sad"] * 4, [0.5] * 4)
     meta = BundleMeta(
-        name="bench-untrained",
+        name=name,
         labels=list(LABELS),
         sample_rate=16000,
-        clip_seconds=3.0,
-        window_seconds=3.0,
-        hop_seconds=1.5,
+        clip_seconds=seconds,
+        window_seconds=seconds,
+        hop_seconds=seconds / 2,
         trim_silence=True,
         model=cfg,
     )
-    return write_bundle(model, out, meta, np.stack(clips[:2]), reference=reference)
+    network = build_model(cfg, len(LABELS), 16000)
+    return write_bundle(network, out, meta, np.stack(clips[:2]), reference=reference)
 
 
 def _read_all(paths: list[Path]) -> None:

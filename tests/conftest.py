@@ -67,34 +67,17 @@ def wav_factory(tmp_path: Path) -> Callable[..., Path]:
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained but complete bundle (ONNX, safetensors, reference): fast to build."""
-    from kndcli.audio import Audio, audio_features
-    from kndcli.config import LABELS, ModelConfig
-    from kndcli.inference.bundle import BundleMeta
-    from kndcli.models import build_model
-    from kndcli.monitoring.reference import build_reference
-    from kndcli.training.export import write_bundle
+    from bench.cases import untrained_bundle
 
-    out = tmp_path_factory.mktemp("bundle") / "tiny"
-    cfg = ModelConfig(channels=8)
-    model = build_model(cfg, len(LABELS), 16000)
+    from kndcli.config import ModelConfig
+
     rng = np.random.default_rng(0)
     clips = [
         tone(2.0, freq=f) + 0.01 * rng.standard_normal(32000).astype(np.float32)
         for f in (150, 200, 250, 300)
     ]
-    feats = [audio_features(Audio(c, 16000, 16000, 1, "gen", 0.3, 0.0)) for c in clips]
-    reference = build_reference(feats, ["happy"] * 4, feats, ["sad"] * 4, ["sad"] * 4, [0.5] * 4)
-    meta = BundleMeta(
-        name="tiny",
-        labels=list(LABELS),
-        sample_rate=16000,
-        clip_seconds=2.0,
-        window_seconds=2.0,
-        hop_seconds=1.0,
-        trim_silence=True,
-        model=cfg,
-    )
-    return write_bundle(model, out, meta, np.stack(clips[:2]), reference=reference)
+    out = tmp_path_factory.mktemp("bundle") / "tiny"
+    return untrained_bundle(out, model=ModelConfig(channels=8), name="tiny", clips=clips)
 
 
 @pytest.fixture(scope="session")
@@ -170,3 +153,32 @@ def drift_bundle(tiny_bundle: Path, ravdess_root: Path, tmp_path_factory) -> Pat
     reference.to_parquet(root / REFERENCE_FILE, index=False)
     update_bundle(root, {})  # re-hash: the reference file changed
     return root
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_ready(url: str, proc, timeout: float = 60) -> None:
+    """Until `knd serve` at `url` answers /ready; fail at once if the process exits."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            raise AssertionError(f"knd serve exited: {out}")
+        try:
+            if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError("knd serve never became ready")

@@ -295,11 +295,8 @@ def test_predict_and_serve_agree_on_real_clips_under_one_config(
 ):
     """The same config file drives both: window, hop and min_confidence reach the
     service's scoring workers exactly as they reach `knd predict`."""
-    import socket
-    import time
-
     import httpx
-    from tests.conftest import ravdess_clips
+    from tests.conftest import free_port, ravdess_clips, wait_ready
 
     clips = ravdess_clips(ravdess_root, [1])[:3] + ravdess_clips(ravdess_root, [5])[:2]
     config = tmp_path / "same.yaml"
@@ -309,25 +306,14 @@ def test_predict_and_serve_agree_on_real_clips_under_one_config(
         f"serve:\n  scoring_processes: 1\n  log_sink: {tmp_path / 'log.sqlite'}\n"
     )
     predicted = json.loads(knd("predict", "-c", config, "--json", *clips).stdout)["predictions"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen(
         [KND, "serve", "-c", config, "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        else:
-            raise AssertionError("knd serve did not become ready in 60 s")
+        wait_ready(url, server)
         for clip, local in zip(clips, predicted, strict=True):
             with clip.open("rb") as handle:
                 answer = httpx.post(
@@ -341,7 +327,7 @@ def test_predict_and_serve_agree_on_real_clips_under_one_config(
         assert {p["label"] for p in predicted} != set(), "no clip was scored"
     finally:
         server.terminate()
-        _, err = server.communicate(timeout=30)
+        err, _ = server.communicate(timeout=30)
     assert "model    tiny@" in err and "listen   http://127.0.0.1" in err  # startup lines
 
 

@@ -8,7 +8,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
@@ -161,12 +161,6 @@ def test_serve_runtime_has_no_torch_and_runs_knd(serve_venv: Path) -> None:
     assert helped.returncode == 0, helped.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_serve_runtime_answers_ready(serve_venv: Path, request: pytest.FixtureRequest) -> None:
     knd = str(serve_venv / "bin" / "knd")
@@ -174,7 +168,7 @@ def test_serve_runtime_answers_ready(serve_venv: Path, request: pytest.FixtureRe
     if probe.returncode != 0 or "--port" not in probe.stdout:
         pytest.skip("knd serve is not available yet (its --help offers no --port)")
     bundle = request.getfixturevalue("tiny_bundle")  # built with the full environment
-    port = _free_port()
+    port = free_port()
     log = bundle.parent / "predictions.sqlite"
     env = {**os.environ, "PORT": str(port), "KND_MODEL": str(bundle), "KND_LOG_SINK": str(log)}
     # The image's CMD, verbatim, except that the test binds loopback only.

@@ -13,16 +13,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 BUCKET = "knd-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -78,7 +73,7 @@ def test_default_remote_is_gcs() -> None:
 
 @pytest.fixture
 def gcs_emulator():
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [
             str(BIN / "gcp-storage-emulator"),

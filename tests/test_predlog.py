@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import multiprocessing
-import socket
 import sqlite3
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from tests.conftest import free_port
 
 from kndcli.audio import FEATURE_NAMES
 from kndcli.monitoring.predlog import (
@@ -118,18 +118,12 @@ def test_sqlite_several_processes_write_at_once(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- GCS
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def gcs_emulator(monkeypatch: pytest.MonkeyPatch):
     """gcp-storage-emulator in memory on a free loopback port, with one bucket."""
     from gcp_storage_emulator.server import create_server
 
-    port = _free_port()
+    port = free_port()
     server = create_server("127.0.0.1", port, in_memory=True, default_bucket="knd-logs")
     server.start()
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")

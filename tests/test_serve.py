@@ -7,7 +7,6 @@ import io
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,18 +20,13 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
+from tests.conftest import free_port, wait_ready
 
 from kndcli.config import LABELS
 from kndcli.monitoring.predlog import open_log
 from kndcli.serving.app import create_app
 from kndcli.serving.settings import ServeSettings
 from test_predlog import gcs_emulator  # noqa: F401 - a fixture used below
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wav_bytes(
@@ -487,20 +481,6 @@ def knd_serve(args: list[str], env: dict[str, str], cwd: Path) -> Iterator[subpr
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"knd serve exited: {proc.stdout.read()}")
-        try:
-            if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError("knd serve never became ready")
 
 
 @pytest.mark.parametrize("workers", [1, 2])
