@@ -347,3 +347,13 @@ def test_tables_fit_80_columns_when_piped(drift_bundle, ravdess_root, synth_prep
             assert len(line.rstrip()) <= 80, (name, line)
         assert "…" not in proc.stdout, (name, proc.stdout)  # nothing cut short
     assert "duration_s" in outputs["drift"].stdout and " -> " in outputs["drift"].stdout
+
+
+def test_a_corrupt_bundle_is_a_runtime_failure_exit_3(tiny_bundle, wav_factory, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_bundle, broken)
+    with (broken / "model.onnx").open("ab") as handle:
+        handle.write(b"\0")
+    proc = knd("predict", "-m", broken, wav_factory("c.wav", seconds=1.0))
+    assert proc.returncode == 3, proc.stderr
+    assert "does not match bundle.json" in proc.stderr and "Traceback" not in proc.stderr

@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from kndcli.config import InferenceConfig
 from kndcli.monitoring.verdict import CONFIDENCE, PREDICTED, DriftInputError, with_predicted
 
 _RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
@@ -72,8 +73,14 @@ def read_log(sink: str | Path, since: str | datetime | None = None, last: int | 
         log.close()
 
 
-def score_audio(bundle: str | Path, folder: str | Path, workers: int = 0) -> ScoredAudio:
-    """Score a folder of audio with the bundle's model, as `knd predict` would."""
+def score_audio(
+    bundle: str | Path,
+    folder: str | Path,
+    inference: InferenceConfig | None = None,
+    workers: int = 0,
+) -> ScoredAudio:
+    """Score a folder of audio with the bundle's model, as `knd predict` would (the same
+    `inference:` section); the model's top label, as the prediction log records it."""
     import pandas as pd
 
     from kndcli.audio import find_audio_files
@@ -85,7 +92,7 @@ def score_audio(bundle: str | Path, folder: str | Path, workers: int = 0) -> Sco
     paths = find_audio_files([folder])
     if not paths:
         raise DriftInputError(f"--audio {folder}: no audio files found")
-    predictor = Predictor.from_config(bundle)
+    predictor = Predictor.from_config(bundle, inference)
     rows: list[dict[str, Any]] = []
     errors: list[str] = []
     for pred in predictor.predict_paths(paths, features=True, workers=workers):
@@ -95,7 +102,7 @@ def score_audio(bundle: str | Path, folder: str | Path, workers: int = 0) -> Sco
         rows.append(
             {
                 "filename": Path(pred.source).name,
-                PREDICTED: pred.label,
+                PREDICTED: pred.top_label,
                 CONFIDENCE: pred.confidence,
                 **pred.features,
             }
