@@ -21,6 +21,8 @@ NAME = "projects/p1/locations/europe-west1/services/emotions"
 SERVICE = f"/v2/{NAME}"
 OPERATION = r"/v2/projects/p1/locations/europe-west1/operations/op-(\d+)"
 URL = "https://emotions-abc-ew.a.run.app"
+# A public service needs a token (or an explicit --insecure-no-token).
+PUBLIC = ["--allow-unauthenticated", "--token-secret", "knd-token"]
 BASE_ARGS = [
     "cloud",
     "deploy",
@@ -161,7 +163,7 @@ def test_deploy_creates_or_updates_in_one_call_and_waits(fake: FakeGoogle) -> No
 def test_allow_unauthenticated_adds_the_invoker_binding(fake: FakeGoogle) -> None:
     owner = {"role": "roles/run.admin", "members": ["user:ops@example.com"]}
     _run_service_api(fake, policy={"bindings": [owner], "etag": "BwE="})
-    result = CliRunner().invoke(app, [*BASE_ARGS, "--allow-unauthenticated"])
+    result = CliRunner().invoke(app, [*BASE_ARGS, *PUBLIC])
     assert result.exit_code == 0, result.output
     [call] = fake.calls("POST", SERVICE + ":setIamPolicy")
     bindings = call.body["policy"]["bindings"]
@@ -170,7 +172,7 @@ def test_allow_unauthenticated_adds_the_invoker_binding(fake: FakeGoogle) -> Non
     assert call.body["policy"]["etag"] == "BwE="
 
     # Deploying again with the flag changes nothing; --no-allow-unauthenticated revokes it.
-    assert CliRunner().invoke(app, [*BASE_ARGS, "--allow-unauthenticated"]).exit_code == 0
+    assert CliRunner().invoke(app, [*BASE_ARGS, *PUBLIC]).exit_code == 0
     assert len(fake.calls("POST", SERVICE + ":setIamPolicy")) == 1
     result = CliRunner().invoke(app, [*BASE_ARGS, "--no-allow-unauthenticated"])
     assert result.exit_code == 0, result.output
@@ -225,7 +227,7 @@ def test_dry_run_prints_the_request_and_calls_nothing(fake: FakeGoogle) -> None:
     [("--allow-unauthenticated", "ADD"), ("--no-allow-unauthenticated", "REMOVE")],
 )
 def test_dry_run_shows_the_iam_change(fake: FakeGoogle, flag: str, action: str) -> None:
-    result = CliRunner().invoke(app, [*BASE_ARGS, flag, "--dry-run"])
+    result = CliRunner().invoke(app, [*BASE_ARGS, flag, "--token-secret", "t", "--dry-run"])
     assert result.exit_code == 0, result.output
     document = json.loads(result.output)
     assert document["service"]["service"]["name"] == NAME
@@ -368,3 +370,29 @@ def test_bad_options_name_the_problem(change: dict, error: type, words: str) -> 
     opts = services.ServiceOptions(cloud=cloud, **change)
     with pytest.raises(error, match=words):
         services.build_service(opts)
+
+
+def test_a_public_service_without_a_token_is_refused(fake: FakeGoogle) -> None:
+    refused = CliRunner().invoke(app, [*BASE_ARGS, "--allow-unauthenticated", "--dry-run"])
+    assert isinstance(refused.exception, UsageError)
+    assert "--token-secret" in str(refused.exception)
+    forced = CliRunner().invoke(
+        app, [*BASE_ARGS, "--allow-unauthenticated", "--insecure-no-token", "--dry-run"]
+    )
+    assert forced.exit_code == 0, forced.output
+    assert fake.requests == []
+
+
+def test_without_a_token_the_container_is_told_iam_guards_it(fake: FakeGoogle) -> None:
+    """The image binds 0.0.0.0, which knd serve refuses without a token unless told."""
+    private = json.loads(CliRunner().invoke(app, [*BASE_ARGS, "--dry-run"]).output)
+    env = {
+        e["name"]: e.get("value")
+        for e in private["service"]["service"]["template"]["containers"][0]["env"]
+    }
+    assert env["KND_ALLOW_NO_TOKEN"] == "true"
+    tokened = json.loads(
+        CliRunner().invoke(app, [*BASE_ARGS, "--token-secret", "t", "--dry-run"]).output
+    )
+    names = [e["name"] for e in tokened["service"]["service"]["template"]["containers"][0]["env"]]
+    assert "KND_API_TOKEN" in names and "KND_ALLOW_NO_TOKEN" not in names

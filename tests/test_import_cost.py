@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -31,13 +32,16 @@ PROBE = (
 )
 
 
-def modules_after(tmp_path: Path, *args: str | Path) -> tuple[set[str], int]:
+def modules_after(
+    tmp_path: Path, *args: str | Path, env: dict[str, str] | None = None
+) -> tuple[set[str], int]:
     out = tmp_path / "modules.json"
     result = subprocess.run(
         [sys.executable, "-c", PROBE, str(out), *map(str, args)],
         capture_output=True,
         text=True,
         timeout=120,
+        env={**os.environ, **(env or {})},
     )
     return set(json.loads(out.read_text())), result.returncode
 
@@ -68,7 +72,12 @@ def test_predict_onnx_imports_no_torch(
     tmp_path: Path, tiny_bundle: Path, wav_factory: Callable[..., Path]
 ) -> None:
     clip = wav_factory("clip.wav")
-    modules, code = modules_after(tmp_path, "predict", "--model", tiny_bundle, "--json", clip)
+    # Environment variables that set keys (Cloud Run's PORT, a DDP run's name) are read
+    # without omegaconf too.
+    env = {"PORT": "8081", "KND_RUN_NAME": "r1"}
+    modules, code = modules_after(
+        tmp_path, "predict", "--model", tiny_bundle, "--json", clip, env=env
+    )
     assert code == 0
     assert "onnxruntime" in modules  # the probe saw the real scoring path
     assert heavy(modules) == []

@@ -220,6 +220,22 @@ class ServeConfig:
     log_sink: str = "predictions.sqlite"
     log_flush_s: float = 10.0
     monitoring_interval_s: float = 600.0
+    # Off loopback, the service refuses to start without KND_API_TOKEN unless this is set
+    # (--insecure-no-token): on Cloud Run, a private service is guarded by IAM instead.
+    allow_no_token: bool = False
+    # /metrics shows label counts and the model version: behind the token when true.
+    metrics_need_token: bool = False
+    # Slow and idle clients. A connection must deliver a complete request head within
+    # head_timeout_s of opening or of its previous response (else it is closed); a body may
+    # pause at most body_timeout_s between chunks (408); all uploads in flight together may
+    # hold at most max_buffered_mb (503 with Retry-After beyond it); at most
+    # max_connections connections are served at once (uvicorn answers 503 beyond it);
+    # an idle keep-alive connection is closed after keep_alive_s.
+    head_timeout_s: float = 10.0
+    body_timeout_s: float = 10.0
+    max_buffered_mb: float = 200.0
+    max_connections: int = 512
+    keep_alive_s: float = 5.0
 
 
 @dataclass
@@ -300,6 +316,7 @@ ENV_KEYS: dict[str, str] = {
     "KND_REGION": "cloud.region",
     "KND_RUN_NAME": "train.run_name",  # set by `knd train` for the DDP processes it starts
     "PORT": "serve.port",  # Cloud Run
+    "KND_ALLOW_NO_TOKEN": "serve.allow_no_token",  # set by `knd cloud deploy` (IAM guards)
     "AIP_MODEL_DIR": "train.model_dir",  # Vertex AI, with a base output directory
     "AIP_CHECKPOINT_DIR": "train.checkpoint_dir",
 }
@@ -313,14 +330,16 @@ def load_config(
 ) -> KndConfig:
     """Merge files (later wins), `ENV_KEYS`, `key=value` overrides and flag `values`.
 
-    `values` maps dotted keys to already-typed values (a command's flags). Without files,
-    overrides or environment there is nothing to parse, so the schema is filled directly
-    and omegaconf (80 ms to import) stays off `knd predict`'s path.
+    `values` maps dotted keys to already-typed values (a command's flags). Without files
+    or overrides there is nothing to parse, so the schema is filled directly and omegaconf
+    (80 ms to import) stays off `knd predict`'s path, environment or not.
     """
     env = _env_values(os.environ if environ is None else environ)
     values = {k: _plain(v) for k, v in (values or {}).items() if v is not None}
-    if not files and not overrides and not env:
+    if not files and not overrides:
         cfg = KndConfig()
+        for name, text in env.items():
+            _assign(cfg, ENV_KEYS[name], _from_text(cfg, ENV_KEYS[name], name, text))
         for key, value in values.items():
             _assign(cfg, key, value)
     else:
@@ -377,6 +396,26 @@ def _nested(values: dict[str, Any]) -> Any:
             node = node.setdefault(part, {})
         node[leaf] = value
     return OmegaConf.create(tree)
+
+
+def _from_text(cfg: KndConfig, key: str, name: str, text: str) -> Any:
+    """An environment variable's text as the type of the key it sets (str, int or bool:
+    the kinds ENV_KEYS holds), without omegaconf."""
+    current: Any = cfg
+    for part in key.split("."):
+        current = getattr(current, part)
+    if isinstance(current, bool):
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ConfigError(f"environment {name}: key '{key}': {text!r} is not true or false")
+        return text.lower() in ("true", "1", "yes")
+    if isinstance(current, int):
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(
+                f"environment {name}: key '{key}': {text!r} is not a number"
+            ) from None
+    return text
 
 
 def _assign(cfg: KndConfig, key: str, value: Any) -> None:
@@ -474,6 +513,11 @@ def check_serve(s: ServeConfig, section: str = "serve") -> None:
         "max_batch_files": (s.max_batch_files >= 1, "at least 1"),
         "max_batch_size": (s.max_batch_size >= 1, "at least 1"),
         "max_wait_ms": (s.max_wait_ms >= 0, "0 or more"),
+        "head_timeout_s": (s.head_timeout_s > 0, "positive seconds"),
+        "body_timeout_s": (s.body_timeout_s > 0, "positive seconds"),
+        "max_buffered_mb": (s.max_buffered_mb >= s.max_body_mb, "at least serve.max_body_mb"),
+        "max_connections": (s.max_connections >= 1, "at least 1"),
+        "keep_alive_s": (s.keep_alive_s > 0, "positive seconds"),
         "scoring_processes": (
             s.scoring_processes == "auto"
             or (isinstance(s.scoring_processes, int) and s.scoring_processes >= 0),

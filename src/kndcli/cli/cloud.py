@@ -194,6 +194,14 @@ def deploy(
     service_account: ServiceAccount = None,
     env: Env = None,
     label: Labels = None,
+    insecure_no_token: Annotated[
+        bool | None,
+        opt.keyed(
+            "serve.allow_no_token",
+            "--insecure-no-token",
+            help="Allow a public service without --token-secret.",
+        ),
+    ] = None,
     allow_unauthenticated: Annotated[
         bool | None,
         typer.Option(

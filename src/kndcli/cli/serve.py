@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from kndcli.cli import options as opt
+from kndcli.serving.settings import LOOPBACK
 
 
 def serve(
@@ -22,6 +23,14 @@ def serve(
         opt.keyed("serve.workers", "--workers", help="uvicorn worker processes."),
     ] = None,
     backend: opt.Backend = None,
+    insecure_no_token: Annotated[
+        bool | None,
+        opt.keyed(
+            "serve.allow_no_token",
+            "--insecure-no-token",
+            help="Serve a non-loopback address without KND_API_TOKEN.",
+        ),
+    ] = None,
     access_log: Annotated[
         bool, typer.Option("--access-log/--no-access-log", help="Log every request.")
     ] = False,
@@ -38,6 +47,7 @@ def serve(
     path = resolve_model(cfg.inference.model)
     bundle = load_bundle(path)  # fail here, in one line, rather than in every worker
     settings = ServeSettings.from_config(cfg, path)
+    settings.check_exposure()  # before the banner: a refusal is one line
     _announce(settings, bundle)
     run_server(settings, access_log=access_log)
 
@@ -57,9 +67,9 @@ def _announce(settings, bundle) -> None:
     ]
     if inf.min_confidence > 0:
         lines.append(f"answers  'uncertain' below confidence {inf.min_confidence:g}")
-    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.token():
+    if settings.host not in LOOPBACK and not settings.token():
         lines.append(
-            f"warning  bound to {settings.host} without a token: anyone who can reach this "
-            "port can use the service; set KND_API_TOKEN"
+            f"warning  bound to {settings.host} without a token (--insecure-no-token): "
+            "only what stands in front of it checks callers"
         )
     print("\n".join(lines), file=sys.stderr, flush=True)

@@ -45,6 +45,8 @@ class ServiceOptions:
     labels: dict[str, str] = field(default_factory=dict)
     # None leaves the IAM policy alone; True grants allUsers run.invoker; False revokes it.
     allow_unauthenticated: bool | None = None
+    # serve.allow_no_token: a public service without a token only when the user says so.
+    allow_no_token: bool = False
 
 
 def service_options(
@@ -64,6 +66,7 @@ def service_options(
         env=dict(env or {}),
         labels=dict(labels or {}),
         allow_unauthenticated=allow_unauthenticated,
+        allow_no_token=cfg.serve.allow_no_token,
     )
 
 
@@ -150,6 +153,11 @@ def _check(opts: ServiceOptions) -> None:
     check_log_sink(opts.log_sink)
     check_labels(opts.labels)
     check_env_names(opts.env)
+    if opts.allow_unauthenticated and not opts.token_secret and not opts.allow_no_token:
+        raise UsageError(
+            "--allow-unauthenticated without --token-secret would let anyone on the internet "
+            "use the service: add --token-secret SECRET, or pass --insecure-no-token"
+        )
     reserved = _RESERVED_ENV & set(opts.env)
     if reserved:
         raise UsageError(f"--env {sorted(reserved)[0]} is set by Cloud Run and cannot be changed")
@@ -188,6 +196,12 @@ def build_service(opts: ServiceOptions) -> dict[str, Any]:
                 },
             }
         )
+    else:
+        # The container binds 0.0.0.0, which `knd serve` refuses without a token unless
+        # told that something in front checks callers: Cloud Run IAM on a private service,
+        # or the user's explicit --insecure-no-token on a public one (refused in _check
+        # otherwise).
+        env.append({"name": "KND_ALLOW_NO_TOKEN", "value": "true"})
     env += [{"name": k, "value": v} for k, v in sorted(opts.env.items())]
     container: dict[str, Any] = {
         "image": opts.cloud.serve_image,

@@ -17,6 +17,7 @@ from fastapi import APIRouter, FastAPI
 from fastapi_offline import FastAPIOffline
 
 from kndcli.serving.errors import install_error_handlers
+from kndcli.serving.guards import BodyGuardMiddleware, GuardedProtocol, UploadBudget
 from kndcli.serving.metrics import Metrics, RequestStampMiddleware
 from kndcli.serving.settings import SETTINGS_ENV, ServeSettings
 
@@ -120,7 +121,15 @@ def create_app(
     app.include_router(monitoring_router)
     for extra in extra_routers:
         app.include_router(extra)
+    app.add_middleware(
+        BodyGuardMiddleware,
+        budget=UploadBudget(int(settings.max_buffered_mb * 2**20)),
+        body_timeout_s=settings.body_timeout_s,
+    )
     app.add_middleware(RequestStampMiddleware, metrics=metrics)
+    # uvicorn builds the protocol itself, in every worker process: the deadline travels as
+    # a class attribute set by the factory that process runs.
+    GuardedProtocol.head_timeout_s = settings.head_timeout_s
     return app
 
 
@@ -138,6 +147,7 @@ def run_server(
     """Run uvicorn: the app object for one worker, an import string + factory for several."""
     import uvicorn
 
+    settings.check_exposure()
     common: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
@@ -145,6 +155,9 @@ def run_server(
         "log_level": log_level,
         "timeout_graceful_shutdown": 20,
         "server_header": False,
+        "http": "kndcli.serving.guards:GuardedProtocol",
+        "limit_concurrency": settings.max_connections,
+        "timeout_keep_alive": settings.keep_alive_s,
     }
     if settings.workers > 1:
         os.environ[SETTINGS_ENV] = settings.to_json()

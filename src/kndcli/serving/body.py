@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from starlette.requests import ClientDisconnect, Request
 
 from kndcli.serving.errors import ApiError
+from kndcli.serving.guards import BodyStalled, BufferFull
 
 RAW_AUDIO_TYPES = ("audio/", "application/octet-stream")
 # After refusing an over-long body, keep reading (and discarding) up to this much more so the
@@ -62,6 +63,12 @@ async def limited_stream(request: Request, limit: int) -> AsyncIterator[bytes]:
                 yield chunk
     except ClientDisconnect:
         raise ApiError(400, "client disconnected before sending the whole body") from None
+    except BodyStalled as exc:
+        raise ApiError(408, f"request body too slow: {exc}", {"Connection": "close"}) from None
+    except BufferFull as exc:
+        raise ApiError(
+            503, f"server busy receiving other uploads ({exc}); retry shortly", {"Retry-After": "2"}
+        ) from None
 
 
 async def _drain(request: Request, received: int) -> None:
@@ -70,7 +77,7 @@ async def _drain(request: Request, received: int) -> None:
             received += len(chunk)
             if received > DRAIN_LIMIT:
                 return
-    except (ClientDisconnect, RuntimeError):
+    except (ClientDisconnect, RuntimeError, BodyStalled, BufferFull):
         return
 
 

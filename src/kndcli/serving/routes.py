@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Query, Request, Response
 
 from kndcli.serving.body import RAW_AUDIO_TYPES, Upload, media_type, read_multipart, read_raw
-from kndcli.serving.deps import Authorized, RequestId, RequestStart, Service
+from kndcli.serving.deps import Authorized, RequestId, RequestStart, Service, require_token
 from kndcli.serving.errors import ApiError, error_response
 from kndcli.serving.schemas import BatchOut, ErrorOut, HealthOut, PredictionOut, ReadyOut
 
@@ -191,6 +191,10 @@ async def ready(request: Request) -> Any:
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def metrics(request: Request) -> Response:
+    """Open to scrapers unless serve.metrics_need_token: then the bearer token, as /predict."""
     from prometheus_client import CONTENT_TYPE_LATEST
+
+    if request.app.state.settings.metrics_need_token:
+        require_token(request)
 
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 SETTINGS_ENV = "KND_SERVE_SETTINGS"
 TOKEN_ENV = "KND_API_TOKEN"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 @dataclass
@@ -73,6 +74,17 @@ class ServeSettings(ServeConfig):
         check_serve(self)
         _require_backend(self.inference.backend)
         check_min_confidence(self.inference.min_confidence)  # before workers fail on it
+
+    def check_exposure(self) -> None:
+        """Refuse to serve an address others can reach with no token, unless told to."""
+        if self.host in LOOPBACK or self.token() or self.allow_no_token:
+            return
+        raise ConfigError(
+            f"key 'serve.host': {self.host} is reachable from other machines and no "
+            f"{TOKEN_ENV} is set, so anyone could use the service: set {TOKEN_ENV}, bind "
+            "127.0.0.1, or pass --insecure-no-token (serve.allow_no_token) if something in "
+            "front of it (Cloud Run IAM, a proxy) checks callers"
+        )
 
     def token(self) -> str | None:
         """The bearer token prediction routes require, if any."""

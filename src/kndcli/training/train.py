@@ -48,7 +48,20 @@ def train(cfg: KndConfig) -> TrainResult | None:
     """Fit, then (on rank 0) export, evaluate and write the bundle. Resumes when it can.
 
     Returns None on non-zero ranks of a distributed run: only rank 0 writes the bundle.
+    KND_RUN_NAME is set for the run's DDP processes and restored afterwards, so a second
+    run in the same process (a notebook, the tests) does not inherit the first one's name.
     """
+    previous = os.environ.get("KND_RUN_NAME")
+    try:
+        return _train(cfg)
+    finally:
+        if previous is None:
+            os.environ.pop("KND_RUN_NAME", None)
+        else:
+            os.environ["KND_RUN_NAME"] = previous
+
+
+def _train(cfg: KndConfig) -> TrainResult | None:
     started = time.perf_counter()
     check_config(cfg)
     _apply_cluster_env(cfg)

@@ -1,0 +1,125 @@
+"""What slow, idle and greedy clients may hold: time for a request head, pauses in a body,
+and bytes buffered across all uploads in flight.
+
+uvicorn bounds connections (`limit_concurrency`) and idle keep-alive connections
+(`timeout_keep_alive`) but has no deadline for a request head, so a client sending one
+header byte every few seconds keeps its connection (and file descriptor) forever. The
+protocol classes below are uvicorn's own with that one deadline added. Body pauses and the
+shared byte budget are an ASGI middleware around `receive`, the one place every body byte
+passes; the body readers (`body.limited_stream`) turn its errors into 408 and 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import anyio
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+try:  # uvicorn's default where httptools is installed
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+except ImportError:  # pragma: no cover - httptools is optional for uvicorn
+    HttpToolsProtocol = None  # type: ignore[assignment,misc]
+
+
+class BodyStalled(Exception):
+    """The client paused its body longer than the body timeout."""
+
+
+class BufferFull(Exception):
+    """Uploads in flight already hold the byte budget."""
+
+
+class HeadDeadline:
+    """Close a connection that has not sent a whole request head `head_timeout_s` after it
+    opened or after its previous response. uvicorn makes a new `cycle` per request head,
+    so an unchanged cycle at the deadline means no head arrived."""
+
+    head_timeout_s: float = 10.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        self._arm_head_deadline()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # type: ignore[misc]
+        self._arm_head_deadline()
+
+    def _arm_head_deadline(self) -> None:
+        waiting_since = self.cycle  # type: ignore[attr-defined]
+        self.loop.call_later(  # type: ignore[attr-defined]
+            self.head_timeout_s, self._head_deadline, waiting_since
+        )
+
+    def _head_deadline(self, waiting_since: Any) -> None:
+        transport = self.transport  # type: ignore[attr-defined]
+        if self.cycle is waiting_since and not transport.is_closing():  # type: ignore[attr-defined]
+            transport.close()
+
+
+class GuardedProtocol(HeadDeadline, HttpToolsProtocol or H11Protocol):  # type: ignore[misc]
+    """uvicorn's HTTP protocol (httptools when installed, else h11) with the head deadline.
+
+    Named by import string in uvicorn's options, so worker processes can load it; each
+    process's app factory sets `head_timeout_s` from its settings (`app.create_app`).
+    """
+
+
+class UploadBudget:
+    """Bytes of request bodies held by the requests in flight, against one limit.
+
+    One per process, used from its event loop only: no lock needed.
+    """
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit = limit_bytes
+        self.held = 0
+
+    def take(self, n: int) -> None:
+        if self.held + n > self.limit:
+            raise BufferFull(f"uploads in flight hold {self.held / 2**20:.0f} MiB already")
+        self.held += n
+
+    def give(self, n: int) -> None:
+        self.held -= n
+
+
+class BodyGuardMiddleware:
+    """Each body chunk must come within `body_timeout_s` of the last, and counts against the
+    process's `UploadBudget` until its request has been answered."""
+
+    def __init__(self, app: Any, budget: UploadBudget, body_timeout_s: float) -> None:
+        self.app = app
+        self.budget = budget
+        self.body_timeout_s = body_timeout_s
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        held = 0
+        body_done = False
+
+        async def guarded() -> dict:
+            nonlocal held, body_done
+            if body_done:  # after the body, receive only waits for a disconnect
+                return await receive()
+            try:
+                with anyio.fail_after(self.body_timeout_s):
+                    message = await receive()
+            except TimeoutError:
+                raise BodyStalled(
+                    f"no body data for {self.body_timeout_s:g} s (serve.body_timeout_s)"
+                ) from None
+            if message["type"] == "http.request":
+                size = len(message.get("body", b""))
+                self.budget.take(size)
+                held += size
+                body_done = not message.get("more_body", False)
+            return message
+
+        try:
+            await self.app(scope, guarded, send)
+        finally:
+            self.budget.give(held)

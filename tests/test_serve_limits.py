@@ -1,0 +1,183 @@
+"""Slow, idle and greedy clients against a real `knd serve` on 127.0.0.1 (issue 15).
+
+One server with tight limits serves every test here; each test opens a bounded number of
+loopback sockets and closes all of them.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+from tests.conftest import free_port, wait_ready
+
+KND = Path(sys.executable).parent / "knd"
+LIMITS = {
+    "serve.head_timeout_s": 1.0,
+    "serve.body_timeout_s": 1.0,
+    "serve.max_body_mb": 1.0,
+    "serve.max_buffered_mb": 2.0,
+    "serve.max_connections": 6,
+    "serve.scoring_processes": 0,
+    "serve.metrics_need_token": "true",
+}
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    log = tmp_path_factory.mktemp("limits") / "log.sqlite"
+    sets = [a for k, v in {**LIMITS, "serve.log_sink": log}.items() for a in ("--set", f"{k}={v}")]
+    proc = subprocess.Popen(
+        [KND, "serve", "-m", tiny_bundle, "--port", str(port), *sets],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**__import__("os").environ, "KND_API_TOKEN": TOKEN},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def clip_bytes(seconds: float = 1.0) -> bytes:
+    buf = io.BytesIO()
+    t = np.arange(int(16000 * seconds)) / 16000
+    sf.write(buf, (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 16000, format="WAV")
+    return buf.getvalue()
+
+
+def connect(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=5)
+    return sock
+
+
+def closed_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether the server closes `sock` (EOF or reset) within `seconds`."""
+    sock.settimeout(seconds)
+    try:
+        while data := sock.recv(4096):
+            if b"HTTP/1.1" in data:  # an answer is fine too, then the close must follow
+                continue
+        return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except TimeoutError:
+        return False
+
+
+def raw_upload_head(length: int) -> bytes:
+    return (
+        f"POST /predict HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+        f"Content-Type: audio/wav\r\nContent-Length: {length}\r\n\r\n"
+    ).encode()
+
+
+def test_a_request_head_sent_a_byte_at_a_time_is_cut_off(server):
+    with connect(server) as sock:
+        started = time.monotonic()
+        for byte in b"GET /health HTTP/1.1\r\n":  # slowloris: never finishes the head
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                break
+            time.sleep(0.2)
+            if time.monotonic() - started > 3:
+                break
+        assert closed_within(sock, 2.0)
+        assert time.monotonic() - started < 4.0
+
+
+def test_a_stalled_body_gets_408_and_the_connection_closes(server):
+    with connect(server) as sock:
+        sock.sendall(raw_upload_head(500_000) + b"RIFF" + b"\0" * 1000)
+        started = time.monotonic()
+        sock.settimeout(5)
+        answer = sock.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert b"serve.body_timeout_s" in answer
+        assert time.monotonic() - started < 3.0
+
+
+def test_uploads_in_flight_share_one_byte_budget(server):
+    """Two 0.9 MiB uploads that stall hold the 2 MiB budget; a third is refused at once
+    with 503 and Retry-After, and after the stalls time out a good clip is scored."""
+    chunk = b"\0" * 900_000
+    with ExitStack() as stack:
+        stalled = [stack.enter_context(connect(server)) for _ in range(2)]
+        for sock in stalled:
+            sock.sendall(raw_upload_head(1_000_000) + chunk)
+        time.sleep(0.3)
+        third = stack.enter_context(connect(server))
+        third.sendall(raw_upload_head(1_000_000) + chunk)
+        third.settimeout(5)
+        answer = third.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 503"), answer
+        assert b"retry-after: 2" in answer.lower()
+    time.sleep(1.5)  # the stalled bodies time out and give their bytes back
+    good = httpx.post(
+        server + "/predict",
+        content=clip_bytes(),
+        headers={"Content-Type": "audio/wav", "Authorization": f"Bearer {TOKEN}"},
+        timeout=30,
+    )
+    assert good.status_code == 200, good.text
+
+
+def test_connections_beyond_the_cap_are_answered_503(server):
+    with ExitStack() as stack:
+        idle = [
+            stack.enter_context(connect(server)) for _ in range(LIMITS["serve.max_connections"])
+        ]
+        assert len(idle) == 6
+        answer = httpx.get(server + "/health", timeout=5)
+        assert answer.status_code == 503
+    time.sleep(0.2)
+    assert httpx.get(server + "/health", timeout=5).status_code == 200
+
+
+def test_metrics_can_be_put_behind_the_token(server):
+    assert httpx.get(server + "/metrics", timeout=5).status_code == 401
+    allowed = httpx.get(server + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert allowed.status_code == 200 and "knd_requests_total" in allowed.text
+
+
+def test_serving_other_machines_without_a_token_is_refused(tiny_bundle, tmp_path):
+    env = {k: v for k, v in __import__("os").environ.items() if k != "KND_API_TOKEN"}
+    proc = subprocess.run(
+        [KND, "serve", "-m", tiny_bundle, "--host", "0.0.0.0", "--port", str(free_port())],
+        capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "KND_API_TOKEN" in proc.stderr and "--insecure-no-token" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_insecure_no_token_is_an_explicit_choice():
+    from kndcli.serving.settings import ServeSettings
+
+    ServeSettings(host="0.0.0.0", allow_no_token=True, api_token="").check_exposure()
+    ServeSettings(host="0.0.0.0", api_token="t").check_exposure()
+    ServeSettings(host="127.0.0.1", api_token="").check_exposure()
+    with pytest.raises(Exception, match="serve.host"):
+        ServeSettings(host="0.0.0.0", api_token="").check_exposure()
