@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from kndcli.serving.scoring import Clip, score_clips
 
@@ -11,6 +12,17 @@ def crash_on_poison(clips: list[Clip]) -> list:
     """Score as the server does, but die like a crashing decoder on a clip named 'poison'."""
     if any(clip.name == "poison" for clip in clips):
         os._exit(1)
+    return score_clips(clips)
+
+
+def crash_once(clips: list[Clip]) -> list:
+    """Die on the first batch holding a clip whose name is a path that does not exist yet
+    (created first), like a worker killed under whatever clip it was handed; score after."""
+    for clip in clips:
+        marker = Path(clip.name)
+        if clip.name.startswith("/") and not marker.exists():
+            marker.touch()
+            os._exit(1)
     return score_clips(clips)
 
 

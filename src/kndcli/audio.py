@@ -13,18 +13,25 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
+from kndcli.config import AudioConfig
 from kndcli.errors import KndError
 from kndcli.timing import Stage, untimed
+
+if TYPE_CHECKING:
+    import soundfile as sf
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif")
 _BLOCK_FRAMES = 1 << 16
 _CLIP_LEVEL = 0.999
 # Formats whose frame count in the header is exact; compressed streams only estimate it.
 _EXACT_LENGTH_FORMATS = {"WAV", "WAVEX", "FLAC", "AIFF", "W64", "RF64"}
+# An MP3 whose Xing/Info/VBRI header gives its length may decode up to this many frames
+# short of it (encoder delay and padding are trimmed by the decoder): two MPEG-1 frames.
+_MP3_LENGTH_SLACK = 2 * 1152
 
 
 class AudioError(KndError):
@@ -59,37 +66,48 @@ AudioSource = str | os.PathLike | bytes | BinaryIO
 def decode(
     source: AudioSource,
     *,
-    sample_rate: int = 16000,
-    max_duration_s: float | None = 60.0,
-    max_bytes: int | None = None,
+    audio: AudioConfig | None = None,
+    sample_rate: int | None = None,
     name: str | None = None,
     stage: Stage = untimed,
 ) -> Audio:
-    """Read any soundfile-readable clip into mono float32 at `sample_rate`.
+    """Read a clip into mono float32 at `sample_rate` (default: `audio.sample_rate`).
 
-    Reads in blocks so an over-long file is rejected after at most `max_duration_s` of
-    audio, whatever its header claims. Resampling is interleaved with reading, so it is
-    marked as stage "resample" through `stage` (the `knd profile` hook) from in here.
+    `audio` (the `audio:` section; the defaults when None) bounds what a clip may cost
+    before any of it is decoded: bytes, container format, sample rate, channels, and,
+    where the header's length is exact, duration and samples (frames x channels); header
+    sizes are checked against the bytes present, so a truncated upload fails instead of
+    being silently shortened. The read is bounded again, block by block, so a stream
+    whose header only estimates its length (OGG, most MP3s) stops at the same limits.
+    Resampling is interleaved with reading, so it is marked as stage "resample" through
+    `stage` (the `knd profile` hook) from in here.
     """
     import soundfile as sf
 
+    limits = audio or AudioConfig()
     label = name or (str(source) if isinstance(source, (str, os.PathLike)) else "<upload>")
     fileobj, size = _open(source, label)
     if size == 0:
         raise AudioError(label, "empty file (0 bytes)")
-    if max_bytes is not None and size is not None and size > max_bytes:
+    if size is not None and size > limits.max_file_mb * 1e6:
         raise AudioError(
-            label, f"file is {size / 1e6:.1f} MB, over the {max_bytes / 1e6:.0f} MB limit"
+            label, f"file is {size / 1e6:.1f} MB, over the {limits.max_file_mb:g} MB limit"
         )
     _check_riff_length(fileobj, label, size)
+    mp3_length_known = _scan_mp3(fileobj, label, size, limits.max_duration_s)
     try:
         with fileobj, sf.SoundFile(fileobj) as snd:
-            return _read(snd, label, sample_rate, max_duration_s, stage)
+            stream = _check_header(snd, label, limits, mp3_length_known)
+            return _read(snd, label, stream, sample_rate or limits.sample_rate, stage)
     except AudioError:
         raise
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, EOFError) as exc:
-        reason = str(exc).split(":")[-1].strip() or type(exc).__name__
-        raise AudioError(label, f"not a readable audio file ({reason})") from None
+        raise AudioError(label, f"not a readable audio file ({_reason(exc)})") from None
+
+
+def _reason(exc: Exception) -> str:
+    """libsndfile's own words, without the "Error opening <object>:" prefix."""
+    return str(exc).split(":")[-1].strip() or type(exc).__name__
 
 
 def _open(source: AudioSource, label: str) -> tuple[BinaryIO, int | None]:
@@ -116,30 +134,38 @@ def _open(source: AudioSource, label: str) -> tuple[BinaryIO, int | None]:
 
 
 def _check_riff_length(fileobj: BinaryIO, label: str, size: int | None) -> None:
-    """Catch WAV headers that promise more audio than the file holds.
+    """Catch WAV and RF64 headers that promise more audio than the file holds.
 
-    libsndfile silently shortens such files; a truncated upload should fail instead.
+    libsndfile clamps such a file's frame count to the bytes present and reads it
+    without complaint, so nothing after opening it can tell; a truncated upload should
+    fail instead. RF64 keeps the real data size in its `ds64` chunk (the data chunk's own
+    32-bit size then reads 0xFFFFFFFF), so a 4 kB file can claim 2^40 frames.
     """
     if size is None:
         return
     start = fileobj.tell()
     head = fileobj.read(12)
     try:
-        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        if len(head) < 12 or head[:4] not in (b"RIFF", b"RF64") or head[8:12] != b"WAVE":
             return
+        ds64_data_size: int | None = None
         offset = 12
         while offset + 8 <= size:
             fileobj.seek(start + offset)
-            chunk = fileobj.read(8)
+            chunk = fileobj.read(24)
             if len(chunk) < 8:
                 return
-            chunk_id, chunk_size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+            chunk_id, chunk_size = chunk[:4], struct.unpack("<I", chunk[4:8])[0]
+            if chunk_id == b"ds64" and len(chunk) == 24:
+                # ds64 holds 64-bit sizes: RIFF, data, sample count, then a table.
+                ds64_data_size = struct.unpack("<Q", chunk[16:24])[0]
             if chunk_id == b"data":
+                declared = ds64_data_size if chunk_size == 0xFFFFFFFF else chunk_size
                 available = size - offset - 8
-                if chunk_size not in (0, 0xFFFFFFFF) and chunk_size > available:
+                if declared and declared > available:
                     raise AudioError(
                         label,
-                        f"header declares {chunk_size} bytes of audio but the file holds "
+                        f"header declares {declared} bytes of audio but the file holds "
                         f"only {available} (truncated or corrupt)",
                     )
                 return
@@ -148,18 +174,195 @@ def _check_riff_length(fileobj: BinaryIO, label: str, size: int | None) -> None:
         fileobj.seek(start)
 
 
-def _read(snd, label: str, sample_rate: int, max_duration_s: float | None, stage: Stage) -> Audio:
+# MPEG audio frame headers: kbit/s by (MPEG-1 or not, layer) and bitrate index, sample
+# rates by version bits, samples per frame by (MPEG-1 or not, layer).
+_MP3_KBPS = {
+    (True, 1): (0, 32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416, 448),
+    (True, 2): (0, 32, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384),
+    (True, 3): (0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),
+    (False, 1): (0, 32, 48, 56, 64, 80, 96, 112, 128, 144, 160, 176, 192, 224, 256),
+    (False, 2): (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),
+    (False, 3): (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),
+}
+_MP3_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}
+_MP3_SPF = {
+    (True, 1): 384,
+    (True, 2): 1152,
+    (True, 3): 1152,
+    (False, 1): 384,
+    (False, 2): 1152,
+    (False, 3): 576,
+}
+_MP3_MAX_FRAME = 2881  # MPEG-1 layer II/III at 320-384 kbit/s and 32 kHz, padded
+
+
+@dataclass(frozen=True)
+class _Mp3Frame:
+    """One MPEG audio frame header: enough to find the next frame and the Xing header."""
+
+    length: int
+    samples: int
+    sample_rate: int
+    side_info: int  # bytes of layer III side information after the header (and CRC)
+
+
+def _mp3_frame(header: bytes) -> _Mp3Frame | None:
+    """Parse a 4-byte MPEG audio frame header; None where it is not one (or free format)."""
+    if len(header) < 4:
+        return None
+    bits = struct.unpack(">I", header)[0]
+    version, layer = (bits >> 19) & 3, 4 - ((bits >> 17) & 3)
+    bitrate_index, rate_index = (bits >> 12) & 15, (bits >> 10) & 3
+    if bits >> 21 != 0x7FF or version == 1 or layer == 4:
+        return None
+    if bitrate_index in (0, 15) or rate_index == 3:
+        return None
+    mpeg1 = version == 3
+    bitrate = _MP3_KBPS[mpeg1, layer][bitrate_index] * 1000
+    rate = _MP3_RATES[version][rate_index]
+    padding = (bits >> 9) & 1
+    if layer == 1:
+        length = (12 * bitrate // rate + padding) * 4
+    else:
+        length = (144 if mpeg1 or layer == 2 else 72) * bitrate // rate + padding
+    mono = (bits >> 6) & 3 == 3
+    side_info = (17 if mono else 32) if mpeg1 else (9 if mono else 17)
+    crc = 0 if (bits >> 16) & 1 else 2
+    return _Mp3Frame(length, _MP3_SPF[mpeg1, layer], rate, crc + side_info)
+
+
+def _scan_mp3(fileobj: BinaryIO, label: str, size: int | None, max_duration_s: float) -> bool:
+    """Walk an MP3's frame headers: refuse a stream whose last frame is cut short, and
+    say whether a Xing/Info/VBRI header states its length.
+
+    libsndfile (mpg123) decodes a truncated MP3 without complaint, and without such a
+    header its frame count is only an estimate from the file size and the first frame,
+    so only with one can `_read` hold the decoded length against it. False for anything
+    that does not start like an MP3 (optionally behind an ID3v2 tag). The walk stops at
+    bytes that are not a frame (tags, junk the decoder resyncs past: no verdict) and
+    after `max_duration_s` of frames (the read refuses longer streams), so it reads at
+    most a few thousand 4-byte headers.
+    """
+    if size is None:
+        return False
+    start = fileobj.tell()
+    try:
+        head = fileobj.read(10)
+        offset = 0
+        if head[:3] == b"ID3" and len(head) == 10:
+            tag = (head[6] << 21) | (head[7] << 14) | (head[8] << 7) | head[9]
+            offset = 10 + tag + (10 if head[5] & 0x10 else 0)
+        fileobj.seek(start + offset)
+        first_bytes = fileobj.read(_MP3_MAX_FRAME)
+        first = _mp3_frame(first_bytes[:4])
+        if first is None:
+            return False
+        at = 4 + first.side_info
+        xing_flags = int.from_bytes(first_bytes[at + 4 : at + 8], "big")
+        length_known = (
+            first_bytes[at : at + 4] in (b"Xing", b"Info") and xing_flags & 1 == 1
+        ) or first_bytes[36:40] == b"VBRI"  # flag 1: the frame count is present
+        seconds = 0.0
+        while seconds <= max_duration_s:
+            fileobj.seek(start + offset)
+            header = fileobj.read(4)
+            frame = _mp3_frame(header)
+            if frame is None:
+                if 0 < len(header) < 4 and header[0] == 0xFF:
+                    raise AudioError(label, "MP3 stream stops inside a frame header (truncated)")
+                break
+            if offset + frame.length > size:
+                raise AudioError(
+                    label,
+                    f"MP3 stream stops mid-frame: its last frame needs {frame.length} bytes, "
+                    f"the file holds {size - offset} (truncated)",
+                )
+            offset += frame.length
+            seconds += frame.samples / frame.sample_rate
+        return length_known
+    finally:
+        fileobj.seek(start)
+
+
+@dataclass(frozen=True)
+class _Stream:
+    """A header that passed the limits, and how far the read may go."""
+
+    sample_rate: int
+    channels: int
+    declared: int  # frames the header states
+    exact: bool  # `declared` is the true length, so a shorter read means truncation
+    slack: int  # frames the read may fall short of an exact `declared`
+    max_frames: int  # the most frames the read may return
+    too_long: str  # the refusal when a read passes `max_frames`
+
+
+def _check_header(
+    snd: sf.SoundFile, label: str, limits: AudioConfig, mp3_length_known: bool
+) -> _Stream:
+    """Refuse from the header alone what the `audio:` limits exclude, before decoding."""
+    fmt, subtype = str(snd.format), str(snd.subtype)
+    if fmt not in limits.formats and f"{fmt}/{subtype}" not in limits.formats:
+        raise AudioError(
+            label,
+            f"{fmt} ({subtype}) audio is not accepted; accepted formats: "
+            f"{', '.join(limits.formats)} (audio.formats)",
+        )
+    rate, channels, declared = int(snd.samplerate), int(snd.channels), int(snd.frames)
+    if rate <= 0 or channels <= 0:
+        raise AudioError(label, "header has no valid sample rate or channel count")
+    if rate < limits.min_sample_rate:
+        raise AudioError(
+            label,
+            f"sample rate {rate} Hz is below the {limits.min_sample_rate} Hz minimum "
+            "(audio.min_sample_rate)",
+        )
+    if rate > limits.max_sample_rate:
+        raise AudioError(
+            label,
+            f"sample rate {rate} Hz is above the {limits.max_sample_rate} Hz maximum "
+            "(audio.max_sample_rate)",
+        )
+    if channels > limits.max_channels:
+        raise AudioError(
+            label,
+            f"{channels} channels, more than the {limits.max_channels} allowed "
+            "(audio.max_channels)",
+        )
+    exact = fmt in _EXACT_LENGTH_FORMATS or (fmt == "MP3" and mp3_length_known)
+    duration_frames = int(limits.max_duration_s * rate)
+    sample_frames = limits.max_samples // channels
+    if exact and declared > duration_frames:
+        raise AudioError(
+            label, f"too long: {declared / rate:.1f} s (limit {limits.max_duration_s:g} s)"
+        )
+    if exact and declared > sample_frames:
+        raise AudioError(
+            label,
+            f"{declared * channels:,} samples ({declared:,} frames x {channels} channels), "
+            f"over the {limits.max_samples:,} limit (audio.max_samples)",
+        )
+    if duration_frames <= sample_frames:
+        too_long = f"too long: more than {limits.max_duration_s:g} s of audio"
+    else:
+        too_long = (
+            f"more than {limits.max_samples:,} samples at {channels} channels (audio.max_samples)"
+        )
+    return _Stream(
+        sample_rate=rate,
+        channels=channels,
+        declared=declared,
+        exact=exact,
+        slack=_MP3_LENGTH_SLACK if fmt == "MP3" else 0,
+        max_frames=min(duration_frames, sample_frames),
+        too_long=too_long,
+    )
+
+
+def _read(snd: sf.SoundFile, label: str, stream: _Stream, sample_rate: int, stage: Stage) -> Audio:
     import soxr
 
-    orig_sr, channels, declared = int(snd.samplerate), int(snd.channels), int(snd.frames)
-    if orig_sr <= 0 or channels <= 0:
-        raise AudioError(label, "header has no valid sample rate or channel count")
-    limit = None if max_duration_s is None else int(max_duration_s * orig_sr)
-    exact = snd.format in _EXACT_LENGTH_FORMATS
-    if limit is not None and exact and declared > limit:
-        raise AudioError(
-            label, f"too long: {declared / orig_sr:.1f} s (limit {max_duration_s:g} s)"
-        )
+    orig_sr, channels = stream.sample_rate, stream.channels
     resampler = (
         None
         if orig_sr == sample_rate
@@ -168,10 +371,23 @@ def _read(snd, label: str, sample_rate: int, max_duration_s: float | None, stage
     pieces: list[np.ndarray] = []
     total = clipped = 0
     peak = 0.0
-    for block in snd.blocks(blocksize=_BLOCK_FRAMES, dtype="float32", always_2d=True):
+    while True:
+        # snd.read, not snd.blocks: blocks yields whole buffers up to the declared length
+        # even when the decoder returns fewer frames (a cut MP3 came back full length,
+        # padded with stale audio), which would hide truncation.
+        try:
+            block = snd.read(_BLOCK_FRAMES, dtype="float32", always_2d=True)
+        except RuntimeError as exc:  # libsndfile mid-stream: a cut or broken frame
+            raise AudioError(
+                label,
+                f"stream breaks off before its declared {stream.declared / orig_sr:.2f} s "
+                f"({_reason(exc)}): truncated or corrupt",
+            ) from None
+        if len(block) == 0:
+            break
         total += len(block)
-        if limit is not None and total > limit:
-            raise AudioError(label, f"too long: more than {max_duration_s:g} s of audio")
+        if total > stream.max_frames:
+            raise AudioError(label, stream.too_long)
         # One pass for the peak; NaN and inf propagate through max, so it checks them too.
         block_peak = float(max(block.max(initial=0.0), -block.min(initial=0.0)))
         if not np.isfinite(block_peak):
@@ -189,9 +405,10 @@ def _read(snd, label: str, sample_rate: int, max_duration_s: float | None, stage
             pieces.append(resampler.resample_chunk(np.zeros(0, np.float32), last=True))
     if total == 0:
         raise AudioError(label, "contains no audio frames")
-    if exact and declared > 0 and total < declared:
+    if stream.exact and stream.declared > 0 and total < stream.declared - stream.slack:
         raise AudioError(
-            label, f"header declares {declared} frames but only {total} could be read (truncated)"
+            label,
+            f"header declares {stream.declared} frames but only {total} could be read (truncated)",
         )
     samples = np.ascontiguousarray(np.concatenate(pieces), dtype=np.float32)
     return Audio(

@@ -29,11 +29,39 @@ LABELS: list[str] = [
 ]
 
 
+# libsndfile's container names (soundfile's `format`); an `audio.formats` entry is one,
+# or FORMAT/SUBTYPE to accept one codec of a container (OGG holds Vorbis or Opus).
+SOUNDFILE_FORMATS = (
+    "AIFF", "AU", "AVR", "CAF", "FLAC", "HTK", "IRCAM", "MAT4", "MAT5", "MP3", "MPC2K",
+    "NIST", "OGG", "PAF", "PVF", "RAW", "RF64", "SD2", "SDS", "SVX", "VOC", "W64", "WAV",
+    "WAVEX", "WVE", "XI",
+)  # fmt: skip
+
+
 @dataclass
 class AudioConfig:
+    """How `audio.decode` reads a clip and what it refuses (docs/serving.md, "Audio limits").
+
+    The bounds are read from the header and refused before any audio is decoded; every
+    real recording passes (RAVDESS is 48 kHz mono and stereo, telephone audio 8 kHz).
+    """
+
     sample_rate: int = 16000
     max_duration_s: float = 60.0
     max_file_mb: float = 100.0
+    # Below 4 kHz no speech band is left to classify, and upsampling such a file costs
+    # more than it holds (a 164-byte 1 Hz WAV became 60 s, +133 MiB); 192 kHz is the
+    # highest rate recording interfaces offer.
+    min_sample_rate: int = 4000
+    max_sample_rate: int = 192000
+    # 7.1 surround; the buffer a block of audio needs grows with the channels.
+    max_channels: int = 8
+    # Decoded samples (frames x channels) per clip, what decoding costs: 60 s of 192 kHz
+    # stereo or of 48 kHz 7.1, ~0.6 s of one core to decode and resample (measured).
+    max_samples: int = 23_040_000
+    formats: list[str] = field(
+        default_factory=lambda: ["WAV", "WAVEX", "RF64", "FLAC", "OGG/VORBIS", "OGG/OPUS", "MP3"]
+    )
 
 
 @dataclass
@@ -217,6 +245,10 @@ class ServeConfig:
     max_wait_ms: float = 5.0
     # Processes that decode and score ("auto": one per core; 0: inside the server process).
     scoring_processes: Any = "auto"
+    # Deadline for one batch in a scoring process: one that misses it is killed and replaced,
+    # and its clips are answered 503 with Retry-After. A worst-case batch (4 clips of 60 s
+    # at 48 kHz) takes 1-2 s on one core (measured): 15 s leaves room for a loaded machine.
+    scoring_timeout_s: float = 15.0
     log_sink: str = "predictions.sqlite"
     log_flush_s: float = 10.0
     monitoring_interval_s: float = 600.0
@@ -503,6 +535,33 @@ def _check_trainer(t: TrainerConfig) -> None:
     )
 
 
+def check_audio(a: AudioConfig) -> None:
+    """The `audio:` values: the limits `audio.decode` applies in prepare, predict and serve."""
+    checks = {
+        "max_duration_s": (a.max_duration_s > 0, "positive"),
+        "max_file_mb": (a.max_file_mb > 0, "positive"),
+        "min_sample_rate": (a.min_sample_rate >= 1, "at least 1 Hz"),
+        "max_sample_rate": (
+            a.max_sample_rate >= a.min_sample_rate,
+            "at least audio.min_sample_rate",
+        ),
+        "max_channels": (1 <= a.max_channels <= 1024, "1 to 1024, libsndfile's most"),
+        "max_samples": (a.max_samples >= a.max_channels, "at least audio.max_channels"),
+        "formats": (len(a.formats) > 0, "at least one format"),
+    }
+    for name, (ok, what) in checks.items():
+        _require(ok, f"audio.{name}", getattr(a, name), what)
+    for entry in a.formats:
+        fmt, slash, subtype = str(entry).partition("/")
+        _require(
+            fmt in SOUNDFILE_FORMATS
+            and (not slash or re.fullmatch(r"[A-Z0-9_]+", subtype) is not None),
+            "audio.formats",
+            entry,
+            "FORMAT or FORMAT/SUBTYPE, FORMAT one of " + ", ".join(SOUNDFILE_FORMATS),
+        )
+
+
 def check_serve(s: ServeConfig, section: str = "serve") -> None:
     """The `serve:` values; ServeSettings (a ServeConfig) runs it again before it starts."""
     checks = {
@@ -518,6 +577,7 @@ def check_serve(s: ServeConfig, section: str = "serve") -> None:
         "max_buffered_mb": (s.max_buffered_mb >= s.max_body_mb, "at least serve.max_body_mb"),
         "max_connections": (s.max_connections >= 1, "at least 1"),
         "keep_alive_s": (s.keep_alive_s > 0, "positive seconds"),
+        "scoring_timeout_s": (s.scoring_timeout_s > 0, "positive seconds"),
         "scoring_processes": (
             s.scoring_processes == "auto"
             or (isinstance(s.scoring_processes, int) and s.scoring_processes >= 0),
@@ -582,9 +642,7 @@ def check_config(cfg: KndConfig) -> None:
     _require(inf.window_s >= 0, "inference.window_s", inf.window_s, "0 or seconds")
     _require(inf.hop_s >= 0, "inference.hop_s", inf.hop_s, "0 or seconds")
     _require(inf.batch_size >= 1, "inference.batch_size", inf.batch_size, "at least 1")
-    _require(
-        cfg.audio.max_duration_s > 0, "audio.max_duration_s", cfg.audio.max_duration_s, "positive"
-    )
+    check_audio(cfg.audio)
     check_serve(cfg.serve)
     _check_cloud(cfg.cloud)
 

@@ -66,13 +66,12 @@ def predict(
     if not files:
         raise UsageError(f"no audio files found in {' '.join(paths)}")
     bundle = resolve_model(cfg.inference.model)
-    predictor = Predictor.from_config(bundle, cfg.inference)
+    predictor = Predictor.from_config(bundle, cfg.inference, audio=cfg.audio)
     predictions = predictor.predict_paths(
         files,
         batch_size=cfg.inference.batch_size,
         workers=cfg.inference.workers,
         timeline=timeline,
-        max_duration_s=cfg.audio.max_duration_s,
     )
     if progress is None:
         progress = len(files) >= PROGRESS_MIN_FILES and sys.stderr.isatty()

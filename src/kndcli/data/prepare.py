@@ -196,12 +196,7 @@ def _decode_all(
     """Decode in parallel; each failure becomes a 'path: reason' line instead of stopping."""
     if not paths:
         return [], []
-    args = (
-        cfg.audio.sample_rate,
-        cfg.audio.max_duration_s,
-        cfg.audio.max_file_mb,
-        cfg.data.store_dtype,
-    )
+    args = (cfg.audio, cfg.data.store_dtype)
     workers = cfg.data.workers or usable_cpus()
     results: list[_Decoded | None] = []
     failures: list[str] = []
@@ -226,14 +221,9 @@ def _decode_all(
 
 
 def _decode_one(path: Path, args: tuple) -> _Decoded | str:
-    sample_rate, max_duration_s, max_file_mb, dtype = args
+    limits, dtype = args
     try:
-        audio = decode(
-            path,
-            sample_rate=sample_rate,
-            max_duration_s=max_duration_s,
-            max_bytes=int(max_file_mb * 1e6),
-        )
+        audio = decode(path, audio=limits)
     except AudioError as exc:
         return str(exc)
     return _Decoded(

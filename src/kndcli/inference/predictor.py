@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from kndcli.audio import Audio, AudioError, AudioSource, audio_features, decode, speech_bounds
-from kndcli.config import InferenceConfig, check_min_confidence
+from kndcli.config import AudioConfig, InferenceConfig, check_min_confidence
 from kndcli.cpus import usable_cpus
 from kndcli.errors import UsageError
 from kndcli.inference.bundle import ONNX_FILE, Bundle, load_bundle
@@ -86,15 +86,18 @@ class Predictor:
         threads: int | None = None,
         min_confidence: float = 0.0,
         *,
+        audio: AudioConfig | None = None,
         stage: Stage = untimed,
         device: str = "cpu",
         onnx_profile_prefix: str | None = None,
     ) -> None:
-        """The keyword-only arguments are `knd profile`'s hooks into this, the real path: a
-        stage hook (decode, resample, windowing, model, post_processing; frontend and
-        backbone inside the torch model), the torch backend's device, and where ONNX
-        Runtime writes its operator profile."""
+        """`audio` is the `audio:` section whose limits every clip is decoded under (the
+        defaults when None). The other keyword-only arguments are `knd profile`'s hooks
+        into this, the real path: a stage hook (decode, resample, windowing, model,
+        post_processing; frontend and backbone inside the torch model), the torch
+        backend's device, and where ONNX Runtime writes its operator profile."""
         check_min_confidence(min_confidence)
+        self.audio = audio or AudioConfig()
         self.stage = stage
         self.bundle = bundle
         self.temperature = bundle.temperature
@@ -117,16 +120,19 @@ class Predictor:
         path: str | os.PathLike,
         inference: InferenceConfig | None = None,
         threads: int | None = None,
+        audio: AudioConfig | None = None,
     ) -> Predictor:
         """The bundle's Predictor with the `inference:` section applied, the one way every
         caller (predict, serve, evaluate, drift, profile) builds it: backend,
-        min_confidence, and the window and hop when they are set."""
+        min_confidence, and the window and hop when they are set; clips are decoded under
+        the `audio:` section's limits (serve passes its own duration limit in it)."""
         inf = inference or InferenceConfig()
         predictor = cls(
             load_bundle(path),
             backend=inf.backend,
             threads=threads,
             min_confidence=inf.min_confidence,
+            audio=audio,
         )
         if inf.window_s > 0:
             predictor.window = int(round(inf.window_s * predictor.sample_rate))
@@ -176,20 +182,13 @@ class Predictor:
         return run
 
     # ------------------------------------------------------------------ scoring
-    def decode(
-        self,
-        source: AudioSource,
-        *,
-        name: str | None = None,
-        max_duration_s: float | None = None,
-        max_bytes: int | None = None,
-    ) -> Audio:
+    def decode(self, source: AudioSource, *, name: str | None = None) -> Audio:
+        """The shared audio path at the bundle's rate, under this Predictor's limits."""
         with self.stage("decode"):
             return decode(
                 source,
+                audio=self.audio,
                 sample_rate=self.sample_rate,
-                max_duration_s=max_duration_s,
-                max_bytes=max_bytes,
                 name=name,
                 stage=self.stage,
             )
@@ -272,7 +271,6 @@ class Predictor:
         workers: int = 0,
         timeline: bool = False,
         features: bool = False,
-        max_duration_s: float | None = None,
     ) -> Iterator[Prediction]:
         """Decode in a thread pool and score in batches; bad files yield error predictions."""
         paths = [Path(p) for p in paths]
@@ -281,7 +279,7 @@ class Predictor:
 
         def load(path: Path) -> Audio | Prediction:
             try:
-                return self.decode(path, max_duration_s=max_duration_s)
+                return self.decode(path)
             except AudioError as exc:
                 return Prediction(source=str(path), error=exc.problem)
 

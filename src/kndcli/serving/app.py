@@ -33,7 +33,7 @@ def _load_service(settings: ServeSettings, metrics: Metrics) -> Any:
     from kndcli.inference.bundle import load_bundle
     from kndcli.monitoring.predlog import open_log
     from kndcli.serving.batcher import MicroBatcher
-    from kndcli.serving.scoring import ScoringPool, WorkerSpec
+    from kndcli.serving.scoring import ScoringPool, ScoringUnavailableError, WorkerSpec
     from kndcli.serving.service import ServiceState
 
     # Checked here too, so a broken bundle stops the server with the bundle's own error
@@ -48,7 +48,7 @@ def _load_service(settings: ServeSettings, metrics: Metrics) -> Any:
         max_duration_s=settings.max_duration_s,
         max_bytes=settings.max_body_bytes,
     )
-    pool = ScoringPool(spec, processes)
+    pool = ScoringPool(spec, processes, timeout_s=settings.scoring_timeout_s)
     plog = open_log(settings.log_sink, flush_s=settings.log_flush_s)
     batcher = MicroBatcher(
         pool.run,
@@ -58,6 +58,8 @@ def _load_service(settings: ServeSettings, metrics: Metrics) -> Any:
         # batch already gathered (250 instead of 233 requests/s on 2 cores, measured).
         concurrency=processes + 1 if processes else 1,
         on_batch=metrics.observe_batch,
+        # A batch not scored in time is answered 503 at once: retried, it would wait again.
+        final_errors=(ScoringUnavailableError,),
     )
     return ServiceState(
         settings=settings, bundle=bundle, pool=pool, batcher=batcher, log=plog, metrics=metrics

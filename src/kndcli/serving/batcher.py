@@ -5,6 +5,13 @@ waiting item, then gathers more until the batch is full or `max_wait_ms` has pas
 that first item, runs the batch function once on all of them and resolves each request's
 future. The event loop never runs the model. `concurrency` worker threads gather and run
 batches side by side: one per scoring process, so every process has a batch to work on.
+
+A batch that fails is retried item by item, once: one poisoned item must not fail its
+neighbours, and a crash is not always the item's doing (a worker killed while idle fails
+whatever batch it is handed next), so even a batch of one gets its second try. Only an
+item that fails alone too gets the error, unless the error is one of `final_errors`,
+which fail the whole batch at once because trying again would not help (a missed
+deadline would only hold a thread for another one).
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ class MicroBatcher(Generic[In, Out]):
         max_wait_ms: float = 5.0,
         concurrency: int = 1,
         on_batch: Callable[[int, float], None] | None = None,
+        final_errors: tuple[type[Exception], ...] = (),
         name: str = "knd-batcher",
     ) -> None:
         if max_batch_size < 1:
@@ -51,6 +59,7 @@ class MicroBatcher(Generic[In, Out]):
         self.max_batch_size = max_batch_size
         self.max_wait_s = max(0.0, max_wait_ms) / 1000
         self.on_batch = on_batch
+        self.final_errors = final_errors
         self.batches = 0  # forward passes run
         self.items = 0  # items scored
         self.largest_batch = 0
@@ -131,7 +140,8 @@ class MicroBatcher(Generic[In, Out]):
                     fut.set_exception(BatcherClosedError("the service is shutting down"))
         self._queue.put(_STOP)
 
-    def _run(self, batch: list[tuple[In, Future[Out]]]) -> None:
+    def _run(self, batch: list[tuple[In, Future[Out]]], *, alone: bool = False) -> None:
+        """Run one batch; `alone` marks an item's second try, whose error is its answer."""
         start = time.perf_counter()
         try:
             results = self.fn([item for item, _ in batch])
@@ -139,11 +149,14 @@ class MicroBatcher(Generic[In, Out]):
                 raise RuntimeError(
                     f"batch function returned {len(results)} results for {len(batch)} items"
                 )
+        except self.final_errors as exc:
+            for _, fut in batch:
+                fut.set_exception(exc)
+            return
         except Exception as exc:
-            if len(batch) > 1:
-                # One poisoned item must not fail its neighbours: score them one by one.
+            if not alone:
                 for entry in batch:
-                    self._run([entry])
+                    self._run([entry], alone=True)
                 return
             log.exception("inference failed")
             batch[0][1].set_exception(exc)

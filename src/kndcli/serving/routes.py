@@ -20,7 +20,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         413: "Body over the size limit, or too many files.",
         415: "Content type is not multipart/form-data or audio/*.",
         422: "Audio empty, undecodable or too long.",
-        503: "Model not loaded yet, or the prediction log is unavailable.",
+        503: "Model not loaded yet, no scoring worker answered in time (Retry-After), or "
+        "the prediction log is unavailable.",
     }.items()
 }
 _AUDIO_BODY = {"type": "string", "format": "binary"}
@@ -176,12 +177,16 @@ async def health() -> Any:
     "/ready",
     response_model=ReadyOut,
     responses={503: {"model": ErrorOut}},
-    summary="The model is loaded and requests are accepted",
+    summary="The model is loaded, a scoring worker is up, and requests are accepted",
 )
 async def ready(request: Request) -> Any:
+    """503 while loading, shutting down, or while every scoring worker is being replaced:
+    /health stays the liveness probe, so a restarting pool is not a dead process."""
     service = getattr(request.app.state, "service", None)
     if service is None or not service.ready:
         return error_response(request, 503, "model not loaded")
+    if not service.pool.ready:
+        return error_response(request, 503, "no scoring worker is running; restarting")
     return {
         "status": "ready",
         "model_version": service.model_version,

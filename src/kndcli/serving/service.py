@@ -18,7 +18,7 @@ import anyio.to_thread
 from kndcli.monitoring.predlog import PredictionLogError, prediction_record, safe_filename
 from kndcli.serving.batcher import BatcherClosedError
 from kndcli.serving.errors import ApiError
-from kndcli.serving.scoring import Clip
+from kndcli.serving.scoring import Clip, ScoringCrashedError, ScoringUnavailableError
 
 if TYPE_CHECKING:
     from kndcli.inference.bundle import Bundle
@@ -31,6 +31,10 @@ if TYPE_CHECKING:
     from kndcli.serving.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
+
+# What a 503 from scoring asks the client to wait: about the time a new scoring worker
+# takes to load the model (0.4 s for the default model on 2 cores, measured).
+SCORING_RETRY_AFTER = {"Retry-After": "2"}
 
 
 @dataclass
@@ -66,6 +70,17 @@ class ServiceState:
             prediction = await self.batcher.submit(clip, timeout=self.settings.request_timeout_s)
         except BatcherClosedError as exc:
             scored.error = ApiError(503, str(exc))
+            return scored
+        except ScoringUnavailableError as exc:  # not scored in time: not the clip's fault
+            scored.error = ApiError(503, str(exc), SCORING_RETRY_AFTER)
+            return scored
+        except ScoringCrashedError:  # it crashed a worker in its batch and again alone
+            logger.error(
+                "clip %r (request %s) crashed a scoring worker twice: refused",
+                clip.name,
+                request_id,
+            )
+            scored.error = ApiError(422, "could not score this clip: it crashed the scoring worker")
             return scored
         except TimeoutError:
             scored.error = ApiError(504, "inference timed out")
