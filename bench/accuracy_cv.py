@@ -23,8 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.common import RAVDESS
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data" / "ravdess"
+SHARED = RAVDESS
 WORK = REPO / "bench" / "work" / "accuracy"
 RESULTS = REPO / "bench" / "results" / "accuracy.json"
 

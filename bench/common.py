@@ -14,7 +14,25 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-RAVDESS = REPO.parent / "shared" / "data" / "ravdess"
+
+
+def shared_ravdess() -> Path:
+    """shared/data/ravdess beside this checkout, or beside the local repository it was
+    cloned from (a CI clone in a temporary directory)."""
+    import subprocess
+
+    beside = REPO.parent / "shared" / "data" / "ravdess"
+    origin = subprocess.run(
+        ["git", "-C", str(REPO), "config", "--get", "remote.origin.url"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    if beside.is_dir() or not origin or "://" in origin:
+        return beside
+    return Path(origin).resolve().parent / "shared" / "data" / "ravdess"
+
+
+RAVDESS = shared_ravdess()
 WORK = REPO / "bench" / "work"  # git-ignored: prepared data, bundles, the course checkpoint
 RESULTS = REPO / "bench" / "results"
 DOCS = REPO / "docs" / "benchmarks.md"

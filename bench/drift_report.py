@@ -22,8 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from bench.common import RAVDESS
+
 REPO = Path(__file__).resolve().parents[1]
-RAVDESS = REPO.parent / "shared" / "data" / "ravdess"
 
 
 def _features(actors: range) -> list[dict[str, float]]:

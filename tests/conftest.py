@@ -14,25 +14,9 @@ import soundfile as sf
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 REPO = Path(__file__).resolve().parents[1]
+from bench.common import RAVDESS  # noqa: E402
 
-
-def _shared_ravdess() -> Path:
-    """shared/data/ravdess beside this checkout, or beside the local repository it was
-    cloned from (a CI clone in a temporary directory)."""
-    import subprocess
-
-    beside = REPO.parent / "shared" / "data" / "ravdess"
-    origin = subprocess.run(
-        ["git", "-C", str(REPO), "config", "--get", "remote.origin.url"],
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    if beside.is_dir() or not origin or "://" in origin:
-        return beside
-    return Path(origin).resolve().parent / "shared" / "data" / "ravdess"
-
-
-SHARED_RAVDESS = _shared_ravdess()
+SHARED_RAVDESS = RAVDESS  # bench.common finds it beside this or the origin checkout
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,6 @@ from kndcli.config import LABELS
 from kndcli.datasets import catalog, normalize_label
 from kndcli.errors import KndError
 
-SHARED_RAVDESS = Path(__file__).resolve().parents[2] / "shared" / "data" / "ravdess"
-
 
 def touch(root: Path, *names: str) -> None:
     for name in names:
@@ -303,9 +301,8 @@ def test_no_clips_quotes_the_first_reason(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- real data
 
 
-@pytest.mark.skipif(not SHARED_RAVDESS.is_dir(), reason="shared RAVDESS subset not present")
-def test_shared_ravdess_subset() -> None:
-    result = catalog("ravdess", SHARED_RAVDESS)
+def test_shared_ravdess_subset(ravdess_root: Path) -> None:
+    result = catalog("ravdess", ravdess_root)
     clips = result.clips
     assert result.skipped == []
     assert len(clips) == 960
