@@ -403,6 +403,48 @@ def bench_predict_dir(ctx: Context) -> BenchResult:
     )
 
 
+def bench_predict_archive(ctx: Context) -> BenchResult:
+    """`knd predict DIR --out` (resumable parts) against the stdout path, same process kind."""
+    bundle = ctx.bundle()
+    raw = ctx.raw_dir()
+    clips = ctx.clips()
+    _read_all(clips)
+    archive_rates, stdout_rates, resume_seconds = [], [], []
+    with tempfile.TemporaryDirectory(prefix="knd-bench-archive-") as tmp:
+        for rep in range(ctx.reps):
+            out = Path(tmp) / f"run{rep}"
+            cmd = [*knd_command(), "predict", "--model", str(bundle), str(raw), "--out", str(out)]
+            archive_rates.append(len(clips) / timed_run([*cmd, "--part-size", "100"]))
+            # A rerun of a finished shard: every part is skipped (the resume cost).
+            resume_seconds.append(timed_run([*cmd, "--part-size", "100"]))
+            seconds = timed_run(
+                [*knd_command(), "predict", "--model", str(bundle), "--jsonl", str(raw)]
+            )
+            stdout_rates.append(len(clips) / seconds)
+    stdout_desc = "knd predict --jsonl on the same directory, same run (stdout, no parts)"
+    return BenchResult(
+        "predict_archive",
+        [
+            Figure(
+                f"knd predict --out (one shard, parts of 100) on {len(clips)} RAVDESS clips",
+                "clips/s",
+                "higher",
+                stats(archive_rates),
+                stats(stdout_rates),
+                stdout_desc,
+            ),
+            Figure(
+                "rerun of a finished shard (every part skipped), whole process",
+                "s",
+                "lower",
+                stats(resume_seconds),
+            ),
+        ],
+        details={"clips": len(clips), "bundle": ctx.bundle_note},
+        notes=["one replica's rate; N replicas of a Vertex job each score their own shard"],
+    )
+
+
 # ----------------------------------------------------------------------------- serve
 def _free_port() -> int:
     with socket.socket() as s:
@@ -558,6 +600,145 @@ def bench_serve(ctx: Context) -> BenchResult:
     )
 
 
+# ----------------------------------------------------------------------------- open loop
+OPEN_LOOP_LOADS = (0.5, 0.7, 0.9)  # shares of the measured closed-loop capacity
+HOSTILE_SHARE = 0.05
+
+
+def hostile_bodies(good: bytes) -> list[tuple[str, bytes, str]]:
+    """The costly and stalling requests of issue 15, as a client would send them."""
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    def encoded(x: np.ndarray, rate: int, fmt: str) -> bytes:
+        buf = io.BytesIO()
+        sf.write(buf, x, rate, format=fmt)
+        return buf.getvalue()
+
+    noise = np.random.default_rng(0).normal(0, 0.1, (65535, 8)).astype(np.float32)
+    mp3 = encoded(noise[:80000, 0], 16000, "MP3")
+    return [
+        ("stalled upload", good, "audio/wav"),
+        ("8-channel FLAC at 655 kHz", encoded(noise, 655350, "FLAC"), "audio/flac"),
+        ("WAV at 1 Hz", encoded(np.zeros(60, np.float32), 1, "WAV"), "audio/wav"),
+        ("MP3 cut mid-frame", mp3[: len(mp3) // 2 + 7], "audio/mpeg"),
+    ]
+
+
+def bench_serve_openloop(ctx: Context) -> BenchResult:
+    """Latency as a population of clients sees it: Poisson arrivals at shares of capacity,
+    clean and with 5 % hostile requests mixed in (issue 15)."""
+    from bench.loadgen import run_load, run_open_loop
+
+    bundle = ctx.bundle()
+    good = [
+        (p.read_bytes(), "audio/flac" if p.suffix == ".flac" else "audio/wav")
+        for p in ctx.speech_clips(16)
+    ]
+    wav = next((body for body, ctype in good if ctype == "audio/wav"), good[0][0])
+    hostile = hostile_bodies(wav)
+    duration = 3.0 if ctx.quick else 20.0
+    runs: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="knd-bench-openloop-") as tmp:
+        port = _free_port()
+        cmd = [
+            *knd_command(),
+            "serve",
+            "--model",
+            str(bundle),
+            "--port",
+            str(port),
+            "--set",
+            f"serve.log_sink={Path(tmp) / 'log.sqlite'}",
+        ]
+        start = time.perf_counter()
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=bench_env(), cwd=REPO
+        )
+        try:
+            _wait_ready(port, proc, start)
+            capacity = run_load(port, good, clients=16, duration_s=duration / 2)
+            rate = capacity["requests_per_s"]
+            for share in OPEN_LOOP_LOADS:
+                for mix in ("clean", "hostile"):
+                    runs[f"{mix} {share:.0%}"] = run_open_loop(
+                        port,
+                        good,
+                        rate=share * rate,
+                        duration_s=duration,
+                        hostile=hostile if mix == "hostile" else [],
+                        hostile_share=HOSTILE_SHARE if mix == "hostile" else 0.0,
+                        seed=int(share * 100),
+                    )
+        finally:
+            _stop(proc)
+
+    def one(run: dict[str, Any], key: str) -> dict[str, Any]:
+        return stats([float(run[key])] if run[key] is not None else [])
+
+    clean70, hostile70 = runs["clean 70%"], runs["hostile 70%"]
+    clean_desc = "the same load without hostile requests, same run"
+    figures = [
+        Figure(
+            "closed-loop capacity, 16 loopback clients (the loads below are shares of it)",
+            "req/s",
+            "higher",
+            stats([capacity["requests_per_s"]]),
+        ),
+        Figure(
+            "open-loop p99 latency at 70 % of capacity, Poisson arrivals",
+            "ms",
+            "lower",
+            one(clean70, "p99_ms"),
+            target=100.0,
+        ),
+        Figure(
+            "open-loop p99 latency at 70 % of capacity, 5 % hostile requests (good clips)",
+            "ms",
+            "lower",
+            one(hostile70, "p99_ms"),
+            one(clean70, "p99_ms"),
+            clean_desc,
+            target=150.0,
+        ),
+        Figure(
+            "good clips not answered 200 at 70 % of capacity with the hostile mix",
+            "errors",
+            "lower",
+            stats([float(hostile70["good_errors"])]),
+            stats([float(clean70["good_errors"])]),
+            clean_desc,
+            target=0.5,
+            note="target: zero errors",
+        ),
+    ]
+    for name, run in runs.items():
+        if name not in ("clean 70%", "hostile 70%"):
+            figures.append(
+                Figure(
+                    f"open-loop p99 latency, {name} of capacity", "ms", "lower", one(run, "p99_ms")
+                )
+            )
+    return BenchResult(
+        "serve_openloop",
+        figures,
+        details={
+            "capacity": capacity,
+            "runs": runs,
+            "duration_s": duration,
+            "bundle": ctx.bundle_note,
+        },
+        notes=[
+            "server and load generator share the machine's 2 cores (loopback)",
+            "hostile mix: stalled uploads (half a body, then silence), an 8-channel FLAC at "
+            "655 kHz, a WAV at 1 Hz, an MP3 cut mid-frame; p99 is over good clips only",
+            "one server for every load, default serve settings",
+        ],
+    )
+
+
 # ----------------------------------------------------------------------------- drift
 def bench_drift(ctx: Context) -> BenchResult:
     records = 500 if ctx.quick else 10_000
@@ -611,6 +792,8 @@ BENCHMARKS: dict[str, Callable[[Context], BenchResult]] = {
     "train": bench_train,
     "predict_cold": bench_predict_cold,
     "predict_dir": bench_predict_dir,
+    "predict_archive": bench_predict_archive,
     "serve": bench_serve,
+    "serve_openloop": bench_serve_openloop,
     "drift": bench_drift,
 }

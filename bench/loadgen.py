@@ -139,3 +139,150 @@ def run_load(
     """Post `bodies` round-robin from `clients` connections until the time or count is up."""
     requests = [request_bytes(path, body, ctype) for body, ctype in bodies]
     return asyncio.run(_load(port, requests, clients, duration_s, max_requests, timeout_s))
+
+
+# ----------------------------------------------------------------------------- open loop
+
+
+async def _stall(port: int, request: bytes, hold_s: float) -> str:
+    """Send the head and half the body, then nothing: how the server ends it, or 'held'."""
+    try:
+        reader, writer = await asyncio.open_connection(HOST, port)
+    except OSError as exc:
+        return f"connect failed ({type(exc).__name__})"
+    try:
+        writer.write(request[: len(request) // 2])
+        await writer.drain()
+        code, _ = await asyncio.wait_for(_read_response(reader), hold_s)
+        return str(code)
+    except TimeoutError:
+        return "held"
+    except (OSError, asyncio.IncompleteReadError, ConnectionError):
+        return "closed"
+    finally:
+        writer.close()
+
+
+async def _open_loop(
+    port: int,
+    good: list[bytes],
+    hostile: list[tuple[str, bytes]],
+    rate: float,
+    duration_s: float,
+    hostile_share: float,
+    seed: int,
+    timeout_s: float,
+) -> dict[str, Any]:
+    import random
+
+    rng = random.Random(seed)
+    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    latencies: list[float] = []
+    good_codes: dict[str, int] = {}
+    hostile_outcomes: dict[str, dict[str, int]] = {}
+    late: list[float] = []  # how far behind schedule the generator fired (its own lag)
+
+    async def send_good(request: bytes) -> None:
+        start = time.perf_counter()
+        try:
+            reader, writer = idle.pop() if idle else await asyncio.open_connection(HOST, port)
+            writer.write(request)
+            await writer.drain()
+            code, keep = await asyncio.wait_for(_read_response(reader), timeout_s)
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError) as exc:
+            key = type(exc).__name__
+            good_codes[key] = good_codes.get(key, 0) + 1
+            return
+        latencies.append(time.perf_counter() - start)
+        good_codes[str(code)] = good_codes.get(str(code), 0) + 1
+        if keep:
+            idle.append((reader, writer))
+        else:
+            writer.close()
+
+    async def send_hostile(kind: str, request: bytes) -> None:
+        if kind == "stalled upload":
+            outcome = await _stall(port, request, hold_s=timeout_s)
+        else:
+            try:
+                reader, writer = await asyncio.open_connection(HOST, port)
+                writer.write(request)
+                await writer.drain()
+                code, _ = await asyncio.wait_for(_read_response(reader), timeout_s)
+                outcome = str(code)
+                writer.close()
+            except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError) as exc:
+                outcome = type(exc).__name__
+        counts = hostile_outcomes.setdefault(kind, {})
+        counts[outcome] = counts.get(outcome, 0) + 1
+
+    tasks = []
+    started = time.perf_counter()
+    due = 0.0
+    while True:
+        due += rng.expovariate(rate)  # Poisson arrivals: exponential gaps at the mean rate
+        if due >= duration_s:
+            break
+        delay = started + due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        late.append(max(0.0, -delay))
+        if hostile and rng.random() < hostile_share:
+            kind, request = hostile[rng.randrange(len(hostile))]
+            tasks.append(asyncio.create_task(send_hostile(kind, request)))
+        else:
+            tasks.append(asyncio.create_task(send_good(good[rng.randrange(len(good))])))
+    await asyncio.gather(*tasks)
+    for _, writer in idle:
+        writer.close()
+    ok = good_codes.get("200", 0)
+    sent = sum(good_codes.values())
+    return {
+        "offered_per_s": rate,
+        "duration_s": duration_s,
+        "good_requests": sent,
+        "good_ok": ok,
+        "good_errors": sent - ok,
+        "good_status": good_codes,
+        "hostile": hostile_outcomes,
+        "p50_ms": _ms(percentile(latencies, 50)),
+        "p99_ms": _ms(percentile(latencies, 99)),
+        "p999_ms": _ms(percentile(latencies, 99.9)),
+        "max_ms": _ms(max(latencies) if latencies else None),
+        "generator_lag_p99_ms": _ms(percentile(late, 99)),
+    }
+
+
+def run_open_loop(
+    port: int,
+    good: list[tuple[bytes, str]],
+    *,
+    rate: float,
+    duration_s: float,
+    hostile: list[tuple[str, bytes, str]] = (),
+    hostile_share: float = 0.0,
+    path: str = "/predict",
+    seed: int = 0,
+    timeout_s: float = 30.0,
+) -> dict[str, Any]:
+    """Poisson arrivals at `rate` per second for `duration_s`, whatever the answers take.
+
+    Unlike `run_load`, a slow answer does not slow the arrivals (open loop): latency is
+    measured as a client population sees it. `hostile_share` of arrivals are drawn from
+    `hostile` ((kind, body, content type); kind "stalled upload" sends half and stops);
+    only the good requests' latencies are reported, the hostile ones by outcome.
+    """
+    good_requests = [request_bytes(path, body, ctype) for body, ctype in good]
+    hostile_requests = [(kind, request_bytes(path, body, ctype)) for kind, body, ctype in hostile]
+    return asyncio.run(
+        _open_loop(
+            port,
+            good_requests,
+            hostile_requests,
+            rate,
+            duration_s,
+            hostile_share,
+            seed,
+            timeout_s,
+        )
+    )

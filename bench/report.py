@@ -6,7 +6,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-ORDER = ["prepare", "train", "predict_cold", "predict_dir", "serve", "drift"]
+ORDER = [
+    "prepare",
+    "train",
+    "predict_cold",
+    "predict_dir",
+    "predict_archive",
+    "serve",
+    "serve_openloop",
+    "drift",
+]
 
 HEADER = """# Benchmarks
 
@@ -16,9 +25,9 @@ toolkit replaces (VGG19 on a 3-channel 128-mel spectrogram of 3 s at 48 kHz, che
 reloaded per request). Values are medians over repetitions, with [min-max] spread.
 "Ratio" is how many times better knd is than the baseline (either direction of "better").
 
-Re-run everything with `uv run python -m bench` (about 15 minutes on 2 cores), or one part
-with `--only prepare train predict_cold predict_dir serve drift`; `--quick` is a CI smoke
-run whose numbers are not judged.
+Re-run everything with `uv run python -m bench` (about 18 minutes on 2 cores), or one part
+with `--only NAME ...` (prepare train predict_cold predict_dir predict_archive serve
+serve_openloop drift); `--quick` is a CI smoke run whose numbers are not judged.
 """
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -184,3 +185,22 @@ def wait_ready(url: str, proc, timeout: float = 60) -> None:
             pass
         time.sleep(0.05)
     raise AssertionError("knd serve never became ready")
+
+
+@contextlib.contextmanager
+def gcs_emulator(monkeypatch: pytest.MonkeyPatch, bucket: str) -> Iterator[str]:
+    """gcp-storage-emulator in memory on a free loopback port, with one bucket; its URL.
+
+    STORAGE_EMULATOR_HOST points gcsfs (and `knd` subprocesses) at it for the test.
+    """
+    from gcp_storage_emulator.server import create_server
+
+    port = free_port()
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket)
+    server.start()
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()

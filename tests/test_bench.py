@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -99,6 +100,38 @@ def test_loadgen_counts_requests_and_errors() -> None:
         server.shutdown()
 
 
+def test_open_loop_arrivals_do_not_wait_for_answers() -> None:
+    from bench.loadgen import run_open_loop
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = server.server_address[1]
+        started = time.perf_counter()
+        run = run_open_loop(
+            port,
+            [(b"x" * 1000, "audio/wav")],
+            rate=60.0,
+            duration_s=1.0,
+            hostile=[("stalled upload", b"y" * 1000, "audio/wav")],
+            hostile_share=0.2,
+            path="/ok",
+            timeout_s=1.0,
+        )
+        elapsed = time.perf_counter() - started
+    finally:
+        server.shutdown()
+    total = run["good_requests"] + sum(run["hostile"]["stalled upload"].values())
+    assert 30 <= total <= 100  # Poisson arrivals at 60/s for 1 s
+    assert run["good_errors"] == 0 and run["good_ok"] == run["good_requests"] > 0
+    # The echo server waits forever for a stalled body: the client gives up and says so.
+    assert run["hostile"]["stalled upload"] == {"held": total - run["good_requests"]}
+    assert run["p99_ms"] >= run["p50_ms"] > 0 and run["p999_ms"] >= run["p99_ms"]
+    assert elapsed < 1.0 + 1.0 + 1.0  # the run, the last stalled hold, and slack
+
+
 def _run_bench(args: list[str], timeout: int) -> subprocess.CompletedProcess:
     done = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", *args],
@@ -141,10 +174,16 @@ def test_quick_suite_end_to_end(ravdess_root: Path, tiny_bundle: Path, tmp_path:
     """Every benchmark in quick mode (uses bench/work for the 560 MB course checkpoint)."""
     results = tmp_path / "results"
     _run_bench(["--model", str(tiny_bundle), "--results", str(results)], timeout=600)
-    for name in ("prepare", "train", "predict_cold", "predict_dir", "serve", "drift"):
+    names = ("prepare", "train", "predict_cold", "predict_dir", "predict_archive", "serve", "drift")
+    for name in names:
         _check_result(results / f"{name}.json", name)
     serve = json.loads((results / "serve.json").read_text())
     assert serve["details"]["rounds"][0]["ok"] > 0
+    openloop = _check_result(results / "serve_openloop.json", "serve_openloop")
+    hostile = openloop["details"]["runs"]["hostile 70%"]
+    assert hostile["good_ok"] > 0
+    refused = {k: v for k, v in hostile["hostile"].items() if k != "stalled upload"}
+    assert all(set(codes) <= {"413", "415", "422"} for codes in refused.values()), refused
 
 
 @pytest.mark.parametrize(("folds", "val_actors"), [(4, 0), (4, 2), (8, 0)])

@@ -3,6 +3,7 @@ loopback fake that records what it sends."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -421,3 +422,126 @@ def test_durations() -> None:
     assert parse_duration("3600") == 3600
     with pytest.raises(ConfigError, match="cloud.timeout"):
         parse_duration("12hours")
+
+
+# ----------------------------------------------------------------------------- secrets
+
+SECRET_VERSION = r"/v1/projects/p1/secrets/wandb-key/versions/(latest|\d+)"
+
+
+@pytest.fixture
+def secrets_fake(fake: FakeGoogle, monkeypatch: pytest.MonkeyPatch) -> FakeGoogle:
+    """Secret Manager on the same fake: wandb-key's latest version is 3."""
+    monkeypatch.setenv("KND_SECRETS_ENDPOINT", fake.endpoint)
+    fake.reply(
+        "GET",
+        SECRET_VERSION,
+        200,
+        {"name": "projects/p1/secrets/wandb-key/versions/3", "state": "ENABLED"},
+    )
+    fake.reply(
+        "GET",
+        SECRET_VERSION + ":access",
+        200,
+        {
+            "name": "projects/p1/secrets/wandb-key/versions/3",
+            "payload": {"data": base64.b64encode(b"wandb-s3cret-value").decode()},
+        },
+    )
+    return fake
+
+
+def test_secret_env_sends_a_pinned_reference_never_the_value(secrets_fake: FakeGoogle) -> None:
+    _created(secrets_fake)
+    args = [*BASE_ARGS, "--train-image", "img", "--secret-env", "WANDB_API_KEY=wandb-key"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    [call] = secrets_fake.calls("POST", JOBS)
+    container = call.body["jobSpec"]["workerPoolSpecs"][0]["containerSpec"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    # latest was pinned to its version now: a rotated key does not change a restarted job
+    assert env == {"KND_SECRET__WANDB_API_KEY": "projects/p1/secrets/wandb-key/versions/3"}
+    assert "wandb-s3cret-value" not in json.dumps(call.body)
+    assert secrets_fake.calls("GET", SECRET_VERSION + ":access") == []  # never read here
+
+
+def test_dry_run_with_a_secret_reads_nothing(secrets_fake: FakeGoogle) -> None:
+    args = [*BASE_ARGS, "--train-image", "img", "--secret-env", "WANDB_API_KEY=wandb-key:2"]
+    result = CliRunner().invoke(app, [*args, "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "projects/p1/secrets/wandb-key/versions/2" in result.output
+    assert secrets_fake.requests == []
+
+
+@pytest.mark.parametrize("name", ["WANDB_API_KEY", "HF_TOKEN", "DB_PASSWORD", "KND_SECRET__X"])
+def test_a_credential_in_plain_env_is_refused(fake: FakeGoogle, name: str) -> None:
+    result = CliRunner().invoke(app, [*BASE_ARGS, "--train-image", "img", "--env", f"{name}=x"])
+    assert result.exception.exit_code == 2
+    assert f"--secret-env {name}=SECRET_ID" in str(result.exception)
+    assert fake.requests == []
+
+
+def test_a_job_reads_its_secrets_from_secret_manager(secrets_fake: FakeGoogle) -> None:
+    from kndcli.cloud.secrets import resolve_secret_env
+
+    env = {"KND_SECRET__WANDB_API_KEY": "projects/p1/secrets/wandb-key/versions/3", "A": "1"}
+    assert resolve_secret_env(env) == ["WANDB_API_KEY"]
+    assert env == {"WANDB_API_KEY": "wandb-s3cret-value", "A": "1"}
+
+    secrets_fake.reply("GET", SECRET_VERSION + ":access", 403, error_body(403, "no access"))
+    env = {"KND_SECRET__WANDB_API_KEY": "projects/p1/secrets/wandb-key/versions/3"}
+    with pytest.raises(KndError, match=r"Secret Manager .*wandb-key.* for WANDB_API_KEY.*403"):
+        resolve_secret_env(env)
+
+
+# ----------------------------------------------------------------------------- cloud predict
+
+
+def test_cloud_predict_runs_sharded_replicas_of_the_serving_image(fake: FakeGoogle) -> None:
+    _created(fake)
+    args = [
+        "cloud", "predict", "gs://calls/2026", "--out", "gs://calls-results/run-1",
+        "--project", "p1", "--region", "europe-west4", "--replicas", "4",
+        "--machine", "n1-highcpu-32", "--serve-image", "europe-docker.pkg.dev/p1/knd/serve:abc",
+        "-m", "gs://knd-models/exp1", "--part-size", "500",
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    [call] = fake.calls("POST", JOBS)
+    primary, workers = call.body["jobSpec"]["workerPoolSpecs"]
+    assert int(workers["replicaCount"]) == 3  # 4 replicas: pool 0 plus 3, one shard each
+    container = primary["containerSpec"]
+    assert container["imageUri"] == "europe-docker.pkg.dev/p1/knd/serve:abc"
+    assert container["args"] == [
+        "predict", "gs://calls/2026", "--out", "gs://calls-results/run-1", "--shard", "auto",
+        "--part-size", "500", "--model", "/gcs/knd-models/exp1", "--no-progress",
+    ]  # fmt: skip
+    assert workers["containerSpec"]["args"] == container["args"]
+    # Replicas are independent (no DDP): one restarting does not restart the others.
+    assert "restartJobOnWorkerRestart" not in call.body["jobSpec"]["scheduling"]
+
+
+def test_cloud_predict_refuses_what_a_job_cannot_reach(fake: FakeGoogle) -> None:
+    base = ["cloud", "predict", "--project", "p1", "--region", "europe-west4"]
+    base += ["--serve-image", "img", "--out", "gs://r/out"]
+    local_model = CliRunner().invoke(app, [*base, "gs://a/in", "-m", "models/exp1"])
+    assert local_model.exception.exit_code == 2
+    assert "give the bundle as gs://" in str(local_model.exception)
+    local_input = CliRunner().invoke(app, [*base, "/data/in", "-m", "gs://m/exp1"])
+    assert "reads gs:// prefixes" in str(local_input.exception)
+    assert fake.requests == []
+
+
+def test_cloud_predict_local_runs_the_job_command_here(tmp_path, ravdess_root, tiny_bundle) -> None:
+    from tests.conftest import ravdess_clips
+
+    archive = tmp_path / "in"
+    archive.mkdir()
+    for clip in ravdess_clips(ravdess_root, [1])[:4]:
+        (archive / clip.name).symlink_to(clip)
+    out = tmp_path / "out"
+    args = ["cloud", "predict", str(archive), "--out", str(out), "-m", str(tiny_bundle)]
+    result = CliRunner().invoke(app, [*args, "--local", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.splitlines()[-1])["scored"] == 4
+    assert len((out / "part-00000-of-00001-00000.jsonl").read_text().splitlines()) == 4

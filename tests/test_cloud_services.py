@@ -87,6 +87,14 @@ def _run_service_api(fake: FakeGoogle, ready: bool = True, policy: dict | None =
 def fake(monkeypatch: pytest.MonkeyPatch):
     server = FakeGoogle().start()
     monkeypatch.setenv("KND_RUN_ENDPOINT", server.endpoint)
+    monkeypatch.setenv("KND_SECRETS_ENDPOINT", server.endpoint)
+    # Secret Manager: knd-token's latest version is 7.
+    server.reply(
+        "GET",
+        r"/v1/projects/p1/secrets/knd-token/versions/latest",
+        200,
+        {"name": "projects/p1/secrets/knd-token/versions/7", "state": "ENABLED"},
+    )
     for name in ("KND_PROJECT", "KND_REGION"):
         monkeypatch.delenv(name, raising=False)
     yield server
@@ -168,6 +176,10 @@ def test_allow_unauthenticated_adds_the_invoker_binding(fake: FakeGoogle) -> Non
     [call] = fake.calls("POST", SERVICE + ":setIamPolicy")
     bindings = call.body["policy"]["bindings"]
     assert {"role": "roles/run.invoker", "members": ["allUsers"]} in bindings
+    # The token secret's `latest` was pinned: every instance of the revision has one token.
+    [container] = fake.calls("PATCH", SERVICE)[0].body["template"]["containers"]
+    ref = _env(container)["KND_API_TOKEN"]["secretKeyRef"]
+    assert ref == {"secret": "knd-token", "version": "7"}
     assert owner in bindings  # nothing else is dropped
     assert call.body["policy"]["etag"] == "BwE="
 

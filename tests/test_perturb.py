@@ -187,6 +187,8 @@ def test_disabled_chain_returns_the_clip(tmp_path, speech):
         ("train.augment.conditions.noise_types=[white,violet]", "noise_types"),
         ("train.augment.conditions.telephone_laws=[g729]", "telephone_laws"),
         ("train.augment.conditions.mp3_kbps=[4,64]", "mp3_kbps"),
+        ("train.augment.conditions.variants=-1", "variants"),
+        ("train.augment.conditions.variants=65", "variants"),
     ],
 )
 def test_out_of_range_training_conditions_are_config_errors(override, key):

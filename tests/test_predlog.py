@@ -5,11 +5,12 @@ from __future__ import annotations
 import multiprocessing
 import sqlite3
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from tests.conftest import free_port
+from tests.conftest import gcs_emulator as start_gcs_emulator
 
 from kndcli.audio import FEATURE_NAMES
 from kndcli.monitoring.predlog import (
@@ -119,25 +120,19 @@ def test_sqlite_several_processes_write_at_once(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def gcs_emulator(monkeypatch: pytest.MonkeyPatch):
-    """gcp-storage-emulator in memory on a free loopback port, with one bucket."""
-    from gcp_storage_emulator.server import create_server
-
-    port = free_port()
-    server = create_server("127.0.0.1", port, in_memory=True, default_bucket="knd-logs")
-    server.start()
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
-    monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+def gcs_emulator(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """gcp-storage-emulator in memory on a free loopback port, with the bucket knd-logs."""
+    with start_gcs_emulator(monkeypatch, "knd-logs") as url:
+        yield url
 
 
-def test_gcs_buffers_flushes_objects_and_reads_back(gcs_emulator: str) -> None:
+def test_gcs_spools_flushes_objects_and_reads_back(gcs_emulator: str, tmp_path: Path) -> None:
     start = time.perf_counter()
-    plog = open_log("gs://knd-logs/serve/preds", flush_s=0)
+    plog = open_log("gs://knd-logs/serve/preds", flush_s=0, spool=tmp_path / "spool")
     assert isinstance(plog, GCSPredictionLog)
     plog.write([record(i) for i in range(5)])
-    assert plog.fs.find("knd-logs/serve/preds") == []  # buffered, nothing written yet
+    assert plog.fs.find("knd-logs/serve/preds") == []  # spooled, nothing uploaded yet
+    assert len(list((tmp_path / "spool").glob("*.jsonl"))) == 1
     plog.flush()
     plog.write([record(i) for i in range(3, 8)])  # 3 and 4 were already written
     plog.close()
@@ -148,7 +143,7 @@ def test_gcs_buffers_flushes_objects_and_reads_back(gcs_emulator: str) -> None:
         assert name.startswith(f"knd-logs/serve/preds/{today:%Y/%m/%d}/")
         assert name.endswith(".jsonl")
 
-    reader = open_log("gs://knd-logs/serve/preds", flush_s=0)
+    reader = open_log("gs://knd-logs/serve/preds", flush_s=0, spool=tmp_path / "reader")
     rows = reader.read()
     assert [r["request_id"] for r in rows] == [f"req-{i:05d}" for i in range(8)]
     assert rows[0]["filename"] == "clip0.wav" and rows[7]["snr_db"] == 7.0
@@ -158,8 +153,8 @@ def test_gcs_buffers_flushes_objects_and_reads_back(gcs_emulator: str) -> None:
     assert time.perf_counter() - start < 20  # no credential probing against the emulator
 
 
-def test_gcs_interval_flush(gcs_emulator: str) -> None:
-    plog = open_log("gs://knd-logs/interval", flush_s=0.2)
+def test_gcs_interval_flush(gcs_emulator: str, tmp_path: Path) -> None:
+    plog = open_log("gs://knd-logs/interval", flush_s=0.2, spool=tmp_path)
     plog.write([record(1)])
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and not plog.fs.find("knd-logs/interval"):
@@ -168,6 +163,6 @@ def test_gcs_interval_flush(gcs_emulator: str) -> None:
     plog.close()
 
 
-def test_gcs_read_of_empty_prefix(gcs_emulator: str) -> None:
-    with open_log("gs://knd-logs/nothing-here", flush_s=0) as plog:
+def test_gcs_read_of_empty_prefix(gcs_emulator: str, tmp_path: Path) -> None:
+    with open_log("gs://knd-logs/nothing-here", flush_s=0, spool=tmp_path) as plog:
         assert plog.read() == []

@@ -449,12 +449,14 @@ def test_a_request_the_log_refuses_is_503_not_acknowledged(server: LiveServer) -
 
 
 @pytest.mark.usefixtures("gcs_emulator")
-def test_gcs_log_is_flushed_at_shutdown(serve: Callable[..., LiveServer]) -> None:
-    server = serve(log_sink="gs://knd-logs/serve", log_flush_s=3600)
+def test_gcs_log_is_flushed_at_shutdown(serve: Callable[..., LiveServer], tmp_path: Path) -> None:
+    spool = str(tmp_path / "spool")
+    server = serve(log_sink="gs://knd-logs/serve", log_flush_s=3600, log_spool=spool)
     ids = [post_file(server.url, wav_bytes(0.5)).json()["request_id"] for _ in range(3)]
-    assert open_log("gs://knd-logs/serve", flush_s=0).fs.find("knd-logs/serve") == []
+    reader = open_log("gs://knd-logs/serve", flush_s=0, spool=tmp_path / "reader")
+    assert reader.fs.find("knd-logs/serve") == []
     server.stop()
-    rows = open_log("gs://knd-logs/serve", flush_s=0).read()
+    rows = reader.read()
     assert sorted(r["request_id"] for r in rows) == sorted(ids)
 
 
@@ -586,6 +588,66 @@ def test_batcher_runs_batches_side_by_side() -> None:
     assert [f.result(15) for f in futures] == [0, 1]
     batcher.close()
     assert not any(t.is_alive() for t in batcher._threads)
+
+
+def test_batcher_takes_requests_in_turn() -> None:
+    """A request's sixth clip does not wait for another request's five: owners alternate."""
+    from kndcli.serving.batcher import MicroBatcher
+
+    order: list[str] = []
+    started = threading.Event()
+    gate = threading.Event()
+
+    def run(items: list[str]) -> list[str]:
+        started.set()
+        gate.wait(10)
+        order.extend(items)
+        return items
+
+    batcher = MicroBatcher(run, max_batch_size=1, max_wait_ms=0)
+    futures = [batcher.submit_future(f"a{i}", owner="a") for i in range(6)]
+    assert started.wait(10)  # a0 is being scored, a1..a5 wait
+    futures.append(batcher.submit_future("b0", owner="b"))
+    gate.set()
+    assert [f.result(10) for f in futures][-1] == "b0"
+    assert order == ["a0", "a1", "b0", "a2", "a3", "a4", "a5"]  # FIFO would put b0 last
+    batcher.close()
+
+
+def test_a_single_clip_is_not_queued_behind_big_batches(serve: Callable[..., LiveServer]) -> None:
+    """Two /predict/batch of 16 long clips, then one short clip once they are being
+    scored: it is answered long before them (FIFO made it wait for all 32 clips)."""
+    # One clip per forward pass: what is in flight when the clip arrives is one clip a worker.
+    server = serve(max_batch_files=16, max_body_mb=40.0, max_duration_s=60.0, max_batch_size=1)
+    long_clip = wav_bytes(20.0, rate=48000)
+    files = [("files", (f"long{i}.wav", long_clip, "audio/wav")) for i in range(16)]
+    batcher = server.app.state.batcher
+
+    async def scenario() -> tuple[float, float]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            began = time.perf_counter()
+
+            async def finished(call) -> float:
+                response = await call
+                assert response.status_code == 200, response.text
+                return time.perf_counter() - began
+
+            big = [
+                asyncio.create_task(
+                    finished(client.post(server.url + "/predict/batch", files=files))
+                )
+                for _ in range(2)
+            ]
+            while batcher.items < 2:  # both batches uploaded and their clips being scored
+                await asyncio.sleep(0.01)
+            one = {"file": ("one.wav", wav_bytes(1.0), "audio/wav")}
+            sent = time.perf_counter() - began
+            single = await finished(client.post(server.url + "/predict", files=one)) - sent
+            return single, min(await asyncio.gather(*big)) - sent
+
+    # From the moment the clip is sent: its own wait against what the batches still had to do.
+    single, batches_left = asyncio.run(scenario())
+    assert single < 0.5 * batches_left, (single, batches_left)
 
 
 # ----------------------------------------------------------------------------- scoring pool

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -181,6 +182,7 @@ def test_with_every_worker_stopped_ready_flips_to_503_and_back(
     for worker in served.workers():
         worker.suspend()
     probes: dict[str, list[int]] = {"/ready": [], "/health": []}
+    gauge: list[float] = []  # knd_ready on /metrics, which follows /ready
     done = threading.Event()
 
     def probe() -> None:
@@ -188,6 +190,7 @@ def test_with_every_worker_stopped_ready_flips_to_503_and_back(
             while not done.is_set():
                 for route, statuses in probes.items():
                     statuses.append(client.get(served.url + route).status_code)
+                gauge.append(ready_gauge(client.get(served.url + "/metrics").text))
                 time.sleep(0.02)
 
     prober = threading.Thread(target=probe)
@@ -203,7 +206,13 @@ def test_with_every_worker_stopped_ready_flips_to_503_and_back(
         prober.join(10)
     assert set(probes["/health"]) == {200}
     assert probes["/ready"][0] == 200  # stopped is not known to be wedged until the deadline
+    assert 0.0 in gauge and gauge[0] == 1.0
     assert served.clip(clip_bytes)[0].status_code == 200
+    assert ready_gauge(httpx.get(served.url + "/metrics", timeout=5).text) == 1.0
+
+
+def ready_gauge(metrics: str) -> float:
+    return float(re.search(r"^knd_ready (\S+)$", metrics, re.MULTILINE).group(1))
 
 
 def test_an_innocent_clip_after_idle_workers_are_killed_is_scored(

@@ -30,6 +30,7 @@ LIMITS = {
     "serve.max_connections": 6,
     "serve.scoring_processes": 0,
     "serve.metrics_need_token": "true",
+    "audio.max_channels": 1,  # the whole audio: section reaches the service, not only seconds
 }
 TOKEN = "s3cret-token"
 
@@ -59,10 +60,11 @@ def server(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
             proc.wait()
 
 
-def clip_bytes(seconds: float = 1.0) -> bytes:
+def clip_bytes(seconds: float = 1.0, channels: int = 1) -> bytes:
     buf = io.BytesIO()
     t = np.arange(int(16000 * seconds)) / 16000
-    sf.write(buf, (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 16000, format="WAV")
+    x = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    sf.write(buf, np.repeat(x[:, None], channels, axis=1), 16000, format="WAV")
     return buf.getvalue()
 
 
@@ -156,6 +158,18 @@ def test_connections_beyond_the_cap_are_answered_503(server):
         assert answer.status_code == 503
     time.sleep(0.2)
     assert httpx.get(server + "/health", timeout=5).status_code == 200
+
+
+def test_the_audio_section_bounds_what_the_service_decodes(server):
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    mono = httpx.post(
+        server + "/predict", files={"file": ("mono.wav", clip_bytes())}, headers=auth, timeout=30
+    )
+    assert mono.status_code == 200, mono.text
+    files = {"file": ("stereo.wav", clip_bytes(channels=2))}
+    stereo = httpx.post(server + "/predict", files=files, headers=auth, timeout=30)
+    assert stereo.status_code == 422
+    assert "audio.max_channels" in stereo.json()["error"]
 
 
 def test_metrics_can_be_put_behind_the_token(server):

@@ -290,6 +290,7 @@ def test_weight_averaging_exports_the_averaged_model(synth_prepared, tmp_path):
             "train.run_name=avg",
             "train.average_last=0.5",
             "train.trainer.max_epochs=4",
+            "model.ensemble=1",  # the key below names a single backbone's layer
         )
     )
     result = train(cfg)
@@ -593,3 +594,91 @@ def test_bad_robustness_level_is_one_line_exit_2(trained_run, synth_prepared):
     )  # fmt: skip
     assert result.returncode == 2
     assert "robustness.rt60_s" in result.stderr and "Traceback" not in result.stderr
+
+
+def _noisy_datamodule(prepared: Path, *extra: str):
+    """A DataModule whose every training clip is mixed with white noise at 0 dB SNR."""
+    from kndcli.training.data import PreparedDataModule
+
+    cfg = load_config(
+        overrides=[
+            f"data.prepared={prepared}",
+            "train.clip_seconds=1.0",
+            "train.trim_silence=false",
+            "train.augment.gain_db=0",
+            "train.augment.speeds=[1.0]",
+            "train.augment.conditions.noise_prob=1.0",
+            "train.augment.conditions.noise_types=[white]",
+            "train.augment.conditions.snr_db=[0,0]",
+            "train.augment.conditions.reverb_prob=0",
+            "train.augment.conditions.telephone_prob=0",
+            "train.augment.conditions.lowpass_prob=0",
+            "train.augment.conditions.clipping_prob=0",
+            "train.augment.conditions.codec_prob=0",
+            *extra,
+        ]
+    )
+    prepared_set = PreparedSet.open(prepared)
+    labels = sorted({row["label"] for row in prepared_set.rows})
+    return PreparedDataModule(prepared_set, labels, cfg.train), prepared_set
+
+
+def _found_in(window: np.ndarray, copies: list[np.ndarray]) -> bool:
+    """Whether `window` is a contiguous stretch of one of `copies`."""
+    for copy in copies:
+        copy = copy.astype(np.float32)
+        for start in np.flatnonzero(copy[: len(copy) - len(window) + 1] == window[0]):
+            if np.array_equal(copy[start : start + len(window)], window):
+                return True
+    return False
+
+
+def test_rendered_copies_are_degraded_once_and_drawn_every_epoch(synth_prepared):
+    module, prepared = _noisy_datamodule(synth_prepared, "train.augment.conditions.variants=3")
+    train_indices = prepared.indices("train")
+    rendered = module.rendered
+    assert sorted(rendered.copies) == sorted(train_indices)
+    index = train_indices[0]
+    clean = prepared.waveform(index).astype(np.float64)
+    copies = rendered.copies[index]
+    assert len(copies) == 3
+    for copy in copies:  # each copy carries its own 0 dB noise: residual power ~ speech power
+        noise = copy.astype(np.float64) - clean
+        assert 10 * np.log10(np.mean(clean[np.abs(clean) > 0] ** 2) / np.mean(noise**2)) < 6
+    assert not np.array_equal(copies[0], copies[1])
+    again, _ = _noisy_datamodule(synth_prepared, "train.augment.conditions.variants=3")
+    np.testing.assert_array_equal(again.rendered.copies[index][2], copies[2])
+
+    dataset = module.dataset("train")
+    drawn = set()
+    for epoch in range(6):
+        dataset.epoch = epoch
+        window = dataset[0][0].numpy()
+        assert _found_in(window, copies)  # training reads a rendered copy, not fresh noise
+        drawn.add(next(k for k, c in enumerate(copies) if _found_in(window, [c])))
+    assert len(drawn) > 1  # and a different copy in different epochs
+
+
+def test_zero_variants_degrades_afresh_every_epoch(synth_prepared):
+    module, prepared = _noisy_datamodule(synth_prepared, "train.augment.conditions.variants=0")
+    assert module.rendered is None
+    dataset = module.dataset("train")
+    clean = prepared.waveform(dataset.indices[0])
+    first = dataset[0][0].numpy()
+    dataset.epoch = 1
+    second = dataset[0][0].numpy()
+    assert not np.array_equal(first, second)
+    assert not _found_in(first, [clean])  # degraded, not the studio clip
+
+
+def test_rendered_copies_fit_a_memory_budget(synth_prepared):
+    from kndcli.training.data import RenderedConditions
+
+    module, prepared = _noisy_datamodule(synth_prepared)
+    indices = prepared.indices("train")
+    one_copy = 2 * sum(int(prepared.rows[i]["length"]) for i in indices)
+    rendered = RenderedConditions(
+        module.conditions, prepared, indices, 8, seed=0, max_bytes=int(2.5 * one_copy)
+    )
+    assert rendered.variants == 2  # what fits, not the 8 asked for
+    assert all(len(copies) == 2 for copies in rendered.copies.values())

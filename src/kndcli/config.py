@@ -111,9 +111,9 @@ class ModelConfig:
     # Independently initialised copies of the backbone on one shared frontend, each trained
     # on its own loss; the bundle outputs their mean probability (one ONNX graph). Two
     # members: +1.6 points of speaker-independent accuracy on clean audio (two seeds,
-    # docs/quality.md) for about 1.9x the compute, which with multi-condition training no
-    # longer fits 15 minutes per model on a 2-core CPU: one member by default.
-    ensemble: int = 1
+    # docs/quality.md) for about 1.7x the compute per step; with the degraded copies
+    # rendered once (train.augment.conditions.variants) two fit 15 minutes on 2 cores.
+    ensemble: int = 2
 
 
 @dataclass
@@ -135,14 +135,18 @@ class ConditionsConfig:
     rt60_s: list[float] = field(default_factory=lambda: [0.2, 1.2])
     rooms: int = 24
     telephone_prob: float = 0.1
-    # GSM is left to the robustness suite: its codec costs 10x G.711's CPU per clip.
-    telephone_laws: list[str] = field(default_factory=lambda: ["mulaw", "alaw"])
+    telephone_laws: list[str] = field(default_factory=lambda: ["mulaw", "alaw", "gsm"])
     codec_prob: float = 0.03
     mp3_kbps: list[float] = field(default_factory=lambda: [16.0, 64.0])
     lowpass_prob: float = 0.1
     lowpass_hz: list[float] = field(default_factory=lambda: [2000.0, 6000.0])
     clipping_prob: float = 0.05
     clipping_drive_db: list[float] = field(default_factory=lambda: [3.0, 20.0])
+    # Degraded copies of each training clip, rendered once before the first epoch; every
+    # epoch draws one of them (then speed, crop and gain vary as before). 0 degrades every
+    # clip afresh in every epoch: about 2 ms of CPU per clip, a third of a training step
+    # on a 2-core CPU, and the reason the two-member ensemble did not fit 15 minutes.
+    variants: int = 8
 
 
 @dataclass
@@ -251,6 +255,14 @@ class ServeConfig:
     scoring_timeout_s: float = 15.0
     log_sink: str = "predictions.sqlite"
     log_flush_s: float = 10.0
+    # A request is answered only once its log record is durable. SQLite: the whole write
+    # (waiting for other writers included) has log_timeout_s, then 503. gs://: records are
+    # fsynced to a local spool directory (log_spool; '' is one per sink under the system's
+    # temporary directory), uploaded every log_flush_s, at shutdown and by the next start
+    # after a crash; a spool holding log_spool_mb (a bucket down for long) answers 503.
+    log_timeout_s: float = 5.0
+    log_spool: str = ""
+    log_spool_mb: float = 64.0
     monitoring_interval_s: float = 600.0
     # Off loopback, the service refuses to start without KND_API_TOKEN unless this is set
     # (--insecure-no-token): on Cloud Run, a private service is guarded by IAM instead.
@@ -578,6 +590,9 @@ def check_serve(s: ServeConfig, section: str = "serve") -> None:
         "max_connections": (s.max_connections >= 1, "at least 1"),
         "keep_alive_s": (s.keep_alive_s > 0, "positive seconds"),
         "scoring_timeout_s": (s.scoring_timeout_s > 0, "positive seconds"),
+        "log_flush_s": (s.log_flush_s >= 0, "0 (no background upload) or more seconds"),
+        "log_timeout_s": (s.log_timeout_s > 0, "positive seconds"),
+        "log_spool_mb": (s.log_spool_mb > 0, "positive"),
         "scoring_processes": (
             s.scoring_processes == "auto"
             or (isinstance(s.scoring_processes, int) and s.scoring_processes >= 0),

@@ -31,6 +31,29 @@ ServiceAccount = Annotated[
         "cloud.service_account", "--service-account", help="Service account e-mail to run as."
     ),
 ]
+Machine = Annotated[
+    str | None,
+    opt.keyed("cloud.machine", "--machine", help="Machine type, e.g. n1-highcpu-32."),
+]
+Replicas = Annotated[
+    int | None,
+    opt.keyed("cloud.replicas", "--replicas", help="Nodes: one primary plus N-1 workers."),
+]
+Spot = Annotated[
+    bool | None, opt.keyed("cloud.spot", "--spot/--no-spot", help="Run on Spot capacity.")
+]
+Timeout = Annotated[
+    str | None,
+    opt.keyed("cloud.timeout", "--timeout", help="Longest run, e.g. 24h, 90m or 2d."),
+]
+ServeImage = Annotated[
+    str | None, opt.keyed("cloud.serve_image", "--serve-image", help="Serve image URI.")
+]
+DisplayName = Annotated[
+    str | None, typer.Option("--display-name", help="Job name shown in the console.")
+]
+Wait = Annotated[bool, typer.Option("--wait", help="Follow the job until it ends.")]
+Poll = Annotated[float, typer.Option("--poll", help="Seconds between polls.")]
 Labels = Annotated[
     list[str] | None,
     typer.Option("--label", metavar="K=V", help="Resource label k=v (repeatable)."),
@@ -38,6 +61,15 @@ Labels = Annotated[
 Env = Annotated[
     list[str] | None,
     typer.Option("--env", metavar="K=V", help="Container environment K=V (repeatable)."),
+]
+SecretEnv = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--secret-env",
+        metavar="NAME=SECRET[:VERSION]",
+        help="Environment variable read from Secret Manager inside the job, e.g. "
+        "WANDB_API_KEY=wandb-key (repeatable); only the reference is in the job spec.",
+    ),
 ]
 
 
@@ -52,6 +84,19 @@ def _print_summary(summary: dict, as_json: bool) -> None:
         if value not in ("", None):
             table.add_row(f"[bold]{key}[/bold]", str(value))
     opt.console().print(table)
+
+
+def _submit(opts: Any, *, dry_run: bool, wait: bool, poll: float, as_json: bool) -> None:
+    """Print the CustomJob request (dry run) or create it, following it with `wait`."""
+    from kndcli.cloud import jobs
+
+    if dry_run:
+        typer.echo(jobs.request_json(opts))
+        return
+    echo = (lambda _line: None) if as_json else typer.echo
+    summary = jobs.submit_job(opts, wait=wait, poll_s=poll, echo=echo)
+    if as_json or wait:
+        _print_summary(summary, as_json)
 
 
 def _dotlist_value(value: Any) -> str:
@@ -80,10 +125,7 @@ def submit(
     train_image: Annotated[
         str | None, opt.keyed("cloud.train_image", "--train-image", help="Training image URI.")
     ] = None,
-    machine: Annotated[
-        str | None,
-        opt.keyed("cloud.machine", "--machine", help="Machine type, e.g. n1-highcpu-32."),
-    ] = None,
+    machine: Machine = None,
     accelerator: Annotated[
         str | None,
         opt.keyed("cloud.accelerator", "--accelerator", help="Accelerator type, e.g. NVIDIA_L4."),
@@ -92,17 +134,9 @@ def submit(
         int | None,
         opt.keyed("cloud.accelerator_count", "--accelerator-count", help="Accelerators per node."),
     ] = None,
-    replicas: Annotated[
-        int | None,
-        opt.keyed("cloud.replicas", "--replicas", help="Nodes: one primary plus N-1 workers."),
-    ] = None,
-    spot: Annotated[
-        bool | None, opt.keyed("cloud.spot", "--spot/--no-spot", help="Run on Spot capacity.")
-    ] = None,
-    timeout: Annotated[
-        str | None,
-        opt.keyed("cloud.timeout", "--timeout", help="Longest run, e.g. 24h, 90m or 2d."),
-    ] = None,
+    replicas: Replicas = None,
+    spot: Spot = None,
+    timeout: Timeout = None,
     service_account: ServiceAccount = None,
     base_output_dir: Annotated[
         str | None,
@@ -114,11 +148,10 @@ def submit(
     ] = None,
     label: Labels = None,
     env: Env = None,
-    display_name: Annotated[
-        str | None, typer.Option("--display-name", help="Job name shown in the console.")
-    ] = None,
-    wait: Annotated[bool, typer.Option("--wait", help="Follow the job until it ends.")] = False,
-    poll: Annotated[float, typer.Option("--poll", help="Seconds between polls.")] = 30.0,
+    secret_env: SecretEnv = None,
+    display_name: DisplayName = None,
+    wait: Wait = False,
+    poll: Poll = 30.0,
     dry_run: opt.DryRun = False,
     as_json: opt.Json = False,
     config: opt.ConfigFiles = None,
@@ -129,9 +162,12 @@ def submit(
 
     Its container runs `knd train --config F ... --set k=v ...` (paths inside the image).
     """
-    from kndcli.cloud import jobs
+    from kndcli.cloud import jobs, secrets
 
     cfg = opt.load(ctx)
+    references = jobs.parse_pairs(secret_env, "--secret-env")
+    if references:
+        jobs.require_location(cfg.cloud)
     opts = jobs.JobOptions(
         cloud=cfg.cloud,
         display_name=display_name or jobs.default_display_name(cfg.train.run_name),
@@ -139,14 +175,75 @@ def submit(
         env=jobs.parse_pairs(env, "--env"),
         config_files=[str(path) for path in config or []],
         overrides=forwarded_overrides(ctx),
+        # A dry run reads nothing from Secret Manager: `latest` stays unpinned there.
+        secret_env=secrets.job_secret_env(references, cfg.cloud.project, pin=not dry_run),
     )
-    if dry_run:
-        typer.echo(jobs.request_json(opts))
+    _submit(opts, dry_run=dry_run, wait=wait, poll=poll, as_json=as_json)
+
+
+@app.command("predict")
+def predict(
+    ctx: typer.Context,
+    sources: Annotated[
+        list[str],
+        typer.Argument(help="gs:// prefixes (or files) of the audio to score.", show_default=False),
+    ],
+    out: Annotated[
+        str,
+        opt.out_option("gs:// prefix for the result parts, error parts and done-markers."),
+    ],
+    project: Project = None,
+    region: Region = None,
+    serve_image: ServeImage = None,
+    model: opt.Model = None,
+    machine: Machine = None,
+    replicas: Replicas = None,
+    spot: Spot = None,
+    timeout: Timeout = None,
+    service_account: ServiceAccount = None,
+    part_size: Annotated[
+        int, typer.Option("--part-size", help="Files per part (the resume unit).")
+    ] = 1000,
+    label: Labels = None,
+    env: Env = None,
+    display_name: DisplayName = None,
+    local: Annotated[
+        bool,
+        typer.Option("--local", help="Run the job's command here, as one replica (a dry run)."),
+    ] = False,
+    wait: Wait = False,
+    poll: Poll = 30.0,
+    dry_run: opt.DryRun = False,
+    as_json: opt.Json = False,
+    config: opt.ConfigFiles = None,
+    sets: opt.Sets = None,
+    print_config: opt.PrintConfig = False,
+) -> None:
+    """Score an archive in a bucket with a Vertex AI CustomJob of N replicas.
+
+    Each replica runs `knd predict SOURCES --shard auto --out OUT`: a disjoint share of the
+    files, written in resumable parts, so a rerun after preemption skips finished parts.
+    """
+    from kndcli.cloud import jobs
+
+    cfg = opt.load(ctx)
+    if local:
+        from kndcli.cli.predict import predict_to_store
+
+        predict_to_store(cfg, sources, out, "0/1", part_size, timeline=False, as_json=as_json)
         return
-    echo = (lambda _line: None) if as_json else typer.echo
-    summary = jobs.submit_job(opts, wait=wait, poll_s=poll, echo=echo)
-    if as_json or wait:
-        _print_summary(summary, as_json)
+    opts = jobs.predict_job_options(
+        cfg.cloud,
+        sources=sources,
+        out=out,
+        model=cfg.inference.model,
+        part_size=part_size,
+        display_name=display_name or "knd-predict",
+        labels=jobs.parse_pairs(label, "--label"),
+        env=jobs.parse_pairs(env, "--env"),
+        overrides=list(sets or []),
+    )
+    _submit(opts, dry_run=dry_run, wait=wait, poll=poll, as_json=as_json)
 
 
 @app.command("deploy")
@@ -157,9 +254,7 @@ def deploy(
     service: Annotated[
         str | None, opt.keyed("cloud.service", "--service", help="Service name.")
     ] = None,
-    serve_image: Annotated[
-        str | None, opt.keyed("cloud.serve_image", "--serve-image", help="Serve image URI.")
-    ] = None,
+    serve_image: ServeImage = None,
     model: opt.Model = None,
     log_sink: Annotated[
         str | None,
@@ -232,6 +327,9 @@ def deploy(
     if dry_run:
         typer.echo(services.request_json(opts))
         return
+    # A new revision keeps the token version it started with, not whatever is latest when
+    # an instance starts (a rotation would otherwise split instances between two tokens).
+    opts.token_secret = services.pinned_token_secret(opts)
     echo = (lambda _line: None) if as_json else typer.echo
     summary = services.deploy_service(opts, echo=echo)
     if as_json:

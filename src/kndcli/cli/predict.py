@@ -17,6 +17,7 @@ from kndcli.cli import options as opt
 from kndcli.errors import UsageError
 
 if TYPE_CHECKING:
+    from kndcli.config import KndConfig
     from kndcli.inference.predictor import Prediction
 
 PROGRESS_MIN_FILES = 20
@@ -48,6 +49,24 @@ def predict(
             help="Progress bar on stderr (default: on a terminal, for many files).",
         ),
     ] = None,
+    out: Annotated[
+        str | None,
+        opt.out_option(
+            "Write results as JSON-lines parts to this directory or gs:// prefix (resumable) "
+            "instead of stdout; PATHS may be gs:// prefixes then."
+        ),
+    ] = None,
+    shard: Annotated[
+        str,
+        typer.Option(
+            "--shard",
+            help="With --out: score shard I/N of the files (disjoint, by name), or 'auto' "
+            "for this Vertex AI replica's shard.",
+        ),
+    ] = "0/1",
+    part_size: Annotated[
+        int, typer.Option("--part-size", help="With --out: files per part (the resume unit).")
+    ] = 1000,
     config: opt.ConfigFiles = None,
     sets: opt.Sets = None,
     print_config: opt.PrintConfig = False,
@@ -58,6 +77,11 @@ def predict(
     """
     opt.choose_output(json_out, jsonl=jsonl, csv=csv_out)
     cfg = opt.load(ctx)
+    if out is not None:
+        predict_to_store(cfg, paths, out, shard, part_size, timeline, json_out or jsonl or csv_out)
+        return
+    if shard != "0/1":
+        raise UsageError("--shard needs --out: a shard's results go to parts, not stdout")
     from kndcli.audio import find_audio_files
     from kndcli.inference.bundle import resolve_model
     from kndcli.inference.predictor import Predictor
@@ -87,6 +111,58 @@ def predict(
         failed = _write_table(predictions, timeline)
     if failed:
         print(f"{failed} of {len(files)} files failed", file=sys.stderr)
+        raise typer.Exit(1)
+
+
+def predict_to_store(
+    cfg: KndConfig,
+    paths: list[str],
+    out: str,
+    shard_text: str,
+    part_size: int,
+    timeline: bool,
+    as_json: bool,
+) -> None:
+    """`--out`: this shard's files scored into resumable parts; a summary on stdout."""
+    import json
+
+    from kndcli.inference.archive import Shard, list_sources, score_shard
+    from kndcli.inference.bundle import resolve_model
+    from kndcli.inference.predictor import Predictor
+
+    shard = Shard.parse(shard_text)
+    sources = list_sources(paths)
+    if not sources:
+        raise UsageError(f"no audio files found in {' '.join(paths)}")
+    predictor = Predictor.from_config(
+        resolve_model(cfg.inference.model), cfg.inference, audio=cfg.audio
+    )
+
+    def progress(number: int, total: int) -> None:
+        print(f"part {number + 1}/{total} written", file=sys.stderr, flush=True)
+
+    summary = score_shard(
+        predictor,
+        sources,
+        out,
+        shard,
+        part_size=part_size,
+        batch_size=cfg.inference.batch_size,
+        workers=cfg.inference.workers,
+        timeline=timeline,
+        on_part=progress,
+    )
+    if as_json:
+        print(json.dumps(summary.to_dict()))
+    else:
+        print(
+            f"shard {shard.index}/{shard.count}: {summary.files} of {len(sources)} files, "
+            f"{summary.parts} parts ({summary.parts_skipped} done before); scored "
+            f"{summary.scored}, failed {summary.failed} -> {out}"
+        )
+    if summary.failed:
+        print(f"{summary.failed} files failed: see {out}/errors-{shard.tag}-*.jsonl",
+              file=sys.stderr)  # fmt: skip
         raise typer.Exit(1)
 
 

@@ -1,9 +1,10 @@
 """Google SDK clients and the mapping of Google's errors to one line a user can act on.
 
 Clients use the REST transport everywhere, so the path tests exercise against a loopback
-fake is the path that runs in production. `KND_VERTEX_ENDPOINT` / `KND_RUN_ENDPOINT`
-override the API hosts (private endpoints, fakes); a plaintext `http://` endpoint gets
-anonymous credentials, so real credentials are never sent unencrypted.
+fake is the path that runs in production. `KND_VERTEX_ENDPOINT` / `KND_RUN_ENDPOINT` /
+`KND_SECRETS_ENDPOINT` override the API hosts (private endpoints, fakes); a plaintext
+`http://` endpoint gets anonymous credentials, so real credentials are never sent
+unencrypted.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ def run_endpoint() -> str:
     return os.environ.get("KND_RUN_ENDPOINT") or "run.googleapis.com"
 
 
+def secrets_endpoint() -> str:
+    return os.environ.get("KND_SECRETS_ENDPOINT") or "secretmanager.googleapis.com"
+
+
 def _client_kwargs(endpoint: str) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"client_options": {"api_endpoint": endpoint}, "transport": "rest"}
     if endpoint.startswith("http://"):
@@ -55,6 +60,14 @@ def services_client() -> Any:
         from google.cloud import run_v2
 
         return run_v2.ServicesClient(**_client_kwargs(run_endpoint()))
+
+
+def secrets_client() -> Any:
+    """A Secret Manager `SecretManagerServiceClient` (global endpoint)."""
+    with google_errors("Secret Manager"):
+        from google.cloud import secretmanager_v1
+
+        return secretmanager_v1.SecretManagerServiceClient(**_client_kwargs(secrets_endpoint()))
 
 
 def _first_line(text: str) -> str:

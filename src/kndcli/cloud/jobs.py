@@ -46,6 +46,12 @@ class JobOptions:
     env: dict[str, str] = field(default_factory=dict)
     config_files: list[str] = field(default_factory=list)
     overrides: list[str] = field(default_factory=list)
+    # KND_SECRET__NAME -> a Secret Manager version name (`secrets.job_secret_env`): the job
+    # reads the values itself, so none is ever in the spec.
+    secret_env: dict[str, str] = field(default_factory=dict)
+    # Another command than `knd train` (`knd cloud predict`): its image and arguments.
+    image: str = ""
+    args: list[str] | None = None
 
 
 def parse_pairs(items: list[str] | None, what: str) -> dict[str, str]:
@@ -78,17 +84,29 @@ def check_labels(labels: dict[str, str]) -> None:
             )
 
 
-def check_env_names(env: dict[str, str]) -> None:
+def check_env_names(env: dict[str, str], instead: str = "--secret-env {name}=SECRET_ID") -> None:
+    """Valid names, and no credential: --env values are plain text in the resource spec.
+
+    `instead` says what to pass for a credential (formatted with its `name`).
+    """
+    from kndcli.cloud.secrets import SECRET_ENV_PREFIX, looks_secret
+
     for name in env:
         if not _ENV_NAME.match(name):
             raise UsageError(f"--env {name!r} is not a valid environment variable name")
+        if looks_secret(name) or name.startswith(SECRET_ENV_PREFIX):
+            raise UsageError(
+                f"--env {name}: a credential in --env is stored in plain text in the spec "
+                "(console, API, --dry-run): put it in Secret Manager and pass "
+                f"{instead.format(name=name)} instead"
+            )
 
 
 def _check(opts: JobOptions) -> None:
     """What the config schema cannot check alone (its values are checked by load_config)."""
     c = opts.cloud
     require_location(c)
-    if not c.train_image:
+    if not (opts.image or c.train_image):
         raise ConfigError(
             "no training image: pass --train-image or set cloud.train_image "
             "(build it with docker/cloudbuild.yaml)"
@@ -134,9 +152,11 @@ def build_custom_job(opts: JobOptions) -> dict[str, Any]:
         machine_spec["accelerator_type"] = c.accelerator
         machine_spec["accelerator_count"] = c.accelerator_count or 1
     container = {
-        "image_uri": c.train_image,
-        "args": container_args(opts),
-        "env": [{"name": k, "value": v} for k, v in sorted(opts.env.items())],
+        "image_uri": opts.image or c.train_image,
+        "args": container_args(opts) if opts.args is None else opts.args,
+        "env": [
+            {"name": k, "value": v} for k, v in sorted({**opts.env, **opts.secret_env}.items())
+        ],
     }
     pools = [{"machine_spec": machine_spec, "replica_count": 1, "container_spec": container}]
     if c.replicas > 1:
@@ -150,7 +170,7 @@ def build_custom_job(opts: JobOptions) -> dict[str, Any]:
     scheduling: dict[str, Any] = {"timeout": f"{parse_duration(c.timeout, 'cloud.timeout')}s"}
     if c.spot:
         scheduling["strategy"] = "SPOT"
-    if c.replicas > 1:
+    if c.replicas > 1 and opts.args is None:
         # DDP cannot continue with a node missing: restart every node together, and the
         # restarted job resumes from AIP_CHECKPOINT_DIR.
         scheduling["restart_job_on_worker_restart"] = True
@@ -302,3 +322,56 @@ def resolve_job_name(target: str, project: str, region: str) -> str | None:
 def region_of(name: str, default: str) -> str:
     parts = name.split("/")
     return parts[3] if len(parts) > 3 and parts[2] == "locations" else default
+
+
+# Vertex AI mounts the buckets a job's service account can read under /gcs (Cloud Storage
+# FUSE), so a gs:// bundle is a directory inside the container.
+GCS_MOUNT = "/gcs"
+
+
+def predict_job_options(
+    cloud: CloudConfig,
+    *,
+    sources: list[str],
+    out: str,
+    model: str,
+    part_size: int,
+    display_name: str,
+    labels: dict[str, str],
+    env: dict[str, str],
+    overrides: list[str],
+) -> JobOptions:
+    """A CustomJob whose replicas each run `knd predict SOURCES --shard auto --out OUT`.
+
+    It runs the serving image (torch-free, the same Predictor as `knd serve`); every
+    replica lists the same sources and keeps its own shard (`inference/archive.py`).
+    """
+    bad = [s for s in sources if not s.startswith("gs://")]
+    if bad:
+        raise UsageError(f"{bad[0]}: knd cloud predict reads gs:// prefixes (or use --local)")
+    if not out.startswith("gs://"):
+        raise UsageError(f"--out {out!r}: the job writes to a gs:// prefix")
+    if not cloud.serve_image:
+        raise ConfigError(
+            "no serving image: pass --serve-image or set cloud.serve_image "
+            "(build it with docker/cloudbuild.yaml)"
+        )
+    if model.startswith("gs://"):
+        model = f"{GCS_MOUNT}/{model[5:]}"
+    elif not model.startswith("/"):
+        raise UsageError(
+            f"--model {model!r}: give the bundle as gs://... (or an absolute path inside the "
+            "image); a local path does not exist in the job"
+        )
+    args = ["predict", *sources, "--out", out, "--shard", "auto"]
+    args += ["--part-size", str(part_size), "--model", model, "--no-progress"]
+    for override in overrides:
+        args += ["--set", override]
+    return JobOptions(
+        cloud=cloud,
+        display_name=display_name,
+        labels=labels,
+        env=env,
+        image=cloud.serve_image,
+        args=args,
+    )

@@ -152,7 +152,7 @@ def _check(opts: ServiceOptions) -> None:
     check_model(opts.model)
     check_log_sink(opts.log_sink)
     check_labels(opts.labels)
-    check_env_names(opts.env)
+    check_env_names(opts.env, instead="--token-secret SECRET for the API token")
     if opts.allow_unauthenticated and not opts.token_secret and not opts.allow_no_token:
         raise UsageError(
             "--allow-unauthenticated without --token-secret would let anyone on the internet "
@@ -161,6 +161,19 @@ def _check(opts: ServiceOptions) -> None:
     reserved = _RESERVED_ENV & set(opts.env)
     if reserved:
         raise UsageError(f"--env {sorted(reserved)[0]} is set by Cloud Run and cannot be changed")
+
+
+def pinned_token_secret(opts: ServiceOptions) -> str:
+    """`--token-secret SECRET[:latest]` with `latest` resolved to its version number."""
+    if not opts.token_secret:
+        return ""
+    from kndcli.cloud.secrets import pin_version
+
+    secret, _, version = opts.token_secret.partition(":")
+    if version and version != "latest":
+        return opts.token_secret
+    name = f"projects/{opts.cloud.project}/secrets/{secret}/versions/latest"
+    return f"{secret}:{pin_version(name).rsplit('/', 1)[-1]}"
 
 
 def service_name(opts: ServiceOptions) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -271,17 +271,26 @@ class Predictor:
         workers: int = 0,
         timeline: bool = False,
         features: bool = False,
+        read: Callable[[str], AudioSource] | None = None,
     ) -> Iterator[Prediction]:
-        """Decode in a thread pool and score in batches; bad files yield error predictions."""
-        paths = [Path(p) for p in paths]
+        """Decode in a thread pool and score in batches; bad files yield error predictions.
+
+        `read` turns each name into what is decoded (e.g. a gs:// URL into its bytes);
+        the name stays the prediction's `source`.
+        """
+        paths = [str(p) for p in paths] if read else [Path(p) for p in paths]
         # One decoder per core: more only fight ONNX Runtime for the same cores (measured).
         workers = workers or min(8, usable_cpus())
 
-        def load(path: Path) -> Audio | Prediction:
+        def load(path: str | Path) -> Audio | Prediction:
             try:
-                return self.decode(path)
+                if read is None:
+                    return self.decode(path)
+                return self.decode(read(str(path)), name=str(path))
             except AudioError as exc:
                 return Prediction(source=str(path), error=exc.problem)
+            except OSError as exc:  # a listed object gone or unreadable: this file only
+                return Prediction(source=str(path), error=f"cannot read ({exc})")
 
         # Decode at most a few batches ahead: a directory of 100k clips must not be held
         # in memory at once, yet the decoders keep working while a batch is scored.

@@ -1,10 +1,11 @@
 """The prediction log: one row per answered request, read back by `knd drift`.
 
 Two sinks behind one interface. SQLite (default) is for a single machine: WAL mode and a
-busy timeout make it safe for several uvicorn workers writing at once, and the request id
-is the primary key, so a retried write never logs a request twice. `gs://bucket/prefix`
-is for Cloud Run, whose local disk dies with the instance: records are buffered and
-written as JSON-lines objects, one per flush, under `prefix/YYYY/MM/DD/`.
+busy timeout make it safe for several uvicorn workers writing at once, the request id is
+the primary key, so a retried write never logs a request twice, and one deadline covers
+each whole write. `gs://bucket/prefix` is for Cloud Run, whose local disk dies with the
+instance: records go to a local write-ahead spool first (fsynced; `monitoring/spool.py`)
+and are uploaded as JSON-lines objects, one per flush, under `prefix/YYYY/MM/DD/`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -22,6 +24,8 @@ from typing import Any
 
 from kndcli.audio import FEATURE_NAMES
 from kndcli.errors import KndError
+from kndcli.gcs import gcs_filesystem
+from kndcli.monitoring.spool import Spool, SpoolError, default_spool_dir
 
 log = logging.getLogger(__name__)
 
@@ -143,16 +147,29 @@ class PredictionLog:
         self.close()
 
 
-def open_log(sink: str | os.PathLike | None = None, *, flush_s: float = 10.0) -> PredictionLog:
-    """A SQLite file path (default `predictions.sqlite`) or `gs://bucket/prefix`."""
+def open_log(
+    sink: str | os.PathLike | None = None,
+    *,
+    flush_s: float = 10.0,
+    timeout_s: float = 30.0,
+    spool: str | os.PathLike | None = None,
+    spool_mb: float = 64.0,
+) -> PredictionLog:
+    """A SQLite file path (default `predictions.sqlite`) or `gs://bucket/prefix`.
+
+    `timeout_s` bounds one SQLite write; `spool` and `spool_mb` are the gs:// sink's
+    write-ahead spool (None: one per sink under the temporary directory).
+    """
     text = str(sink or DEFAULT_SINK)
     if text.startswith("gs://"):
-        return GCSPredictionLog(text, flush_s=flush_s)
+        return GCSPredictionLog(
+            text, flush_s=flush_s, spool=spool, spool_bytes=int(spool_mb * 2**20)
+        )
     if "://" in text:
         raise PredictionLogError(
             f"prediction log sink {text!r}: use a SQLite file path or gs://bucket/prefix"
         )
-    return SQLitePredictionLog(text)
+    return SQLitePredictionLog(text, timeout_s=timeout_s)
 
 
 def _filter(
@@ -171,24 +188,30 @@ def _filter(
 
 
 class SQLitePredictionLog(PredictionLog):
-    """One table, request_id primary key, WAL: concurrent writers wait instead of failing."""
+    """One table, request_id primary key, WAL: concurrent writers wait instead of failing.
+
+    A write waits at most `timeout_s` in all, for this process's other writers and for
+    another process's lock together: requests queued behind a held lock each fail at their
+    own deadline, instead of each waiting a full busy timeout after the one before.
+    """
 
     TABLE = "predictions"
 
-    def __init__(self, path: str | os.PathLike, busy_timeout_ms: int = 30_000) -> None:
+    def __init__(self, path: str | os.PathLike, timeout_s: float = 30.0) -> None:
         self.path = Path(path)
         self.sink = str(self.path)
+        self.timeout_s = timeout_s
         self._lock = threading.Lock()
         try:
             if self.path.parent != Path(""):
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             self._conn = sqlite3.connect(
                 self.path,
-                timeout=busy_timeout_ms / 1000,
+                timeout=timeout_s,
                 check_same_thread=False,
                 isolation_level=None,
             )
-            self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            self._conn.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
             self._conn.execute("PRAGMA journal_mode = WAL")
             self._conn.execute("PRAGMA synchronous = NORMAL")
             columns = ", ".join(
@@ -217,8 +240,15 @@ class SQLitePredictionLog(PredictionLog):
         rows = [tuple(_normalise(r)[name] for name in LOG_COLUMNS) for r in records]
         marks = ", ".join("?" for _ in LOG_COLUMNS)
         sql = f"INSERT OR IGNORE INTO {self.TABLE} ({', '.join(LOG_COLUMNS)}) VALUES ({marks})"
-        with self._lock:
+        deadline = time.monotonic() + self.timeout_s
+        if not self._lock.acquire(timeout=self.timeout_s):
+            raise self._too_slow()
+        try:
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            if remaining_ms <= 0:
+                raise self._too_slow()
             try:
+                self._conn.execute(f"PRAGMA busy_timeout = {remaining_ms}")
                 self._conn.execute("BEGIN IMMEDIATE")
                 try:
                     self._conn.executemany(sql, rows)
@@ -226,10 +256,24 @@ class SQLitePredictionLog(PredictionLog):
                 except BaseException:
                     self._conn.execute("ROLLBACK")
                     raise
+            except sqlite3.OperationalError as exc:
+                if "locked" in str(exc) or "busy" in str(exc):
+                    raise self._too_slow() from None
+                raise PredictionLogError(
+                    f"{self.path}: cannot write prediction log ({exc})"
+                ) from None
             except sqlite3.Error as exc:
                 raise PredictionLogError(
                     f"{self.path}: cannot write prediction log ({exc})"
                 ) from None
+        finally:
+            self._lock.release()
+
+    def _too_slow(self) -> PredictionLogError:
+        return PredictionLogError(
+            f"{self.path}: locked by another writer for more than {self.timeout_s:g} s "
+            "(serve.log_timeout_s)"
+        )
 
     def read(self, since: datetime | None = None, last: int | None = None) -> list[dict[str, Any]]:
         where, params = "", []
@@ -262,35 +306,42 @@ class SQLitePredictionLog(PredictionLog):
 # ----------------------------------------------------------------------------- GCS
 
 
-def _gcs_filesystem() -> Any:
-    """gcsfs, anonymous against an emulator (STORAGE_EMULATOR_HOST) so no credential probing."""
-    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-    try:
-        import gcsfs
-    except ImportError:
-        raise PredictionLogError(
-            "a gs:// prediction log needs gcsfs: install kndcli[cloud]"
-        ) from None
-    emulator = os.environ.get("STORAGE_EMULATOR_HOST", "")
-    kwargs: dict[str, Any] = {"skip_instance_cache": True}
-    if emulator and emulator != "default":
-        kwargs["token"] = "anon"  # the emulator takes no credentials
-    return gcsfs.GCSFileSystem(**kwargs)
-
-
 class GCSPredictionLog(PredictionLog):
-    """Buffered JSON-lines objects under gs://bucket/prefix/YYYY/MM/DD/, one per flush."""
+    """JSON-lines objects under gs://bucket/prefix/YYYY/MM/DD/, one per flush.
 
-    def __init__(self, sink: str, *, flush_s: float = 10.0, fs: Any = None) -> None:
+    `write` returns once the records are fsynced in the local spool; a background thread
+    uploads the spool every `flush_s` (0: only on `flush` and `close`), starting at once,
+    so segments a crashed process left behind are sent by the next one. An object written
+    twice (a crash between upload and delete) is harmless: reads keep one record per id.
+    """
+
+    # One object holds at most this much; a long outage's backlog goes up in several.
+    MAX_OBJECT_BYTES = 16 * 2**20
+
+    def __init__(
+        self,
+        sink: str,
+        *,
+        flush_s: float = 10.0,
+        fs: Any = None,
+        spool: str | os.PathLike | None = None,
+        spool_bytes: int = 64 * 2**20,
+    ) -> None:
         if not sink.startswith("gs://") or not sink[5:].strip("/"):
             raise PredictionLogError(f"prediction log sink {sink!r}: expected gs://bucket/prefix")
         self.sink = sink.rstrip("/")
         self.root = self.sink[5:]
         self.flush_s = flush_s
-        self.fs = fs or _gcs_filesystem()
-        self._buffer: dict[str, dict[str, Any]] = {}
-        self._written: set[str] = set()
-        self._lock = threading.Lock()
+        if fs is None:
+            try:
+                fs = gcs_filesystem("a gs:// prediction log")
+            except KndError as exc:
+                raise PredictionLogError(str(exc)) from None
+        self.fs = fs
+        try:
+            self.spool = Spool(spool or default_spool_dir(self.sink), spool_bytes)
+        except OSError as exc:
+            raise PredictionLogError(f"{self.sink}: cannot open the local spool ({exc})") from None
         self._io_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -301,39 +352,54 @@ class GCSPredictionLog(PredictionLog):
             self._thread.start()
 
     def _flush_loop(self) -> None:
-        while not self._stop.wait(self.flush_s):
+        while True:
             try:
                 self.flush()
             except PredictionLogError as exc:
                 log.warning("%s (will retry)", exc)
+            if self._stop.wait(self.flush_s):
+                return
 
     def write(self, records: list[dict[str, Any]]) -> None:
         normalised = [_normalise(r) for r in records]
-        with self._lock:
-            for record in normalised:
-                rid = record["request_id"]
-                if rid not in self._written:
-                    self._buffer.setdefault(rid, record)
+        if not normalised:
+            return
+        try:
+            self.spool.append(normalised)
+        except SpoolError as exc:
+            raise PredictionLogError(f"{self.sink}: {exc}") from None
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes in the spool not yet uploaded."""
+        return self.spool.pending_bytes
 
     def flush(self) -> None:
-        with self._io_lock:
-            with self._lock:
-                if not self._buffer:
-                    return
-                batch = list(self._buffer.values())
+        """Upload every spooled segment, oldest first; on failure they stay for a retry."""
+        with self._io_lock, self.spool.exclusive():
+            segments = self.spool.segments()
+            while segments:
+                batch, size = [], 0
+                while segments and (not batch or size < self.MAX_OBJECT_BYTES):
+                    path = segments.pop(0)
+                    batch.append(path)
+                    size += path.stat().st_size if path.exists() else 0
+                self._upload(batch)
+
+    def _upload(self, segments: list[Path]) -> None:
+        records = self.spool.read(segments)
+        if records:
             now = datetime.now(UTC)
             name = f"{now:%Y/%m/%d}/{now:%H%M%S%f}-{uuid.uuid4().hex}.jsonl"
-            body = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in batch)
+            body = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
             try:
                 self.fs.pipe_file(f"{self.root}/{name}", body.encode())
-            except Exception as exc:  # network, auth, bucket: keep the records for a retry
+            except Exception as exc:  # network, auth, bucket: the spool keeps them
                 raise PredictionLogError(
-                    f"{self.sink}: cannot write prediction log object ({exc})"
+                    f"{self.sink}: cannot write prediction log object ({exc}); "
+                    f"{self.spool.pending_bytes / 2**20:.1f} MiB wait in {self.spool.directory}"
                 ) from None
-            with self._lock:
-                for record in batch:
-                    self._buffer.pop(record["request_id"], None)
-                    self._written.add(record["request_id"])
+        self.spool.remove(segments)
 
     def read(self, since: datetime | None = None, last: int | None = None) -> list[dict[str, Any]]:
         self.flush()
@@ -366,8 +432,12 @@ class GCSPredictionLog(PredictionLog):
         return _filter(list(seen.values()), since, last)
 
     def close(self) -> None:
+        """Stop the uploader and upload what is spooled; what fails stays for the next start."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=self.flush_s + 5)
+            self._thread.join(timeout=30)
             self._thread = None
-        self.flush()
+        try:
+            self.flush()
+        except PredictionLogError as exc:
+            log.error("%s: the next start with this spool uploads them", exc)

@@ -15,6 +15,9 @@ from kndcli.perturb.room import RoomBank, reverberate
 
 NOISE_TYPES = (*NOISE_COLORS, "babble")
 _NOISE_BANK_S = 30
+# Rendered copies are held in memory (float16): 8 of RAVDESS's 720 training clips take
+# about 0.7 GB; more than 64 would buy little diversity for a lot of memory.
+MAX_VARIANTS = 64
 # [low, high] ranges and the values a recording can physically take.
 _RANGES = {
     "snr_db": (-10.0, 60.0),
@@ -119,6 +122,11 @@ def check_conditions(cfg: ConditionsConfig, key: str = "train.augment.conditions
         )
     if cfg.rooms < 0:
         raise ConfigError(f"key '{key}.rooms': a number of rooms >= 0, got {cfg.rooms}")
+    if not 0 <= cfg.variants <= MAX_VARIANTS:
+        raise ConfigError(
+            f"key '{key}.variants': a number of rendered copies in [0, {MAX_VARIANTS}] "
+            f"(0: degrade afresh every epoch), got {cfg.variants}"
+        )
 
 
 def _check_choices(values: list[str], allowed: tuple[str, ...], name: str) -> None:

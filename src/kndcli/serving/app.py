@@ -43,13 +43,22 @@ def _load_service(settings: ServeSettings, metrics: Metrics) -> Any:
     spec = WorkerSpec(
         model=settings.model,
         inference=settings.inference,
+        audio=settings.audio,
         # One ONNX Runtime thread per worker process; in-process, 0 means one per core.
         threads=settings.threads or (1 if processes else 0),
         max_duration_s=settings.max_duration_s,
         max_bytes=settings.max_body_bytes,
     )
     pool = ScoringPool(spec, processes, timeout_s=settings.scoring_timeout_s)
-    plog = open_log(settings.log_sink, flush_s=settings.log_flush_s)
+    plog = open_log(
+        settings.log_sink,
+        flush_s=settings.log_flush_s,
+        timeout_s=settings.log_timeout_s,
+        spool=settings.log_spool or None,
+        spool_mb=settings.log_spool_mb,
+    )
+    if hasattr(plog, "pending_bytes"):  # a gs:// sink: how far the bucket lags, per scrape
+        metrics.log_pending.set_function(lambda: plog.pending_bytes)
     batcher = MicroBatcher(
         pool.run,
         max_batch_size=settings.max_batch_size,
@@ -86,7 +95,8 @@ def create_app(
         app.state.log = service.log
         app.state.batcher = service.batcher
         metrics.model_info.labels(service.model_version).set(1)
-        metrics.ready.set(1)
+        # Read at each scrape: 0 while no scoring worker can score (a pool restart), as /ready.
+        metrics.ready.set_function(lambda: float(service.ready and service.pool.ready))
         log.info(
             "serving %s (%s) from %s",
             service.model_version,
@@ -100,12 +110,12 @@ def create_app(
                 yield
         finally:
             service.ready = False
-            metrics.ready.set(0)
-            # uvicorn has finished in-flight requests by now: drain the batcher, then make
-            # every acknowledged request's log record durable.
+            # uvicorn has finished in-flight requests by now: drain the batcher, then upload
+            # every acknowledged request's log record before the slower pool shutdown (Cloud
+            # Run kills an instance 10 s after SIGTERM, and its disk, the spool, with it).
             await anyio.to_thread.run_sync(service.batcher.close)
-            await anyio.to_thread.run_sync(service.pool.close)
             await anyio.to_thread.run_sync(service.log.close)
+            await anyio.to_thread.run_sync(service.pool.close)
 
     # /docs serves Swagger UI's assets from the package, not a CDN: it works offline.
     app = FastAPIOffline(

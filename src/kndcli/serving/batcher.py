@@ -6,6 +6,10 @@ that first item, runs the batch function once on all of them and resolves each r
 future. The event loop never runs the model. `concurrency` worker threads gather and run
 batches side by side: one per scoring process, so every process has a batch to work on.
 
+Items wait in one queue per owner (a request), and batches take from the owners in turn:
+a `/predict/batch` of 16 long files shares the workers with the single clips that arrive
+after it, instead of making each of them wait for all 16 (fair scheduling).
+
 A batch that fails is retried item by item, once: one poisoned item must not fail its
 neighbours, and a crash is not always the item's doing (a worker killed while idle fails
 whatever batch it is handed next), so even a batch of one gets its second try. Only an
@@ -21,7 +25,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
 from typing import Any, Generic, TypeVar
 
@@ -35,6 +40,49 @@ _STOP = object()
 
 class BatcherClosedError(RuntimeError):
     """The batcher is shutting down and takes no new work."""
+
+
+class FairQueue:
+    """A queue per owner; `get` takes one entry from each owner in turn (round robin).
+
+    `stop` is returned by `get` once `close` was called and every queued entry was taken.
+    """
+
+    def __init__(self, stop: object) -> None:
+        self._owners: OrderedDict[Hashable, deque[Any]] = OrderedDict()
+        self._ready = threading.Condition()
+        self._closed = False
+        self._stop = stop
+
+    def put(self, owner: Hashable, entry: Any) -> None:
+        with self._ready:
+            if self._closed:  # no worker may be left to take it
+                raise BatcherClosedError("the service is shutting down")
+            self._owners.setdefault(owner, deque()).append(entry)
+            self._ready.notify()
+
+    def close(self) -> None:
+        with self._ready:
+            self._closed = True
+            self._ready.notify_all()
+
+    def get(self, timeout: float | None = None) -> Any:
+        """The next owner's oldest entry; raises queue.Empty after `timeout` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._ready:
+            while not self._owners:
+                if self._closed:
+                    return self._stop
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise queue.Empty
+                self._ready.wait(remaining)
+            owner, entries = next(iter(self._owners.items()))
+            entry = entries.popleft()
+            del self._owners[owner]
+            if entries:  # the owner goes to the back of the line with what it has left
+                self._owners[owner] = entries
+            return entry
 
 
 class MicroBatcher(Generic[In, Out]):
@@ -63,7 +111,7 @@ class MicroBatcher(Generic[In, Out]):
         self.batches = 0  # forward passes run
         self.items = 0  # items scored
         self.largest_batch = 0
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._queue = FairQueue(_STOP)
         self._closed = False
         self._count_lock = threading.Lock()
         self._threads = [
@@ -74,25 +122,28 @@ class MicroBatcher(Generic[In, Out]):
             thread.start()
 
     # ------------------------------------------------------------------ callers
-    def submit_future(self, item: In) -> Future[Out]:
-        """Queue one item; its result (or exception) arrives on the returned future."""
+    def submit_future(self, item: In, owner: Hashable = None) -> Future[Out]:
+        """Queue one item; its result (or exception) arrives on the returned future.
+
+        Items of one `owner` are taken in turn with other owners' (None: its own owner).
+        """
         if self._closed:
             raise BatcherClosedError("the service is shutting down")
         future: Future[Out] = Future()
-        self._queue.put((item, future))
+        self._queue.put(owner if owner is not None else object(), (item, future))
         return future
 
-    async def submit(self, item: In, timeout: float | None = None) -> Out:
+    async def submit(self, item: In, timeout: float | None = None, owner: Hashable = None) -> Out:
         """Await one item's result from the event loop, without blocking it."""
-        future = self.submit_future(item)
+        future = self.submit_future(item, owner)
         return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
 
     def close(self, timeout: float = 30.0) -> None:
-        """Finish the queued work, then stop the worker thread."""
+        """Finish the queued work, then stop the worker threads."""
         if self._closed:
             return
         self._closed = True
-        self._queue.put(_STOP)
+        self._queue.close()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -104,11 +155,7 @@ class MicroBatcher(Generic[In, Out]):
         while len(batch) < self.max_batch_size:
             remaining = deadline - time.monotonic()
             try:
-                entry = (
-                    self._queue.get(timeout=remaining)
-                    if remaining > 0
-                    else (self._queue.get_nowait())
-                )
+                entry = self._queue.get(timeout=max(0.0, remaining))
             except queue.Empty:
                 break
             if entry is _STOP:
@@ -127,18 +174,6 @@ class MicroBatcher(Generic[In, Out]):
             live = [(item, fut) for item, fut in batch if fut.set_running_or_notify_cancel()]
             if live:
                 self._run(live)
-        # Anything queued after the stop marker is refused, not left hanging; the marker
-        # goes back on the queue for the next worker thread.
-        while True:
-            try:
-                entry = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if entry is not _STOP:
-                _, fut = entry
-                if fut.set_running_or_notify_cancel():
-                    fut.set_exception(BatcherClosedError("the service is shutting down"))
-        self._queue.put(_STOP)
 
     def _run(self, batch: list[tuple[In, Future[Out]]], *, alone: bool = False) -> None:
         """Run one batch; `alone` marks an item's second try, whose error is its answer."""

@@ -67,7 +67,14 @@ class Metrics:
         self.model_info = Gauge(
             "knd_model_info", "The model being served.", ["version"], registry=r
         )
-        self.ready = Gauge("knd_ready", "1 when the model is loaded.", registry=r)
+        self.ready = Gauge(
+            "knd_ready", "1 when the model is loaded and a scoring worker can score.", registry=r
+        )
+        self.log_pending = Gauge(
+            "knd_log_pending_bytes",
+            "Prediction log records acknowledged but not yet in the gs:// sink (the spool).",
+            registry=r,
+        )
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batches.inc()

@@ -138,7 +138,7 @@ async def predict_batch(
     if not uploads:
         raise ApiError(422, "no files in the multipart body: send each clip as a 'files' part")
     ids = [f"{request_id}-{i}" for i in range(len(uploads))]
-    scored = await service.score(uploads, ids)
+    scored = await service.score(uploads, ids, owner=request_id)
     latency_ms = await service.log_scored(scored, start)
     results = []
     for s in scored:

@@ -33,7 +33,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import wait
 from typing import Any
 
@@ -84,6 +84,7 @@ class WorkerSpec:
 
     model: str
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
     threads: int = 1
     max_duration_s: float | None = None
     max_bytes: int | None = None
@@ -95,7 +96,7 @@ _predictor: Predictor | None = None
 def start_worker(spec: WorkerSpec) -> None:
     """Load the model once per worker, and run one pass so no request pays the warm-up."""
     global _predictor
-    audio = AudioConfig()  # the decoder's limits, with the service's own upload limits
+    audio = replace(spec.audio)  # the decoder's limits, with the service's own upload limits
     if spec.max_duration_s is not None:
         audio.max_duration_s = spec.max_duration_s
     if spec.max_bytes is not None:

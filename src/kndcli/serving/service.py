@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 # What a 503 from scoring asks the client to wait: about the time a new scoring worker
 # takes to load the model (0.4 s for the default model on 2 cores, measured).
 SCORING_RETRY_AFTER = {"Retry-After": "2"}
+LOG_RETRY_AFTER = {"Retry-After": "5"}
 
 
 @dataclass
@@ -63,11 +64,14 @@ class ServiceState:
     def model_version(self) -> str:
         return self.bundle.version
 
-    async def _score_one(self, upload: Upload, request_id: str) -> Scored:
+    async def _score_one(self, upload: Upload, request_id: str, owner: str | None = None) -> Scored:
+        """Score one upload; `owner` (default: its request id) shares turns with its request."""
         scored = Scored(upload=upload, request_id=request_id)
         clip = Clip(upload.data, safe_filename(upload.filename) or "upload")
         try:
-            prediction = await self.batcher.submit(clip, timeout=self.settings.request_timeout_s)
+            prediction = await self.batcher.submit(
+                clip, timeout=self.settings.request_timeout_s, owner=owner or request_id
+            )
         except BatcherClosedError as exc:
             scored.error = ApiError(503, str(exc))
             return scored
@@ -95,11 +99,19 @@ class ServiceState:
             scored.prediction, scored.features = prediction, prediction.features
         return scored
 
-    async def score(self, uploads: list[Upload], request_ids: list[str]) -> list[Scored]:
-        """Decode and score all uploads concurrently; they share forward passes."""
+    async def score(
+        self, uploads: list[Upload], request_ids: list[str], owner: str | None = None
+    ) -> list[Scored]:
+        """Decode and score all uploads concurrently; they share forward passes.
+
+        The uploads of one request (`owner`) take turns with other requests' clips.
+        """
         return list(
             await asyncio.gather(
-                *(self._score_one(u, rid) for u, rid in zip(uploads, request_ids, strict=True))
+                *(
+                    self._score_one(u, rid, owner)
+                    for u, rid in zip(uploads, request_ids, strict=True)
+                )
             )
         )
 
@@ -129,7 +141,8 @@ class ServiceState:
             try:
                 await anyio.to_thread.run_sync(functools.partial(self.log.write, records))
             except PredictionLogError as exc:
-                raise ApiError(503, f"prediction log unavailable: {exc}") from None
+                # A busy or full log frees up: the client may send the clip again.
+                raise ApiError(503, f"prediction log unavailable: {exc}", LOG_RETRY_AFTER) from None
         for s in scored:
             if s.prediction is not None:
                 self.metrics.predictions.labels(s.prediction.label).inc()

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from kndcli.config import (
     BACKENDS,
+    AudioConfig,
     DriftConfig,
     InferenceConfig,
     ServeConfig,
@@ -34,13 +35,16 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 class ServeSettings(ServeConfig):
     """The `serve:` config section, the sections the service applies, and the bundle.
 
-    `inference` is applied by every scoring worker exactly as `knd predict` applies it
-    (`Predictor.from_config`), and `drift` judges `GET /monitoring`.
+    `inference` and `audio` are applied by every scoring worker exactly as `knd predict`
+    applies them (`Predictor.from_config`), and `drift` judges `GET /monitoring`.
     """
 
     model: str = ""
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
+    # The decoder's limits (formats, rates, channels, samples) as `knd predict` applies
+    # them; serve.max_duration_s and serve.max_body_mb replace its seconds and bytes.
+    audio: AudioConfig = field(default_factory=AudioConfig)
     threads: int = 0  # ONNX Runtime intra-op threads; 0 = one per core (1 per scoring process)
     request_timeout_s: float = 60.0
     # None: read KND_API_TOKEN when the app is created. Never serialised into the env blob.
@@ -65,6 +69,7 @@ class ServeSettings(ServeConfig):
             model=str(model),
             inference=replace(cfg.inference, model=str(model)),
             drift=cfg.drift,
+            audio=cfg.audio,
         )
         settings.validate()
         return settings
@@ -103,6 +108,7 @@ class ServeSettings(ServeConfig):
         settings = cls(**{k: v for k, v in data.items() if k in known})
         settings.inference = InferenceConfig(**data.get("inference", {}))
         settings.drift = DriftConfig(**data.get("drift", {}))
+        settings.audio = AudioConfig(**data.get("audio", {}))
         return settings
 
 

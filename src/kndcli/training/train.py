@@ -65,6 +65,7 @@ def _train(cfg: KndConfig) -> TrainResult | None:
     started = time.perf_counter()
     check_config(cfg)
     _apply_cluster_env(cfg)
+    _read_secret_env()
     import pytorch_lightning as pl
 
     _quiet_libraries()
@@ -187,6 +188,15 @@ def check_config(cfg: KndConfig) -> None:
             f"key 'model.name': unknown model {cfg.model.name!r} "
             f"(available: {', '.join(available_models())})"
         )
+
+
+def _read_secret_env() -> None:
+    """In a Vertex job, the variables `knd cloud submit --secret-env` referenced (the W&B
+    key) are read from Secret Manager now, before anything looks for them."""
+    if any(name.startswith("KND_SECRET__") for name in os.environ):
+        from kndcli.cloud.secrets import resolve_secret_env
+
+        resolve_secret_env()
 
 
 def _apply_cluster_env(cfg: KndConfig) -> None:

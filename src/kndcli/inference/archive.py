@@ -1,0 +1,226 @@
+"""Scoring an archive in shards: disjoint, resumable, one part at a time.
+
+N processes (N Vertex AI replicas, or N shells) each run `knd predict SOURCES --shard I/N
+--out OUT`. Every process lists the same sources, keeps those whose name hashes to its
+shard, and scores them in parts of `part_size` files. A part is one JSON-lines object
+(`part-IIIII-of-NNNNN-PPPPP.jsonl`, one row per scored file) written in one atomic write
+after its files are scored, beside an `errors-...jsonl` for the files that could not be
+scored; its presence is what "done" means, so a replica killed or preempted mid-part
+redoes only that part when it runs again. `_DONE-IIIII-of-NNNNN.json` marks a finished
+shard with its counts. A plan file records the listing: a rerun against a listing that
+changed is refused, since its parts would no longer hold the same files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kndcli.audio import AUDIO_EXTENSIONS, find_audio_files
+from kndcli.errors import KndError, UsageError
+
+if TYPE_CHECKING:
+    from kndcli.inference.predictor import Predictor
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard `index` of `count` (0-based)."""
+
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def parse(cls, text: str, environ: Mapping[str, str] | None = None) -> Shard:
+        """`I/N`, or `auto`: this Vertex AI replica's place among the job's replicas."""
+        if text == "auto":
+            return shard_from_env(os.environ if environ is None else environ)
+        index, sep, count = text.partition("/")
+        try:
+            shard = cls(int(index), int(count))
+        except ValueError:
+            shard = None
+        if not sep or shard is None or not 0 <= shard.index < shard.count:
+            raise UsageError(f"--shard {text!r}: expected I/N with 0 <= I < N, or auto")
+        return shard
+
+    @property
+    def tag(self) -> str:
+        return f"{self.index:05d}-of-{self.count:05d}"
+
+    def owns(self, source: str) -> bool:
+        """Stable across processes and machines: a hash of the name, not the position."""
+        digest = hashlib.sha256(source.encode()).digest()
+        return int.from_bytes(digest[:8], "big") % self.count == self.index
+
+
+def shard_from_env(environ: Mapping[str, str]) -> Shard:
+    """Replica index and count from Vertex AI's CLUSTER_SPEC (pool 0 first); 0/1 elsewhere."""
+    from kndcli.cloud.vertex_env import lightning_env, num_nodes_from_env
+
+    count = num_nodes_from_env(environ)
+    if count <= 1:
+        return Shard()
+    return Shard(int(lightning_env(environ)["NODE_RANK"]), count)
+
+
+class Store:
+    """A local directory or a gs:// prefix, written one whole object at a time."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root.rstrip("/")
+        self.remote = root.startswith("gs://")
+        if self.remote:
+            from kndcli.gcs import gcs_filesystem
+
+            self.fs = gcs_filesystem("writing results to gs://")
+        else:
+            Path(self.root).mkdir(parents=True, exist_ok=True)
+
+    def _path(self, name: str) -> str:
+        return f"{self.root[5:]}/{name}" if self.remote else str(Path(self.root) / name)
+
+    def exists(self, name: str) -> bool:
+        return self.fs.exists(self._path(name)) if self.remote else Path(self._path(name)).exists()
+
+    def read(self, name: str) -> bytes:
+        if self.remote:
+            return self.fs.cat_file(self._path(name))
+        return Path(self._path(name)).read_bytes()
+
+    def write(self, name: str, data: bytes) -> None:
+        """All or nothing: a reader never sees half a part (object write; rename locally)."""
+        if self.remote:
+            self.fs.pipe_file(self._path(name), data)
+            return
+        path = Path(self._path(name))
+        partial = path.with_name(path.name + f".{os.getpid()}.partial")
+        with open(partial, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, path)
+
+
+def list_sources(paths: Iterable[str]) -> list[str]:
+    """Audio files under local paths (files, directories, globs) and gs:// prefixes, sorted."""
+    local = [p for p in paths if not str(p).startswith("gs://")]
+    remote = [str(p).rstrip("/") for p in paths if str(p).startswith("gs://")]
+    sources = {str(p) for p in find_audio_files(local)}
+    if remote:
+        from kndcli.gcs import gcs_filesystem
+
+        fs = gcs_filesystem("reading audio from gs://")
+        for prefix in remote:
+            found = fs.find(prefix[5:]) if not _is_audio(prefix) else [prefix[5:]]
+            sources |= {f"gs://{name}" for name in found if _is_audio(name)}
+    return sorted(sources)
+
+
+def _is_audio(name: str) -> bool:
+    return name.lower().endswith(AUDIO_EXTENSIONS)
+
+
+def source_reader(sources: list[str]) -> Callable[[str], Any]:
+    """What `Predictor.predict_paths(read=...)` opens: bytes for gs://, the path otherwise."""
+    fs = None
+    if any(s.startswith("gs://") for s in sources):
+        from kndcli.gcs import gcs_filesystem
+
+        fs = gcs_filesystem("reading audio from gs://")
+
+    def read(source: str) -> Any:
+        if source.startswith("gs://"):
+            return fs.cat_file(source[5:])
+        return source
+
+    return read
+
+
+@dataclass
+class ShardSummary:
+    shard: str
+    out: str
+    files: int  # this shard's files, all parts
+    parts: int
+    parts_skipped: int  # done by an earlier run
+    scored: int  # files scored in this run
+    failed: int  # files that could not be scored in this run (in errors-*.jsonl)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def score_shard(
+    predictor: Predictor,
+    sources: list[str],
+    out: str,
+    shard: Shard,
+    *,
+    part_size: int = 1000,
+    batch_size: int = 32,
+    workers: int = 0,
+    timeline: bool = False,
+    on_part: Callable[[int, int], None] | None = None,
+) -> ShardSummary:
+    """Score this shard's files part by part into `out`, skipping parts already there."""
+    if part_size < 1:
+        raise UsageError(f"--part-size must be at least 1, got {part_size}")
+    store = Store(out)
+    mine = [s for s in sources if shard.owns(s)]
+    _check_plan(store, shard, mine, part_size)
+    parts = [mine[i : i + part_size] for i in range(0, len(mine), part_size)]
+    read = source_reader(mine)
+    summary = ShardSummary(shard.tag, out, len(mine), len(parts), 0, 0, 0)
+    for number, files in enumerate(parts):
+        name = f"part-{shard.tag}-{number:05d}.jsonl"
+        if store.exists(name):
+            summary.parts_skipped += 1
+            continue
+        rows, errors = [], []
+        predictions = predictor.predict_paths(
+            files, batch_size=batch_size, workers=workers, timeline=timeline, read=read
+        )
+        for prediction in predictions:
+            (rows if prediction.ok else errors).append(prediction.to_dict(timeline=timeline))
+        if errors:
+            store.write(f"errors-{shard.tag}-{number:05d}.jsonl", _jsonl(errors))
+        store.write(name, _jsonl(rows))  # last: the part is done once this exists
+        summary.scored += len(rows)
+        summary.failed += len(errors)
+        if on_part is not None:
+            on_part(number, len(parts))
+    store.write(f"_DONE-{shard.tag}.json", json.dumps(summary.to_dict(), indent=2).encode())
+    return summary
+
+
+def _jsonl(rows: list[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()
+
+
+def _check_plan(store: Store, shard: Shard, mine: list[str], part_size: int) -> None:
+    """The first run records the shard's listing; a rerun must see the same one."""
+    plan = {
+        "files": len(mine),
+        "part_size": part_size,
+        "listing_sha256": hashlib.sha256("\n".join(mine).encode()).hexdigest(),
+    }
+    name = f"_PLAN-{shard.tag}.json"
+    if store.exists(name):
+        with contextlib.suppress(ValueError):
+            before = json.loads(store.read(name))
+            if before == plan:
+                return
+            raise KndError(
+                f"{store.root}: shard {shard.tag} was started on another listing or part size "
+                f"({before.get('files')} files, parts of {before.get('part_size')}; now "
+                f"{plan['files']} files, parts of {part_size}): resuming would mix them; "
+                "write to a new --out"
+            )
+    store.write(name, json.dumps(plan, indent=2).encode())

@@ -1,0 +1,143 @@
+"""Scoring an archive in shards (issue 17): `knd predict --shard I/N --out` as two replicas
+against the GCS emulator, killed mid-shard and resumed, and the pieces underneath."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from tests.conftest import gcs_emulator, ravdess_clips
+
+from kndcli.errors import UsageError
+from kndcli.gcs import gcs_filesystem
+from kndcli.inference.archive import Shard, list_sources, shard_from_env
+
+KND = Path(sys.executable).parent / "knd"
+
+
+@pytest.fixture
+def bucket(monkeypatch: pytest.MonkeyPatch):
+    """The GCS emulator with the bucket `archive`, through gcsfs."""
+    with gcs_emulator(monkeypatch, "archive"):
+        yield gcs_filesystem("the test")
+
+
+def knd_predict(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [KND, "predict", *args, "--no-progress"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def rows(fs, prefix: str, kind: str = "part") -> list[dict]:
+    found = []
+    for name in sorted(fs.find(prefix)):
+        if Path(name).name.startswith(f"{kind}-"):
+            found += [json.loads(line) for line in fs.cat_file(name).decode().splitlines()]
+    return found
+
+
+def test_two_replicas_score_every_file_once_even_after_one_is_killed(
+    bucket, ravdess_root: Path, tiny_bundle: Path
+) -> None:
+    clips = ravdess_clips(ravdess_root, [1, 2])[:30]
+    for clip in clips:
+        bucket.pipe_file(f"archive/in/{clip.parent.name}/{clip.name}", clip.read_bytes())
+    bucket.pipe_file("archive/in/broken/not-audio.wav", b"RIFF\x00\x00junk")  # one bad file
+    common = ["gs://archive/in", "--out", "gs://archive/out", "--part-size", "2"]
+    common += ["-m", str(tiny_bundle), "--json"]
+
+    victim = knd_predict(*common, "--shard", "1/2")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(
+        Path(n).name.startswith("part-00001") for n in bucket.find("archive/out")
+    ):
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)  # preempted after its first part
+    victim.wait(30)
+
+    first = knd_predict(*common, "--shard", "0/2")
+    resumed = knd_predict(*common, "--shard", "1/2")
+    outputs = [p.communicate(timeout=300) for p in (first, resumed)]
+    codes = [first.returncode, resumed.returncode]
+    summaries = [json.loads(out) for out, _ in outputs]
+    assert sorted(codes) == [0, 1], outputs  # the shard with the bad file says so
+    assert summaries[1]["parts_skipped"] >= 1  # the part written before the kill is kept
+
+    scored = [row["file"] for row in rows(bucket, "archive/out")]
+    expected = sorted(f"gs://archive/in/{c.parent.name}/{c.name}" for c in clips)
+    assert sorted(scored) == expected  # every good file exactly once, over both shards
+    [error] = rows(bucket, "archive/out", "errors")
+    assert error["file"] == "gs://archive/in/broken/not-audio.wav" and error["error"]
+    done = [n for n in bucket.find("archive/out") if Path(n).name.startswith("_DONE-")]
+    assert len(done) == 2
+
+
+def test_a_rerun_on_a_changed_listing_is_refused(
+    tmp_path: Path, ravdess_root: Path, tiny_bundle: Path
+) -> None:
+    archive = tmp_path / "in"
+    archive.mkdir()
+    for clip in ravdess_clips(ravdess_root, [1])[:3]:
+        (archive / clip.name).symlink_to(clip)
+    args = [str(archive), "--out", str(tmp_path / "out"), "-m", str(tiny_bundle)]
+    done = subprocess.run([KND, "predict", *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    again = subprocess.run([KND, "predict", *args], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "1 parts (1 done before)" in again.stdout
+
+    extra = ravdess_clips(ravdess_root, [1])[3]
+    (archive / extra.name).symlink_to(extra)
+    changed = subprocess.run([KND, "predict", *args], capture_output=True, text=True, timeout=120)
+    assert changed.returncode == 3
+    assert "another listing" in changed.stderr and "new --out" in changed.stderr
+
+
+def test_shards_are_disjoint_and_cover_every_name() -> None:
+    names = [f"gs://b/clip{i}.wav" for i in range(300)]
+    shards = [Shard(i, 3) for i in range(3)]
+    owners = [[s for s in shards if s.owns(name)] for name in names]
+    assert all(len(o) == 1 for o in owners)
+    sizes = [sum(1 for o in owners if o[0] == s) for s in shards]
+    assert min(sizes) > 60  # spread, not all in one
+
+
+def test_shard_auto_is_this_vertex_replica() -> None:
+    spec = {
+        "cluster": {"workerpool0": ["h0:2222"], "workerpool1": ["h1:2222", "h2:2222"]},
+        "task": {"type": "workerpool1", "index": 1},
+    }
+    assert shard_from_env({"CLUSTER_SPEC": json.dumps(spec)}) == Shard(2, 3)
+    assert shard_from_env({}) == Shard(0, 1)
+    assert Shard.parse("2/5") == Shard(2, 5)
+    for bad in ("5/5", "x", "1-2", "-1/2"):
+        with pytest.raises(UsageError, match="--shard"):
+            Shard.parse(bad)
+
+
+def test_listing_finds_audio_under_local_and_gs_prefixes(bucket, tmp_path: Path) -> None:
+    bucket.pipe_file("archive/a/x.wav", b"1")
+    bucket.pipe_file("archive/a/notes.txt", b"2")
+    (tmp_path / "y.flac").write_bytes(b"3")
+    assert list_sources(["gs://archive/a", str(tmp_path)]) == sorted(
+        ["gs://archive/a/x.wav", str(tmp_path / "y.flac")]
+    )
+
+
+def test_shard_needs_out() -> None:
+    done = subprocess.run(
+        [KND, "predict", "x.wav", "--shard", "0/2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ},
+    )
+    assert done.returncode == 2 and "--shard needs --out" in done.stderr
