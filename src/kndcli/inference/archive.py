@@ -13,7 +13,6 @@ changed is refused, since its parts would no longer hold the same files.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -212,15 +211,14 @@ def _check_plan(store: Store, shard: Shard, mine: list[str], part_size: int) -> 
         "listing_sha256": hashlib.sha256("\n".join(mine).encode()).hexdigest(),
     }
     name = f"_PLAN-{shard.tag}.json"
-    if store.exists(name):
-        with contextlib.suppress(ValueError):
-            before = json.loads(store.read(name))
-            if before == plan:
-                return
-            raise KndError(
-                f"{store.root}: shard {shard.tag} was started on another listing or part size "
-                f"({before.get('files')} files, parts of {before.get('part_size')}; now "
-                f"{plan['files']} files, parts of {part_size}): resuming would mix them; "
-                "write to a new --out"
-            )
+    before = json.loads(store.read(name)) if store.exists(name) else None
+    if before == plan:
+        return
+    if before is not None:
+        raise KndError(
+            f"{store.root}: shard {shard.tag} was started on another listing or part size "
+            f"({before.get('files')} files, parts of {before.get('part_size')}; now "
+            f"{plan['files']} files, parts of {part_size}): resuming would mix them; "
+            "write to a new --out"
+        )
     store.write(name, json.dumps(plan, indent=2).encode())

@@ -25,7 +25,7 @@ from typing import Any
 from kndcli.audio import FEATURE_NAMES
 from kndcli.errors import KndError
 from kndcli.gcs import gcs_filesystem
-from kndcli.monitoring.spool import Spool, SpoolError, default_spool_dir
+from kndcli.monitoring.spool import Spool, SpoolError, default_spool_dir, spool_size
 
 log = logging.getLogger(__name__)
 
@@ -383,7 +383,7 @@ class GCSPredictionLog(PredictionLog):
                 while segments and (not batch or size < self.MAX_OBJECT_BYTES):
                     path = segments.pop(0)
                     batch.append(path)
-                    size += path.stat().st_size if path.exists() else 0
+                    size += spool_size(path)
                 self._upload(batch)
 
     def _upload(self, segments: list[Path]) -> None:

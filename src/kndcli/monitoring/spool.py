@@ -53,7 +53,7 @@ class Spool:
         self._bytes = self._scan_bytes()
 
     def _scan_bytes(self) -> int:
-        return sum(_size(path) for path in self.segments())
+        return sum(spool_size(path) for path in self.segments())
 
     @property
     def pending_bytes(self) -> int:
@@ -106,7 +106,7 @@ class Spool:
         """Forget uploaded segments."""
         freed = 0
         for path in paths:
-            size = _size(path)
+            size = spool_size(path)
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
                 freed += size
@@ -132,7 +132,8 @@ class Spool:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _size(path: Path) -> int:
+def spool_size(path: Path) -> int:
+    """A segment's bytes; 0 once another process uploaded and removed it."""
     try:
         return path.stat().st_size
     except FileNotFoundError:
