@@ -631,7 +631,9 @@ def bench_serve_openloop(ctx: Context) -> BenchResult:
     """Latency as a population of clients sees it: Poisson arrivals at shares of capacity,
     clean and with 5 % hostile requests mixed in (issue 15)."""
     from bench.loadgen import run_load, run_open_loop
+    from kndcli.config import KndConfig
 
+    keep_alive_s = KndConfig().serve.keep_alive_s  # the server below runs the defaults
     bundle = ctx.bundle()
     good = [
         (p.read_bytes(), "audio/flac" if p.suffix == ".flac" else "audio/wav")
@@ -671,6 +673,7 @@ def bench_serve_openloop(ctx: Context) -> BenchResult:
                         hostile=hostile if mix == "hostile" else [],
                         hostile_share=HOSTILE_SHARE if mix == "hostile" else 0.0,
                         seed=int(share * 100),
+                        keep_alive_s=keep_alive_s,
                     )
         finally:
             _stop(proc)

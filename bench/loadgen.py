@@ -172,31 +172,49 @@ async def _open_loop(
     hostile_share: float,
     seed: int,
     timeout_s: float,
+    keep_alive_s: float,
 ) -> dict[str, Any]:
     import random
 
     rng = random.Random(seed)
-    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    # Idle keep-alive connections with the time each was last answered. A connection
+    # idle for longer than the server's keep-alive has been closed by the server, and a
+    # real client pool (urllib3, httpx) drops it rather than send into it.
+    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []
     latencies: list[float] = []
     good_codes: dict[str, int] = {}
     hostile_outcomes: dict[str, dict[str, int]] = {}
     late: list[float] = []  # how far behind schedule the generator fired (its own lag)
+    reused_failures = 0
+
+    async def connection() -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]:
+        while idle:
+            reader, writer, since = idle.pop()
+            if reader.at_eof() or time.perf_counter() - since > keep_alive_s * 0.8:
+                writer.close()
+                continue
+            return reader, writer, True
+        reader, writer = await asyncio.open_connection(HOST, port)
+        return reader, writer, False
 
     async def send_good(request: bytes) -> None:
+        nonlocal reused_failures
         start = time.perf_counter()
+        reused = False
         try:
-            reader, writer = idle.pop() if idle else await asyncio.open_connection(HOST, port)
+            reader, writer, reused = await connection()
             writer.write(request)
             await writer.drain()
             code, keep = await asyncio.wait_for(_read_response(reader), timeout_s)
         except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError) as exc:
             key = type(exc).__name__
             good_codes[key] = good_codes.get(key, 0) + 1
+            reused_failures += reused
             return
         latencies.append(time.perf_counter() - start)
         good_codes[str(code)] = good_codes.get(str(code), 0) + 1
         if keep:
-            idle.append((reader, writer))
+            idle.append((reader, writer, time.perf_counter()))
         else:
             writer.close()
 
@@ -233,7 +251,7 @@ async def _open_loop(
         else:
             tasks.append(asyncio.create_task(send_good(good[rng.randrange(len(good))])))
     await asyncio.gather(*tasks)
-    for _, writer in idle:
+    for _, writer, _ in idle:
         writer.close()
     ok = good_codes.get("200", 0)
     sent = sum(good_codes.values())
@@ -244,6 +262,7 @@ async def _open_loop(
         "good_ok": ok,
         "good_errors": sent - ok,
         "good_status": good_codes,
+        "good_errors_on_reused_connections": reused_failures,
         "hostile": hostile_outcomes,
         "p50_ms": _ms(percentile(latencies, 50)),
         "p99_ms": _ms(percentile(latencies, 99)),
@@ -264,6 +283,7 @@ def run_open_loop(
     path: str = "/predict",
     seed: int = 0,
     timeout_s: float = 30.0,
+    keep_alive_s: float = 5.0,
 ) -> dict[str, Any]:
     """Poisson arrivals at `rate` per second for `duration_s`, whatever the answers take.
 
@@ -271,6 +291,7 @@ def run_open_loop(
     measured as a client population sees it. `hostile_share` of arrivals are drawn from
     `hostile` ((kind, body, content type); kind "stalled upload" sends half and stops);
     only the good requests' latencies are reported, the hostile ones by outcome.
+    `keep_alive_s` is the server's idle keep-alive: older idle connections are not reused.
     """
     good_requests = [request_bytes(path, body, ctype) for body, ctype in good]
     hostile_requests = [(kind, request_bytes(path, body, ctype)) for kind, body, ctype in hostile]
@@ -284,5 +305,6 @@ def run_open_loop(
             hostile_share,
             seed,
             timeout_s,
+            keep_alive_s,
         )
     )
