@@ -445,6 +445,104 @@ def bench_predict_archive(ctx: Context) -> BenchResult:
     )
 
 
+# Run through a small Python process: a child forked from this one (torch loaded) would
+# count this process's pages in its own peak memory until it execs.
+_PEAK = (
+    "import resource, subprocess, sys, time; t = time.perf_counter(); "
+    "r = subprocess.run(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL); "
+    "s = time.perf_counter() - t; m = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss; "
+    "print(s, m / 1024); sys.stdout.write(r.stdout.decode())"
+)
+
+
+def _run_peak(cmd: list[str]) -> tuple[float, float, str]:
+    """Wall seconds, peak resident memory (MB) and stdout of one command."""
+    done = subprocess.run(
+        [sys.executable, "-c", _PEAK, *cmd], capture_output=True, text=True, env=bench_env()
+    )
+    head, _, out = done.stdout.partition("\n")
+    seconds, peak = map(float, head.split())
+    return seconds, peak, out
+
+
+def bench_timeline_long(ctx: Context) -> BenchResult:
+    """`knd predict --timeline` on one hour of RAVDESS speech with pauses (issue 17):
+    speed as a multiple of real time, and peak memory against a 5 s recording."""
+    from bench.recordings import long_recording
+    from kndcli.inference.predictor import Predictor
+
+    bundle = ctx.bundle()
+    hours = 0.05 if ctx.quick else 1.0
+    clips = ctx.all_clips()
+    speeds, peaks, short_peaks = [], [], []
+    with tempfile.TemporaryDirectory(prefix="knd-bench-timeline-") as tmp:
+        long_path, short_path = Path(tmp) / "hour.flac", Path(tmp) / "short.flac"
+        truth = long_recording(clips, hours * 3600.0, long_path, seed=0)
+        long_recording(clips[:1], 5.0, short_path)
+        cmd = [*knd_command(), "predict", "--model", str(bundle), "--timeline", "--jsonl"]
+        for _ in range(ctx.reps):
+            seconds, peak, out = _run_peak([*cmd, str(long_path)])
+            speeds.append(hours * 3600.0 / seconds)
+            peaks.append(peak)
+            short_peaks.append(_run_peak([*cmd, str(short_path)])[1])
+    timeline = json.loads(out)
+    found, agree = 0, 0
+    clip_labels = {
+        p.source: p.label
+        for p in Predictor.from_config(bundle).predict_paths(sorted({u.clip for u in truth}))
+    }
+    for u in truth:
+        spans = [
+            (min(s["end"], u.end) - max(s["start"], u.start), s["label"])
+            for s in timeline["segments"]
+        ]
+        spans = [(o, label) for o, label in spans if o > 0]
+        found += bool(spans)
+        agree += bool(spans) and max(spans)[1] == clip_labels[str(u.clip)]
+    return BenchResult(
+        "timeline_long",
+        [
+            Figure(
+                f"knd predict --timeline on {hours:g} h of speech with pauses (FLAC, 16 kHz), "
+                "whole process",
+                "x real time",
+                "higher",
+                stats(speeds),
+            ),
+            Figure(
+                f"peak memory scoring {hours:g} h",
+                "MB",
+                "lower",
+                stats(peaks),
+                stats(short_peaks),
+                "the same command on a 5 s recording, same run",
+            ),
+            Figure(
+                "utterances the voice-activity detector found",
+                "%",
+                "higher",
+                stats([100.0 * found / len(truth)]),
+            ),
+            Figure(
+                "utterances whose longest span has the label knd predict gives the clip alone",
+                "%",
+                "higher",
+                stats([100.0 * agree / len(truth)]),
+            ),
+        ],
+        details={
+            "utterances": len(truth),
+            "speech_s": timeline["speech_s"],
+            "segments": len(timeline["segments"]),
+            "bundle": ctx.bundle_note,
+        },
+        notes=[
+            "memory is bounded by timeline.max_segment_s (30 s) plus a decode block: "
+            "the hour's samples as float32 at 16 kHz would be 230 MB"
+        ],
+    )
+
+
 # ----------------------------------------------------------------------------- serve
 def _free_port() -> int:
     with socket.socket() as s:
@@ -798,5 +896,6 @@ BENCHMARKS: dict[str, Callable[[Context], BenchResult]] = {
     "predict_archive": bench_predict_archive,
     "serve": bench_serve,
     "serve_openloop": bench_serve_openloop,
+    "timeline_long": bench_timeline_long,
     "drift": bench_drift,
 }

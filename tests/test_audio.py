@@ -124,7 +124,7 @@ def test_nan_samples(tmp_path):
 
 def test_too_long_by_header(wav_factory):
     path = wav_factory("long.wav", seconds=3.0)
-    with pytest.raises(AudioError, match=r"too long: 3.0 s \(limit 2 s\)"):
+    with pytest.raises(AudioError, match=r"too long: 3.0 s, over the 2 s limit \(audio\."):
         decode(path, audio=AudioConfig(max_duration_s=2.0))
 
 

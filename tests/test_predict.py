@@ -137,22 +137,6 @@ def test_csv_output_parses(
     assert bad["file"].endswith("notes.wav") and "not a readable audio file" in bad["error"]
 
 
-def test_timeline_json_and_csv(tiny_bundle: Path, good_files: dict[str, Path]) -> None:
-    clip = good_files["long_window"]
-    result = knd("predict", "-m", tiny_bundle, "--json", "--timeline", clip)
-    assert result.returncode == 0, result.stderr
-    (row,) = predictions(result.stdout)
-    windows = row["windows"]
-    assert len(windows) >= 3  # 5 s of audio, 2 s windows, 1 s hop
-    assert all(w["end"] - w["start"] == pytest.approx(2.0) for w in windows)
-    assert [w["start"] for w in windows] == sorted(w["start"] for w in windows)
-    as_csv = knd("predict", "-m", tiny_bundle, "--csv", "--timeline", clip)
-    rows = list(csv.DictReader(io.StringIO(as_csv.stdout)))
-    assert [float(r["start"]) for r in rows] == [w["start"] for w in windows]
-    table = knd("predict", "-m", tiny_bundle, "--timeline", clip)
-    assert table.returncode == 0 and "window" in table.stdout
-
-
 def test_set_overrides_and_config_default_model(
     tmp_path: Path, tiny_bundle: Path, good_files: dict[str, Path]
 ) -> None:

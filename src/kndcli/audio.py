@@ -10,7 +10,7 @@ import functools
 import io
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -70,6 +70,7 @@ def decode(
     sample_rate: int | None = None,
     name: str | None = None,
     stage: Stage = untimed,
+    duration_key: str = "audio.max_duration_s",
 ) -> Audio:
     """Read a clip into mono float32 at `sample_rate` (default: `audio.sample_rate`).
 
@@ -80,29 +81,39 @@ def decode(
     being silently shortened. The read is bounded again, block by block, so a stream
     whose header only estimates its length (OGG, most MP3s) stops at the same limits.
     Resampling is interleaved with reading, so it is marked as stage "resample" through
-    `stage` (the `knd profile` hook) from in here.
+    `stage` (the `knd profile` hook) from in here. `duration_key` is the config key the
+    caller's duration limit came from, named in the error (serve has its own).
     """
     import soundfile as sf
 
     limits = audio or AudioConfig()
     label = name or (str(source) if isinstance(source, (str, os.PathLike)) else "<upload>")
-    fileobj, size = _open(source, label)
-    if size == 0:
-        raise AudioError(label, "empty file (0 bytes)")
-    if size is not None and size > limits.max_file_mb * 1e6:
-        raise AudioError(
-            label, f"file is {size / 1e6:.1f} MB, over the {limits.max_file_mb:g} MB limit"
-        )
-    _check_riff_length(fileobj, label, size)
-    mp3_length_known = _scan_mp3(fileobj, label, size, limits.max_duration_s)
+    fileobj, mp3_length_known = _open_checked(source, label, limits, "audio.max_file_mb")
     try:
         with fileobj, sf.SoundFile(fileobj) as snd:
-            stream = _check_header(snd, label, limits, mp3_length_known)
+            stream = _check_header(snd, label, limits, mp3_length_known, duration_key)
             return _read(snd, label, stream, sample_rate or limits.sample_rate, stage)
     except AudioError:
         raise
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, EOFError) as exc:
         raise AudioError(label, f"not a readable audio file ({_reason(exc)})") from None
+
+
+def _open_checked(
+    source: AudioSource, label: str, limits: AudioConfig, size_key: str
+) -> tuple[BinaryIO, bool]:
+    """The open file once its size and container framing pass; and whether an MP3's
+    length is known from its header."""
+    fileobj, size = _open(source, label)
+    if size == 0:
+        raise AudioError(label, "empty file (0 bytes)")
+    if size is not None and size > limits.max_file_mb * 1e6:
+        raise AudioError(
+            label,
+            f"file is {size / 1e6:.1f} MB, over the {limits.max_file_mb:g} MB limit ({size_key})",
+        )
+    _check_riff_length(fileobj, label, size)
+    return fileobj, _scan_mp3(fileobj, label, size, limits.max_duration_s)
 
 
 def _reason(exc: Exception) -> str:
@@ -298,9 +309,16 @@ class _Stream:
 
 
 def _check_header(
-    snd: sf.SoundFile, label: str, limits: AudioConfig, mp3_length_known: bool
+    snd: sf.SoundFile,
+    label: str,
+    limits: AudioConfig,
+    mp3_length_known: bool,
+    duration_key: str,
 ) -> _Stream:
-    """Refuse from the header alone what the `audio:` limits exclude, before decoding."""
+    """Refuse from the header alone what the `audio:` limits exclude, before decoding.
+
+    `duration_key` names the config key the duration limit came from; a clip too long
+    for `audio.max_duration_s` is told about `knd predict --timeline` too."""
     fmt, subtype = str(snd.format), str(snd.subtype)
     if fmt not in limits.formats and f"{fmt}/{subtype}" not in limits.formats:
         raise AudioError(
@@ -332,9 +350,14 @@ def _check_header(
     exact = fmt in _EXACT_LENGTH_FORMATS or (fmt == "MP3" and mp3_length_known)
     duration_frames = int(limits.max_duration_s * rate)
     sample_frames = limits.max_samples // channels
+    where = duration_key
+    if duration_key == "audio.max_duration_s":
+        where += "; knd predict --timeline scores long recordings"
     if exact and declared > duration_frames:
         raise AudioError(
-            label, f"too long: {declared / rate:.1f} s (limit {limits.max_duration_s:g} s)"
+            label,
+            f"too long: {declared / rate:.1f} s, over the {limits.max_duration_s:g} s limit "
+            f"({where})",
         )
     if exact and declared > sample_frames:
         raise AudioError(
@@ -343,7 +366,7 @@ def _check_header(
             f"over the {limits.max_samples:,} limit (audio.max_samples)",
         )
     if duration_frames <= sample_frames:
-        too_long = f"too long: more than {limits.max_duration_s:g} s of audio"
+        too_long = f"too long: more than {limits.max_duration_s:g} s of audio ({where})"
     else:
         too_long = (
             f"more than {limits.max_samples:,} samples at {channels} channels (audio.max_samples)"
@@ -359,7 +382,25 @@ def _check_header(
     )
 
 
-def _read(snd: sf.SoundFile, label: str, stream: _Stream, sample_rate: int, stage: Stage) -> Audio:
+@dataclass
+class _ReadStats:
+    """What a read saw, for the Audio it becomes: frames, clipped frames, peak."""
+
+    frames: int = 0
+    clipped: int = 0
+    peak: float = 0.0
+
+
+def _blocks(
+    snd: sf.SoundFile,
+    label: str,
+    stream: _Stream,
+    sample_rate: int,
+    stats: _ReadStats,
+    stage: Stage = untimed,
+) -> Iterator[np.ndarray]:
+    """Mono float32 blocks at `sample_rate`, checked as they are read (length, NaN,
+    truncation); `stats` is filled in along the way."""
     import soxr
 
     orig_sr, channels = stream.sample_rate, stream.channels
@@ -368,9 +409,6 @@ def _read(snd: sf.SoundFile, label: str, stream: _Stream, sample_rate: int, stag
         if orig_sr == sample_rate
         else soxr.ResampleStream(orig_sr, sample_rate, 1, dtype="float32", quality="HQ")
     )
-    pieces: list[np.ndarray] = []
-    total = clipped = 0
-    peak = 0.0
     while True:
         # snd.read, not snd.blocks: blocks yields whole buffers up to the declared length
         # even when the decoder returns fewer frames (a cut MP3 came back full length,
@@ -385,41 +423,75 @@ def _read(snd: sf.SoundFile, label: str, stream: _Stream, sample_rate: int, stag
             ) from None
         if len(block) == 0:
             break
-        total += len(block)
-        if total > stream.max_frames:
+        stats.frames += len(block)
+        if stats.frames > stream.max_frames:
             raise AudioError(label, stream.too_long)
         # One pass for the peak; NaN and inf propagate through max, so it checks them too.
         block_peak = float(max(block.max(initial=0.0), -block.min(initial=0.0)))
         if not np.isfinite(block_peak):
             raise AudioError(label, "contains NaN or infinite samples")
-        peak = max(peak, block_peak)
+        stats.peak = max(stats.peak, block_peak)
         if block_peak >= _CLIP_LEVEL:
-            clipped += int((np.abs(block) >= _CLIP_LEVEL).any(axis=1).sum())
+            stats.clipped += int((np.abs(block) >= _CLIP_LEVEL).any(axis=1).sum())
         mono = block.mean(axis=1) if channels > 1 else block[:, 0]
         if resampler is not None:
             with stage("resample"):
                 mono = resampler.resample_chunk(mono)
-        pieces.append(mono)
+        yield mono
     if resampler is not None:
         with stage("resample"):
-            pieces.append(resampler.resample_chunk(np.zeros(0, np.float32), last=True))
-    if total == 0:
+            yield resampler.resample_chunk(np.zeros(0, np.float32), last=True)
+    if stats.frames == 0:
         raise AudioError(label, "contains no audio frames")
-    if stream.exact and stream.declared > 0 and total < stream.declared - stream.slack:
+    if stream.exact and stream.declared > 0 and stats.frames < stream.declared - stream.slack:
         raise AudioError(
             label,
-            f"header declares {stream.declared} frames but only {total} could be read (truncated)",
+            f"header declares {stream.declared} frames but only {stats.frames} could be read "
+            "(truncated)",
         )
+
+
+def _read(snd: sf.SoundFile, label: str, stream: _Stream, sample_rate: int, stage: Stage) -> Audio:
+    stats = _ReadStats()
+    pieces = list(_blocks(snd, label, stream, sample_rate, stats, stage))
     samples = np.ascontiguousarray(np.concatenate(pieces), dtype=np.float32)
     return Audio(
         samples=samples,
         sample_rate=sample_rate,
-        orig_sample_rate=orig_sr,
-        channels=channels,
+        orig_sample_rate=stream.sample_rate,
+        channels=stream.channels,
         source=label,
-        peak=peak,
-        clipping_ratio=clipped / total,
+        peak=stats.peak,
+        clipping_ratio=stats.clipped / stats.frames,
     )
+
+
+def decode_blocks(
+    source: AudioSource,
+    *,
+    audio: AudioConfig,
+    sample_rate: int,
+    name: str | None = None,
+) -> Iterator[np.ndarray]:
+    """A recording as mono float32 blocks at `sample_rate`, for files too long to hold.
+
+    The same checks as `decode`, under `audio`'s limits (the caller passes
+    `timeline.max_duration_s` and `timeline.max_file_mb` in it); only one block (~4 s at
+    16 kHz) is held at a time. The file is opened on the first `next()`, so its errors
+    come from there.
+    """
+    import soundfile as sf
+
+    label = name or (str(source) if isinstance(source, (str, os.PathLike)) else "<upload>")
+    fileobj, mp3_length_known = _open_checked(source, label, audio, "timeline.max_file_mb")
+    try:
+        with fileobj, sf.SoundFile(fileobj) as snd:
+            stream = _check_header(snd, label, audio, mp3_length_known, "timeline.max_duration_s")
+            yield from _blocks(snd, label, stream, sample_rate, _ReadStats())
+    except AudioError:
+        raise
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, EOFError) as exc:
+        raise AudioError(label, f"not a readable audio file ({_reason(exc)})") from None
 
 
 def find_audio_files(paths: Iterable[str | os.PathLike]) -> list[Path]:

@@ -236,6 +236,27 @@ class InferenceConfig:
 
 
 @dataclass
+class TimelineConfig:
+    """`knd predict --timeline`: long recordings scored by speech segments (docs/predict.md).
+
+    The file is decoded block by block, so memory stays bounded whatever its length;
+    these limits replace `audio.max_duration_s` and `audio.max_file_mb` on this path only.
+    """
+
+    max_duration_s: float = 14400.0  # 4 hours
+    max_file_mb: float = 4000.0
+    # WebRTC VAD aggressiveness: 0 keeps the most audio as speech, 3 the least.
+    vad_mode: int = 2
+    # Pauses shorter than min_silence_s stay inside a segment; speech shorter than
+    # min_speech_s is dropped; each segment is widened by pad_s on both sides.
+    min_silence_s: float = 0.5
+    min_speech_s: float = 0.3
+    pad_s: float = 0.2
+    # Speech without a pause is cut into segments of at most this length (bounded memory).
+    max_segment_s: float = 30.0
+
+
+@dataclass
 class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8080
@@ -346,6 +367,7 @@ class KndConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    timeline: TimelineConfig = field(default_factory=TimelineConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
     robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
@@ -574,6 +596,21 @@ def check_audio(a: AudioConfig) -> None:
         )
 
 
+def check_timeline(t: TimelineConfig) -> None:
+    """The `timeline:` values of `knd predict --timeline`."""
+    checks = {
+        "max_duration_s": (t.max_duration_s > 0, "positive seconds"),
+        "max_file_mb": (t.max_file_mb > 0, "positive"),
+        "vad_mode": (t.vad_mode in (0, 1, 2, 3), "0, 1, 2 or 3"),
+        "min_silence_s": (t.min_silence_s >= 0.03, "at least one 30 ms VAD frame"),
+        "min_speech_s": (t.min_speech_s >= 0, "0 or seconds"),
+        "pad_s": (0 <= t.pad_s <= t.min_silence_s, "0 to timeline.min_silence_s"),
+        "max_segment_s": (t.max_segment_s >= 1, "at least 1 s"),
+    }
+    for name, (ok, what) in checks.items():
+        _require(ok, f"timeline.{name}", getattr(t, name), what)
+
+
 def check_serve(s: ServeConfig, section: str = "serve") -> None:
     """The `serve:` values; ServeSettings (a ServeConfig) runs it again before it starts."""
     checks = {
@@ -658,6 +695,7 @@ def check_config(cfg: KndConfig) -> None:
     _require(inf.hop_s >= 0, "inference.hop_s", inf.hop_s, "0 or seconds")
     _require(inf.batch_size >= 1, "inference.batch_size", inf.batch_size, "at least 1")
     check_audio(cfg.audio)
+    check_timeline(cfg.timeline)
     check_serve(cfg.serve)
     _check_cloud(cfg.cloud)
 

@@ -183,3 +183,41 @@ def plot_robustness(rows: list[dict], path: Path, title: str = "") -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_timeline(timeline, path: Path) -> Path:
+    """A recording's emotion probabilities over time (one line per label, drawn inside
+    speech spans only) above a band of the speech segments coloured by answer."""
+    plt = _pyplot()
+    labels = timeline.labels
+    colours = {label: plt.cm.tab10(i % 10) for i, label in enumerate(labels)}
+    colours["uncertain"] = (0.6, 0.6, 0.6, 1.0)
+    width = min(40.0, 8.0 + timeline.duration / 120.0)
+    fig, (ax, band) = plt.subplots(
+        2, 1, figsize=(width, 4.5), sharex=True, gridspec_kw={"height_ratios": [4, 1]}
+    )
+    for label in labels:
+        xs: list[float] = []
+        ys: list[float] = []
+        for span in timeline.spans:
+            if xs and span.start > xs[-1] + 1e-6:  # a pause: break the line
+                xs.append(np.nan)
+                ys.append(np.nan)
+            xs += [span.start, span.end]
+            ys += [span.probabilities[label]] * 2
+        ax.plot(xs, ys, color=colours[label], label=label, linewidth=1.2)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("probability")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8, frameon=False)
+    ax.set_title(f"{Path(timeline.source).name}: {timeline.label or 'no speech'}")
+    for start, end in timeline.speech:
+        band.axvspan(start, end, ymin=0.55, ymax=1.0, color="0.85")
+    for span in timeline.spans:
+        band.axvspan(span.start, span.end, ymin=0.0, ymax=0.45, color=colours[span.label])
+    band.set_yticks([0.25, 0.75], ["answer", "speech"])
+    band.set_xlim(0, max(timeline.duration, 1e-3))
+    band.set_xlabel("time (s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

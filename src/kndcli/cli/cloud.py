@@ -230,7 +230,7 @@ def predict(
     if local:
         from kndcli.cli.predict import predict_to_store
 
-        predict_to_store(cfg, sources, out, "0/1", part_size, timeline=False, as_json=as_json)
+        predict_to_store(cfg, sources, out, "0/1", part_size, as_json=as_json)
         return
     opts = jobs.predict_job_options(
         cfg.cloud,

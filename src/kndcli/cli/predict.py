@@ -40,8 +40,22 @@ def predict(
     jsonl: opt.Jsonl = False,
     csv_out: Annotated[bool, typer.Option("--csv", help="CSV on stdout.")] = False,
     timeline: Annotated[
-        bool, typer.Option("--timeline", help="Per-window labels for clips longer than a window.")
+        bool,
+        typer.Option(
+            "--timeline",
+            help="Long recordings (meetings, calls): speech segments found by a voice-activity "
+            "detector, scored into an emotion timeline; read block by block, up to "
+            "timeline.max_duration_s (4 h).",
+        ),
     ] = False,
+    timeline_dir: Annotated[
+        str | None,
+        typer.Option(
+            "--timeline-dir",
+            help="With --timeline: also write NAME.json, .csv, .vtt, .srt and .png per "
+            "file to this directory.",
+        ),
+    ] = None,
     progress: Annotated[
         bool | None,
         typer.Option(
@@ -77,8 +91,15 @@ def predict(
     """
     opt.choose_output(json_out, jsonl=jsonl, csv=csv_out)
     cfg = opt.load(ctx)
+    if timeline_dir is not None and not timeline:
+        raise UsageError("--timeline-dir needs --timeline")
     if out is not None:
-        predict_to_store(cfg, paths, out, shard, part_size, timeline, json_out or jsonl or csv_out)
+        if timeline:
+            raise UsageError(
+                "--timeline and --out do not go together: a timeline is per recording; "
+                "use --timeline-dir DIR for its files"
+            )
+        predict_to_store(cfg, paths, out, shard, part_size, json_out or jsonl or csv_out)
         return
     if shard != "0/1":
         raise UsageError("--shard needs --out: a shard's results go to parts, not stdout")
@@ -91,24 +112,30 @@ def predict(
         raise UsageError(f"no audio files found in {' '.join(paths)}")
     bundle = resolve_model(cfg.inference.model)
     predictor = Predictor.from_config(bundle, cfg.inference, audio=cfg.audio)
+    if timeline:
+        from kndcli.cli.timeline import predict_timelines
+
+        fmt = "json" if json_out else "jsonl" if jsonl else "csv" if csv_out else "table"
+        failed = predict_timelines(cfg, predictor, files, fmt, timeline_dir, str(bundle))
+        if failed:
+            print(f"{failed} of {len(files)} files failed", file=sys.stderr)
+            raise typer.Exit(1)
+        return
     predictions = predictor.predict_paths(
-        files,
-        batch_size=cfg.inference.batch_size,
-        workers=cfg.inference.workers,
-        timeline=timeline,
+        files, batch_size=cfg.inference.batch_size, workers=cfg.inference.workers
     )
     if progress is None:
         progress = len(files) >= PROGRESS_MIN_FILES and sys.stderr.isatty()
     if progress:
         predictions = _with_progress(predictions, len(files))
     if json_out:
-        failed = _write_json(predictions, timeline, str(bundle))
+        failed = _write_json(predictions, str(bundle))
     elif jsonl:
-        failed = _write_jsonl(predictions, timeline)
+        failed = _write_jsonl(predictions)
     elif csv_out:
-        failed = _write_csv(predictions, predictor.labels, timeline)
+        failed = _write_csv(predictions, predictor.labels)
     else:
-        failed = _write_table(predictions, timeline)
+        failed = _write_table(predictions)
     if failed:
         print(f"{failed} of {len(files)} files failed", file=sys.stderr)
         raise typer.Exit(1)
@@ -120,7 +147,6 @@ def predict_to_store(
     out: str,
     shard_text: str,
     part_size: int,
-    timeline: bool,
     as_json: bool,
 ) -> None:
     """`--out`: this shard's files scored into resumable parts; a summary on stdout."""
@@ -149,7 +175,6 @@ def predict_to_store(
         part_size=part_size,
         batch_size=cfg.inference.batch_size,
         workers=cfg.inference.workers,
-        timeline=timeline,
         on_part=progress,
     )
     if as_json:
@@ -188,7 +213,7 @@ def _with_progress(predictions: Iterable[Prediction], total: int) -> Iterator[Pr
             yield pred
 
 
-def _write_json(predictions: Iterable[Prediction], timeline: bool, model: str) -> int:
+def _write_json(predictions: Iterable[Prediction], model: str) -> int:
     """One document: the model, counts and every prediction (failures with their error)."""
     import json
 
@@ -196,14 +221,14 @@ def _write_json(predictions: Iterable[Prediction], timeline: bool, model: str) -
     for pred in predictions:
         if not pred.ok:
             _error_line(pred)
-        rows.append(pred.to_dict(timeline=timeline))
+        rows.append(pred.to_dict())
     failed = sum(1 for row in rows if row.get("error"))
     document = {"model": model, "files": len(rows), "failed": failed, "predictions": rows}
     sys.stdout.write(json.dumps(document) + "\n")
     return failed
 
 
-def _write_jsonl(predictions: Iterable[Prediction], timeline: bool) -> int:
+def _write_jsonl(predictions: Iterable[Prediction]) -> int:
     import json
 
     failed = 0
@@ -212,32 +237,22 @@ def _write_jsonl(predictions: Iterable[Prediction], timeline: bool) -> int:
         if not pred.ok:
             failed += 1
             _error_line(pred)
-        out.write(json.dumps(pred.to_dict(timeline=timeline)) + "\n")
+        out.write(json.dumps(pred.to_dict()) + "\n")
         out.flush()
     return failed
 
 
-def _write_csv(predictions: Iterable[Prediction], labels: list[str], timeline: bool) -> int:
+def _write_csv(predictions: Iterable[Prediction], labels: list[str]) -> int:
     import csv
 
     writer = csv.writer(sys.stdout, lineterminator="\n")
-    if timeline:
-        writer.writerow(["file", "start", "end", "label", "confidence", "error"])
-    else:
-        writer.writerow(["file", "label", "confidence", "duration", *labels, "error"])
+    writer.writerow(["file", "label", "confidence", "duration", *labels, "error"])
     failed = 0
     for pred in predictions:
         if not pred.ok:
             failed += 1
             _error_line(pred)
-            writer.writerow(
-                [pred.source, "", "", "", *([] if timeline else [""] * len(labels)), pred.error]
-            )
-        elif timeline:
-            for w in pred.windows or []:
-                writer.writerow(
-                    [pred.source, w["start"], w["end"], w["label"], w["confidence"], ""]
-                )
+            writer.writerow([pred.source, "", "", "", *[""] * len(labels), pred.error])
         else:
             writer.writerow(
                 [
@@ -253,15 +268,13 @@ def _write_csv(predictions: Iterable[Prediction], labels: list[str], timeline: b
     return failed
 
 
-def _write_table(predictions: Iterable[Prediction], timeline: bool) -> int:
+def _write_table(predictions: Iterable[Prediction]) -> int:
     from rich.table import Table
 
     from kndcli.cli.options import console
 
     table = Table(show_edge=False, pad_edge=False)
     table.add_column("file", overflow="fold")
-    if timeline:
-        table.add_column("window", justify="right")
     table.add_column("label")
     table.add_column("confidence", justify="right")
     table.add_column("top-3")
@@ -270,26 +283,9 @@ def _write_table(predictions: Iterable[Prediction], timeline: bool) -> int:
         if not pred.ok:
             failed += 1
             _error_line(pred)
-            table.add_row(
-                pred.source,
-                *([""] if timeline else []),
-                "[red]error[/]",
-                "",
-                f"[red]{pred.error}[/]",
-            )
+            table.add_row(pred.source, "[red]error[/]", "", f"[red]{pred.error}[/]")
             continue
         top3 = ", ".join(f"{label} {p:.2f}" for label, p in pred.top(3))
-        if timeline:
-            table.add_row(pred.source, "all", pred.label, f"{pred.confidence:.3f}", top3)
-            for w in pred.windows or []:
-                table.add_row(
-                    "",
-                    f"{w['start']:.1f}-{w['end']:.1f} s",
-                    w["label"],
-                    f"{w['confidence']:.3f}",
-                    "",
-                )
-        else:
-            table.add_row(pred.source, pred.label, f"{pred.confidence:.3f}", top3)
+        table.add_row(pred.source, pred.label, f"{pred.confidence:.3f}", top3)
     console().print(table)
     return failed

@@ -98,6 +98,8 @@ class Predictor:
         backend's device, and where ONNX Runtime writes its operator profile."""
         check_min_confidence(min_confidence)
         self.audio = audio or AudioConfig()
+        # The key a too-long clip's error names: serve replaces the duration limit.
+        self.duration_key = "audio.max_duration_s"
         self.stage = stage
         self.bundle = bundle
         self.temperature = bundle.temperature
@@ -191,6 +193,7 @@ class Predictor:
                 sample_rate=self.sample_rate,
                 name=name,
                 stage=self.stage,
+                duration_key=self.duration_key,
             )
 
     def prepare(self, samples: np.ndarray) -> tuple[np.ndarray, list[int], int]:
@@ -212,6 +215,20 @@ class Predictor:
         )
         bounds = np.cumsum([0] + [len(b) for b in batches])
         return [out[a:b] for a, b in itertools.pairwise(bounds)]
+
+    def score_windows(self, clips: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per clip: its windows' start times in seconds from the clip's start (after the
+        silence trim) and their calibrated probabilities (windows x labels), scored in
+        shared batches. The timeline of a long recording is built from these."""
+        prepared = [self.prepare(samples) for samples in clips]
+        probs = self.score_batches([w for w, _, _ in prepared])
+        return [
+            (
+                (offset + np.asarray(starts, dtype=np.float64)) / self.sample_rate,
+                apply_temperature(p, self.temperature),
+            )
+            for (_, starts, offset), p in zip(prepared, probs, strict=True)
+        ]
 
     def predict_audios(
         self, audios: list[Audio], *, timeline: bool = False, features: bool = False
@@ -243,14 +260,14 @@ class Predictor:
                 {
                     "start": round((offset + s) / self.sample_rate, 3),
                     "end": round((offset + s + self.window) / self.sample_rate, 3),
-                    "label": self._answer(p),
+                    "label": self.answer(p),
                     "confidence": round(float(p.max()), 6),
                 }
                 for s, p in zip(starts, probs, strict=True)
             ]
         return Prediction(
             source=audio.source,
-            label=self._answer(mean),
+            label=self.answer(mean),
             confidence=float(mean[best]),
             probabilities={label: float(v) for label, v in zip(self.labels, mean, strict=True)},
             duration=audio.duration,
@@ -258,7 +275,7 @@ class Predictor:
             features=audio_features(audio) if features else None,
         )
 
-    def _answer(self, probs: np.ndarray) -> str:
+    def answer(self, probs: np.ndarray) -> str:
         """The most probable label, or "uncertain" below the confidence threshold."""
         best = int(probs.argmax())
         return self.labels[best] if probs[best] >= self.min_confidence else UNCERTAIN

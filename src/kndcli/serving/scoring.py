@@ -102,6 +102,8 @@ def start_worker(spec: WorkerSpec) -> None:
     if spec.max_bytes is not None:
         audio.max_file_mb = spec.max_bytes / 1e6
     predictor = Predictor.from_config(spec.model, spec.inference, threads=spec.threads, audio=audio)
+    if spec.max_duration_s is not None:
+        predictor.duration_key = "serve.max_duration_s"
     predictor.score_batches([np.zeros((1, predictor.window), np.float32)])
     _predictor = predictor
 
