@@ -725,6 +725,115 @@ def hostile_bodies(good: bytes) -> list[tuple[str, bytes, str]]:
     ]
 
 
+STREAM_COUNTS = (1, 8, 32)
+
+
+def _stream_latencies(url: str, path: Path, streams: int, seed: int) -> list[float]:
+    """Concurrent real-time streams of `path`, started at random offsets within a second;
+    per window, ms from the moment its last sample was sent to its event."""
+    import random
+    import threading
+
+    from kndcli.audio import decode
+    from kndcli.serving.stream_client import pcm16_chunks, stream_audio
+
+    samples = decode(path).samples
+    chunks = list(pcm16_chunks([samples], 16000, 0.1))
+    latencies: list[float] = []
+    errors: list[Exception] = []
+    lock = threading.Lock()
+    rng = random.Random(seed)
+
+    def one(delay: float) -> None:
+        time.sleep(delay)
+        began: list[float] = []
+
+        def note(event: dict[str, Any]) -> None:
+            now = time.perf_counter()
+            if event["type"] == "ready":
+                began.append(now)
+            elif event["type"] == "window" and event["end"] < len(samples) / 16000:
+                with lock:
+                    latencies.append((now - began[0] - event["end"]) * 1000)
+
+        try:
+            stream_audio(url, chunks, sample_rate=16000, speed=1.0, on_event=note)
+        except Exception as exc:  # counted: a failed stream must show in the figures
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(rng.uniform(0, 1.0),)) for _ in range(streams)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {streams} streams failed: {errors[0]}")
+    return latencies
+
+
+def bench_stream(ctx: Context) -> BenchResult:
+    """`/stream` latency from the end of a window's audio to its event, at 1, 8 and 32
+    concurrent real-time streams (issue 17)."""
+    from bench.common import percentile
+    from bench.recordings import long_recording
+    from kndcli.serving.stream_client import stream_url
+
+    bundle = ctx.bundle()
+    seconds = 6.0 if ctx.quick else 20.0
+    runs: dict[int, list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="knd-bench-stream-") as tmp:
+        path = Path(tmp) / "call.wav"
+        long_recording(ctx.all_clips()[::40], seconds, path, seed=5)
+        port = _free_port()
+        cmd = [
+            *knd_command(),
+            "serve",
+            "--model",
+            str(bundle),
+            "--port",
+            str(port),
+            "--set",
+            f"serve.log_sink={Path(tmp) / 'log.sqlite'}",
+        ]
+        start = time.perf_counter()
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=bench_env(), cwd=REPO
+        )
+        try:
+            _wait_ready(port, proc, start)
+            url = stream_url(f"http://127.0.0.1:{port}")
+            for count in STREAM_COUNTS:
+                runs[count] = _stream_latencies(url, path, count, seed=count)
+        finally:
+            _stop(proc)
+    figures = []
+    for count, values in runs.items():
+        for p in (50, 99):
+            figures.append(
+                Figure(
+                    f"/stream p{p} latency, end of a window's audio to its event, "
+                    f"{count} concurrent real-time streams",
+                    "ms",
+                    "lower",
+                    stats([percentile(values, p)]),
+                    target=100.0 if (count, p) == (8, 99) else None,
+                )
+            )
+    return BenchResult(
+        "stream",
+        figures,
+        details={
+            "windows": {str(c): len(v) for c, v in runs.items()},
+            "recording_s": seconds,
+            "bundle": ctx.bundle_note,
+        },
+        notes=[
+            "each stream sends 100 ms PCM16 messages paced to real time; streams start at "
+            "random offsets within one second, as independent callers would"
+        ],
+    )
+
+
 def bench_serve_openloop(ctx: Context) -> BenchResult:
     """Latency as a population of clients sees it: Poisson arrivals at shares of capacity,
     clean and with 5 % hostile requests mixed in (issue 15)."""
@@ -897,5 +1006,6 @@ BENCHMARKS: dict[str, Callable[[Context], BenchResult]] = {
     "serve": bench_serve,
     "serve_openloop": bench_serve_openloop,
     "timeline_long": bench_timeline_long,
+    "stream": bench_stream,
     "drift": bench_drift,
 }

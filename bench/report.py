@@ -14,6 +14,7 @@ ORDER = [
     "predict_archive",
     "serve",
     "serve_openloop",
+    "stream",
     "timeline_long",
     "drift",
 ]
@@ -28,7 +29,8 @@ reloaded per request). Values are medians over repetitions, with [min-max] sprea
 
 Re-run everything with `uv run python -m bench` (about 18 minutes on 2 cores), or one part
 with `--only NAME ...` (prepare train predict_cold predict_dir predict_archive serve
-serve_openloop timeline_long drift); `--quick` is a CI smoke run whose numbers are not judged.
+serve_openloop stream timeline_long drift); `--quick` is a CI smoke run whose numbers are
+not judged.
 """
 
 

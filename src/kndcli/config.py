@@ -301,6 +301,15 @@ class ServeConfig:
     max_buffered_mb: float = 200.0
     max_connections: int = 512
     keep_alive_s: float = 5.0
+    # Live streams (WebSocket /stream): at most max_streams at once (close 1013 beyond);
+    # a session carries at most stream_max_s of audio (4413) and is closed after
+    # stream_idle_s without a message (4408); one message holds at most
+    # stream_max_message_kb (1009), and the server reads a stream's messages only as fast
+    # as it scores them, so a fast sender waits instead of filling the server's memory.
+    max_streams: int = 32
+    stream_max_s: float = 3600.0
+    stream_idle_s: float = 10.0
+    stream_max_message_kb: int = 256
 
 
 @dataclass
@@ -626,6 +635,10 @@ def check_serve(s: ServeConfig, section: str = "serve") -> None:
         "max_buffered_mb": (s.max_buffered_mb >= s.max_body_mb, "at least serve.max_body_mb"),
         "max_connections": (s.max_connections >= 1, "at least 1"),
         "keep_alive_s": (s.keep_alive_s > 0, "positive seconds"),
+        "max_streams": (s.max_streams >= 0, "0 (no streams) or more"),
+        "stream_max_s": (s.stream_max_s > 0, "positive seconds"),
+        "stream_idle_s": (s.stream_idle_s > 0, "positive seconds"),
+        "stream_max_message_kb": (s.stream_max_message_kb >= 1, "at least 1"),
         "scoring_timeout_s": (s.scoring_timeout_s > 0, "positive seconds"),
         "log_flush_s": (s.log_flush_s >= 0, "0 (no background upload) or more seconds"),
         "log_timeout_s": (s.log_timeout_s > 0, "positive seconds"),

@@ -22,6 +22,7 @@ from kndcli.cli import (
     predict,
     profile,
     serve,
+    stream,
     train,
 )
 from kndcli.errors import EXIT_RUNTIME, EXIT_USAGE, KndError
@@ -57,6 +58,7 @@ app.command("evaluate")(train.evaluate)
 app.command("predict")(predict.predict)
 app.command("export")(export.export)
 app.command("serve")(serve.serve)
+app.command("stream")(stream.stream)
 app.add_typer(profile.app, name="profile")
 app.add_typer(drift.app, name="drift")
 app.add_typer(cloud.app, name="cloud")

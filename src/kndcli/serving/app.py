@@ -84,6 +84,8 @@ def create_app(
     """A new app for `settings`. Cheap: nothing is loaded until the server starts it."""
     from kndcli.serving.monitoring import router as monitoring_router
     from kndcli.serving.routes import router
+    from kndcli.serving.stream import StreamCounter
+    from kndcli.serving.stream import router as stream_router
 
     metrics = Metrics()
 
@@ -128,9 +130,11 @@ def create_app(
     app.state.metrics = metrics
     app.state.api_token = settings.token()
     app.state.service = None
+    app.state.streams = StreamCounter(settings.max_streams)
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(monitoring_router)
+    app.include_router(stream_router)
     for extra in extra_routers:
         app.include_router(extra)
     app.add_middleware(
@@ -170,6 +174,10 @@ def run_server(
         "http": "kndcli.serving.guards:GuardedProtocol",
         "limit_concurrency": settings.max_connections,
         "timeout_keep_alive": settings.keep_alive_s,
+        # /stream: a message over the limit closes the stream (1009), and at most a few
+        # unread messages wait per stream, so a fast sender is held back by TCP.
+        "ws_max_size": settings.stream_max_message_kb * 1024,
+        "ws_max_queue": 4,
     }
     if settings.workers > 1:
         os.environ[SETTINGS_ENV] = settings.to_json()

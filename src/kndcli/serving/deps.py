@@ -19,15 +19,21 @@ def get_service(request: Request) -> ServiceState:
     return service
 
 
+def bearer_ok(expected: str | None, authorization: str) -> bool:
+    """Whether an `Authorization` header carries the token (constant-time); no token
+    configured lets everyone in."""
+    if not expected:
+        return True
+    scheme, _, given = authorization.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        given.strip().encode(), expected.encode()
+    )
+
+
 def require_token(request: Request) -> None:
     """When KND_API_TOKEN is set, prediction routes need `Authorization: Bearer <token>`."""
     expected: str | None = getattr(request.app.state, "api_token", None)
-    if not expected:
-        return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        given.strip().encode(), expected.encode()
-    ):
+    if not bearer_ok(expected, request.headers.get("authorization", "")):
         raise ApiError(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
 
 

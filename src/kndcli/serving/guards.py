@@ -52,8 +52,16 @@ class HeadDeadline:
             self.head_timeout_s, self._head_deadline, waiting_since
         )
 
+    def handle_websocket_upgrade(self, *args: Any) -> None:
+        """The connection becomes a WebSocket (/stream), whose own limits apply from now
+        on: no request head is coming, so the head deadline must not close it."""
+        self._upgraded = True
+        super().handle_websocket_upgrade(*args)  # type: ignore[misc]
+
     def _head_deadline(self, waiting_since: Any) -> None:
         transport = self.transport  # type: ignore[attr-defined]
+        if getattr(self, "_upgraded", False):
+            return
         if self.cycle is waiting_since and not transport.is_closing():  # type: ignore[attr-defined]
             transport.close()
 

@@ -75,6 +75,7 @@ class Metrics:
             "Prediction log records acknowledged but not yet in the gs:// sink (the spool).",
             registry=r,
         )
+        self.streams = Gauge("knd_streams_active", "Open /stream sessions.", registry=r)
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batches.inc()
