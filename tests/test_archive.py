@@ -110,6 +110,39 @@ def test_shards_are_disjoint_and_cover_every_name() -> None:
     assert min(sizes) > 60  # spread, not all in one
 
 
+def test_sub_shards_split_a_shard_exactly() -> None:
+    names = [f"gs://b/clip{i}.wav" for i in range(500)]
+    for shard in (Shard(0, 1), Shard(1, 3), Shard(2, 3)):
+        mine = {n for n in names if shard.owns(n)}
+        for n in (1, 2, 5):
+            parts = [{name for name in names if sub.owns(name)} for sub in shard.split(n)]
+            assert set().union(*parts) == mine
+            assert sum(len(p) for p in parts) == len(mine)  # disjoint
+
+
+def test_processes_score_every_file_once_and_a_rerun_keeps_the_count(
+    tmp_path: Path, ravdess_root: Path, tiny_bundle: Path
+) -> None:
+    archive = tmp_path / "in"
+    archive.mkdir()
+    clips = ravdess_clips(ravdess_root, [2])[:12]
+    for clip in clips:
+        (archive / clip.name).symlink_to(clip)
+    out = tmp_path / "out"
+    args = [str(archive), "--out", str(out), "-m", str(tiny_bundle), "--part-size", "4"]
+    run = [KND, "predict", *args, "--processes", "2", "--json"]
+    done = subprocess.run(run, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["scored"] == 12
+    scored = [json.loads(line)["file"] for p in out.glob("part-*") for line in p.open()]
+    assert sorted(scored) == sorted(str(archive / c.name) for c in clips)
+    assert len(list(out.glob("_DONE-*"))) == 3  # two sub-shards and the replica's shard
+    again = subprocess.run(run, capture_output=True, text=True, timeout=180)
+    assert json.loads(again.stdout)["scored"] == 0  # every part was there
+    other = subprocess.run([KND, "predict", *args], capture_output=True, text=True, timeout=60)
+    assert other.returncode == 2 and "started with --processes 2" in other.stderr
+
+
 def test_shard_auto_is_this_vertex_replica() -> None:
     spec = {
         "cluster": {"workerpool0": ["h0:2222"], "workerpool1": ["h1:2222", "h2:2222"]},
@@ -140,4 +173,4 @@ def test_shard_needs_out() -> None:
         timeout=60,
         env={**os.environ},
     )
-    assert done.returncode == 2 and "--shard needs --out" in done.stderr
+    assert done.returncode == 2 and "--shard and --processes need --out" in done.stderr

@@ -514,7 +514,8 @@ def test_cloud_predict_runs_sharded_replicas_of_the_serving_image(fake: FakeGoog
     assert container["imageUri"] == "europe-docker.pkg.dev/p1/knd/serve:abc"
     assert container["args"] == [
         "predict", "gs://calls/2026", "--out", "gs://calls-results/run-1", "--shard", "auto",
-        "--part-size", "500", "--model", "/gcs/knd-models/exp1", "--no-progress",
+        "--part-size", "500", "--processes", "32",  # one scoring process per vCPU
+        "--model", "/gcs/knd-models/exp1", "--no-progress",
     ]  # fmt: skip
     assert workers["containerSpec"]["args"] == container["args"]
     # Replicas are independent (no DDP): one restarting does not restart the others.
@@ -545,3 +546,19 @@ def test_cloud_predict_local_runs_the_job_command_here(tmp_path, ravdess_root, t
     assert result.exit_code == 0, result.output
     assert json.loads(result.output.splitlines()[-1])["scored"] == 4
     assert len((out / "part-00000-of-00001-00000.jsonl").read_text().splitlines()) == 4
+
+
+def test_cloud_predict_estimates_time_and_cost_before_it_submits(fake: FakeGoogle) -> None:
+    args = [
+        "cloud", "predict", "gs://calls/2026", "--out", "gs://r/run-1", "--project", "p1",
+        "--region", "europe-west4", "--serve-image", "img", "-m", "gs://m/exp1", "--dry-run",
+        "--machine", "n1-highcpu-32", "--replicas", "4", "--expect-files", "1000000",
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, [*args, "--price-per-hour", "2.0"])
+    assert result.exit_code == 0, result.output
+    # 4e6 s of audio / (200 s per vCPU-second x 128 vCPUs) = 156 s; 4 machines that long
+    assert "about 3 min of scoring, 0.17 machine-hours, about $0.35" in result.stderr
+    assert json.loads(result.stdout)["customJob"]  # the dry run still prints the request
+    assert fake.requests == []
+    odd = CliRunner().invoke(app, [*args[:-5], "--machine", "custom", "--expect-files", "10"])
+    assert odd.exception.exit_code == 2 and "pass --processes" in str(odd.exception)

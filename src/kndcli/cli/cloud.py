@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from kndcli.cli import options as opt
+from kndcli.errors import UsageError
 
 app = typer.Typer(help="Train on Vertex AI, serve on Cloud Run.", no_args_is_help=True)
 
@@ -204,6 +205,27 @@ def predict(
     part_size: Annotated[
         int, typer.Option("--part-size", help="Files per part (the resume unit).")
     ] = 1000,
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            "--processes", help="Scoring processes per replica (default: the machine's vCPUs)."
+        ),
+    ] = None,
+    expect_files: Annotated[
+        int | None,
+        typer.Option("--expect-files", help="Print a time and cost estimate for this many clips."),
+    ] = None,
+    clip_seconds: Annotated[
+        float, typer.Option("--clip-seconds", help="With --expect-files: mean clip length.")
+    ] = 4.0,
+    price_per_hour: Annotated[
+        float | None,
+        typer.Option(
+            "--price-per-hour",
+            help="With --expect-files: the machine's USD price per hour (region, Spot), "
+            "for a cost in dollars.",
+        ),
+    ] = None,
     label: Labels = None,
     env: Env = None,
     display_name: DisplayName = None,
@@ -227,10 +249,19 @@ def predict(
     from kndcli.cloud import jobs
 
     cfg = opt.load(ctx)
+    if processes is None:
+        processes = 1 if local else jobs.machine_vcpus(cfg.cloud.machine)
+    if expect_files is not None:
+        if expect_files < 1 or clip_seconds <= 0:
+            raise UsageError("--expect-files and --clip-seconds must be positive")
+        estimate = jobs.estimate_archive(
+            expect_files, clip_seconds, cfg.cloud.machine, cfg.cloud.replicas, price_per_hour
+        )
+        typer.echo(estimate.describe(), err=True)
     if local:
         from kndcli.cli.predict import predict_to_store
 
-        predict_to_store(cfg, sources, out, "0/1", part_size, as_json=as_json)
+        predict_to_store(cfg, sources, out, "0/1", part_size, as_json, processes=processes)
         return
     opts = jobs.predict_job_options(
         cfg.cloud,
@@ -238,6 +269,7 @@ def predict(
         out=out,
         model=cfg.inference.model,
         part_size=part_size,
+        processes=processes,
         display_name=display_name or "knd-predict",
         labels=jobs.parse_pairs(label, "--label"),
         env=jobs.parse_pairs(env, "--env"),

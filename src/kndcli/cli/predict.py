@@ -81,6 +81,14 @@ def predict(
     part_size: Annotated[
         int, typer.Option("--part-size", help="With --out: files per part (the resume unit).")
     ] = 1000,
+    processes: Annotated[
+        int,
+        typer.Option(
+            "--processes",
+            help="With --out: score the shard in this many processes (one per vCPU on a "
+            "big machine; a rerun must use the same count).",
+        ),
+    ] = 1,
     config: opt.ConfigFiles = None,
     sets: opt.Sets = None,
     print_config: opt.PrintConfig = False,
@@ -99,10 +107,13 @@ def predict(
                 "--timeline and --out do not go together: a timeline is per recording; "
                 "use --timeline-dir DIR for its files"
             )
-        predict_to_store(cfg, paths, out, shard, part_size, json_out or jsonl or csv_out)
+        as_json = json_out or jsonl or csv_out
+        predict_to_store(cfg, paths, out, shard, part_size, as_json, processes=processes)
         return
-    if shard != "0/1":
-        raise UsageError("--shard needs --out: a shard's results go to parts, not stdout")
+    if shard != "0/1" or processes != 1:
+        raise UsageError(
+            "--shard and --processes need --out: a shard's results go to parts, not stdout"
+        )
     from kndcli.audio import find_audio_files
     from kndcli.inference.bundle import resolve_model
     from kndcli.inference.predictor import Predictor
@@ -148,35 +159,52 @@ def predict_to_store(
     shard_text: str,
     part_size: int,
     as_json: bool,
+    processes: int = 1,
 ) -> None:
     """`--out`: this shard's files scored into resumable parts; a summary on stdout."""
     import json
 
-    from kndcli.inference.archive import Shard, list_sources, score_shard
+    from kndcli.inference.archive import (
+        Shard,
+        ShardJob,
+        Store,
+        check_split,
+        list_sources,
+        score_in_processes,
+        score_shard,
+    )
     from kndcli.inference.bundle import resolve_model
     from kndcli.inference.predictor import Predictor
 
+    if processes < 1:
+        raise UsageError(f"--processes {processes}: at least 1")
+    if part_size < 1:
+        raise UsageError(f"--part-size must be at least 1, got {part_size}")
     shard = Shard.parse(shard_text)
     sources = list_sources(paths)
     if not sources:
         raise UsageError(f"no audio files found in {' '.join(paths)}")
-    predictor = Predictor.from_config(
-        resolve_model(cfg.inference.model), cfg.inference, audio=cfg.audio
-    )
+    model = str(resolve_model(cfg.inference.model))
+    if processes > 1:
+        job = ShardJob(model, cfg.inference, cfg.audio, out, part_size, cfg.inference.batch_size)
+        summary = score_in_processes(job, sources, shard, processes)
+    else:
+        check_split(Store(out), shard, processes)
+        predictor = Predictor.from_config(model, cfg.inference, audio=cfg.audio)
 
-    def progress(number: int, total: int) -> None:
-        print(f"part {number + 1}/{total} written", file=sys.stderr, flush=True)
+        def progress(number: int, total: int) -> None:
+            print(f"part {number + 1}/{total} written", file=sys.stderr, flush=True)
 
-    summary = score_shard(
-        predictor,
-        sources,
-        out,
-        shard,
-        part_size=part_size,
-        batch_size=cfg.inference.batch_size,
-        workers=cfg.inference.workers,
-        on_part=progress,
-    )
+        summary = score_shard(
+            predictor,
+            sources,
+            out,
+            shard,
+            part_size=part_size,
+            batch_size=cfg.inference.batch_size,
+            workers=cfg.inference.workers,
+            on_part=progress,
+        )
     if as_json:
         print(json.dumps(summary.to_dict()))
     else:
@@ -186,7 +214,7 @@ def predict_to_store(
             f"{summary.scored}, failed {summary.failed} -> {out}"
         )
     if summary.failed:
-        print(f"{summary.failed} files failed: see {out}/errors-{shard.tag}-*.jsonl",
+        print(f"{summary.failed} files failed: see {out}/errors-*.jsonl",
               file=sys.stderr)  # fmt: skip
         raise typer.Exit(1)
 

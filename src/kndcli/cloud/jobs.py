@@ -329,6 +329,57 @@ def region_of(name: str, default: str) -> str:
 GCS_MOUNT = "/gcs"
 
 
+# Audio seconds one vCPU scores per second in `knd predict --out --processes N` (one
+# process per vCPU, 16 kHz model): 442 measured on this project's 2-vCPU Xeon
+# (bench/results/predict_archive.json), halved for an older n1 vCPU (a hyperthread of a
+# 2.0-2.2 GHz Skylake/Broadwell core). An assumption, not a measurement on n1: the
+# estimate says so.
+AUDIO_S_PER_VCPU_S = 200.0
+
+
+def machine_vcpus(machine: str) -> int:
+    """vCPUs of a predefined Compute Engine machine type (the number at its end)."""
+    _, _, tail = machine.rpartition("-")
+    if not tail.isdigit() or int(tail) < 1:
+        raise UsageError(
+            f"machine {machine!r}: cannot tell its vCPUs from the name; pass --processes"
+        )
+    return int(tail)
+
+
+@dataclass
+class ArchiveEstimate:
+    """How long an archive job should take and what it should cost, before it runs."""
+
+    files: int
+    clip_s: float
+    replicas: int
+    vcpus: int
+    hours: float
+    machine_hours: float
+    usd: float | None
+
+    def describe(self) -> str:
+        cost = f", about ${self.usd:,.2f}" if self.usd is not None else ""
+        return (
+            f"estimate: {self.files:,} clips of {self.clip_s:g} s on {self.replicas} x "
+            f"{self.vcpus} vCPUs: about {self.hours * 60:,.0f} min of scoring, "
+            f"{self.machine_hours:,.2f} machine-hours{cost} (assumes "
+            f"{AUDIO_S_PER_VCPU_S:g} s of audio per vCPU-second; add replica start-up of "
+            "a few minutes, and object reads if the bucket is far away)"
+        )
+
+
+def estimate_archive(
+    files: int, clip_s: float, machine: str, replicas: int, price_per_hour: float | None
+) -> ArchiveEstimate:
+    vcpus = machine_vcpus(machine)
+    hours = files * clip_s / (AUDIO_S_PER_VCPU_S * vcpus * replicas) / 3600
+    machine_hours = hours * replicas
+    usd = machine_hours * price_per_hour if price_per_hour is not None else None
+    return ArchiveEstimate(files, clip_s, replicas, vcpus, hours, machine_hours, usd)
+
+
 def predict_job_options(
     cloud: CloudConfig,
     *,
@@ -336,6 +387,7 @@ def predict_job_options(
     out: str,
     model: str,
     part_size: int,
+    processes: int,
     display_name: str,
     labels: dict[str, str],
     env: dict[str, str],
@@ -364,7 +416,8 @@ def predict_job_options(
             "image); a local path does not exist in the job"
         )
     args = ["predict", *sources, "--out", out, "--shard", "auto"]
-    args += ["--part-size", str(part_size), "--model", model, "--no-progress"]
+    args += ["--part-size", str(part_size), "--processes", str(processes)]
+    args += ["--model", model, "--no-progress"]
     for override in overrides:
         args += ["--set", override]
     return JobOptions(

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kndcli.audio import AUDIO_EXTENSIONS, find_audio_files
+from kndcli.config import AudioConfig, InferenceConfig
 from kndcli.errors import KndError, UsageError
 
 if TYPE_CHECKING:
@@ -52,6 +53,12 @@ class Shard:
     @property
     def tag(self) -> str:
         return f"{self.index:05d}-of-{self.count:05d}"
+
+    def split(self, n: int) -> list[Shard]:
+        """`n` sub-shards whose union is this shard, for `n` processes on one replica:
+        sub j is `index + count*j` of `count*n`, and h % (count*n) = index + count*j
+        for some j exactly when h % count = index."""
+        return [Shard(self.index + self.count * j, self.count * n) for j in range(n)]
 
     def owns(self, source: str) -> bool:
         """Stable across processes and machines: a hash of the name, not the position."""
@@ -165,7 +172,6 @@ def score_shard(
     part_size: int = 1000,
     batch_size: int = 32,
     workers: int = 0,
-    timeline: bool = False,
     on_part: Callable[[int, int], None] | None = None,
 ) -> ShardSummary:
     """Score this shard's files part by part into `out`, skipping parts already there."""
@@ -184,10 +190,10 @@ def score_shard(
             continue
         rows, errors = [], []
         predictions = predictor.predict_paths(
-            files, batch_size=batch_size, workers=workers, timeline=timeline, read=read
+            files, batch_size=batch_size, workers=workers, read=read
         )
         for prediction in predictions:
-            (rows if prediction.ok else errors).append(prediction.to_dict(timeline=timeline))
+            (rows if prediction.ok else errors).append(prediction.to_dict())
         if errors:
             store.write(f"errors-{shard.tag}-{number:05d}.jsonl", _jsonl(errors))
         store.write(name, _jsonl(rows))  # last: the part is done once this exists
@@ -222,3 +228,67 @@ def _check_plan(store: Store, shard: Shard, mine: list[str], part_size: int) -> 
             "write to a new --out"
         )
     store.write(name, json.dumps(plan, indent=2).encode())
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """What one process needs to score one (sub-)shard: crosses to spawned processes."""
+
+    model: str
+    inference: InferenceConfig
+    audio: AudioConfig
+    out: str
+    part_size: int
+    batch_size: int
+
+
+def score_in_processes(
+    job: ShardJob, sources: list[str], shard: Shard, processes: int
+) -> ShardSummary:
+    """Score `shard` with `processes` spawned processes, one sub-shard each (one ONNX
+    thread and one decoder apiece), so a replica with many vCPUs uses them all: one
+    process tops out at a few cores. A rerun must use the same count (`_SPLIT-*`), or
+    its sub-shards would not match the parts already written."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    store = Store(job.out)
+    check_split(store, shard, processes)
+    subs = shard.split(processes)
+    with ProcessPoolExecutor(processes, mp_context=get_context("spawn")) as pool:
+        futures = [
+            pool.submit(_score_sub, job, [s for s in sources if sub.owns(s)], sub) for sub in subs
+        ]
+        summaries = [future.result() for future in futures]
+    total = ShardSummary(shard.tag, job.out, 0, 0, 0, 0, 0)
+    for part in summaries:
+        for key in ("files", "parts", "parts_skipped", "scored", "failed"):
+            setattr(total, key, getattr(total, key) + getattr(part, key))
+    store.write(f"_DONE-{shard.tag}.json", json.dumps(total.to_dict(), indent=2).encode())
+    return total
+
+
+def check_split(store: Store, shard: Shard, processes: int) -> None:
+    """The first run of a shard records its process count; a rerun must use the same."""
+    name = f"_SPLIT-{shard.tag}.json"
+    before = json.loads(store.read(name)) if store.exists(name) else None
+    if before is None:
+        store.write(name, json.dumps({"processes": processes}).encode())
+    elif before.get("processes") != processes:
+        raise UsageError(
+            f"{store.root}: shard {shard.tag} was started with --processes "
+            f"{before.get('processes')}: pass the same count to resume it"
+        )
+
+
+def _score_sub(job: ShardJob, sources: list[str], sub: Shard) -> ShardSummary:
+    from kndcli.inference.predictor import Predictor
+
+    predictor = Predictor.from_config(job.model, job.inference, threads=1, audio=job.audio)
+    # One decoder keeps a process on its one core; objects in a bucket spend most of
+    # their time in flight, so a few reads overlap there.
+    workers = 4 if any(s.startswith("gs://") for s in sources) else 1
+    return score_shard(
+        predictor, sources, job.out, sub, part_size=job.part_size,
+        batch_size=job.batch_size, workers=workers,
+    )  # fmt: skip
