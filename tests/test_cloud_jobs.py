@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,14 @@ from kndcli.errors import ConfigError, KndError, UsageError
 JOBS = r"/v1/projects/p1/locations/europe-west4/customJobs"
 JOB = r"/v1/projects/p1/locations/europe-west4/customJobs/(\d+)"
 JOB_NAME = "projects/p1/locations/europe-west4/customJobs/4242"
-BASE_ARGS = ["cloud", "submit", "--project", "p1", "--region", "europe-west4"]
+BASE_ARGS = ["cloud", "submit", "--project", "p1", "--region", "europe-west4", "--bucket", "kb"]
+RUN_SET = re.compile(r"train\.run_name=(\w[\w-]*)-\d{8}-\d{6}$")
+
+
+def without_run(args: list[str]) -> list[str]:
+    """Container args less the per-submission `--set train.run_name=<run>-<time>` at the end."""
+    assert args[-2] == "--set" and RUN_SET.match(args[-1]), args
+    return args[:-2]
 
 
 @pytest.fixture
@@ -127,7 +135,7 @@ def test_submit_sends_the_custom_job(fake: FakeGoogle, tmp_path) -> None:
     assert int(workers["replicaCount"]) == 2
     container = primary["containerSpec"]
     assert container["imageUri"] == "europe-docker.pkg.dev/p1/knd/train:abc"
-    assert container["args"] == [
+    assert without_run(container["args"]) == [
         "train",
         "--config",
         str(cfg),
@@ -142,7 +150,11 @@ def test_submit_sends_the_custom_job(fake: FakeGoogle, tmp_path) -> None:
     assert spec["scheduling"]["timeout"] == "21600s"
     assert spec["scheduling"]["restartJobOnWorkerRestart"] is True
     assert spec["serviceAccount"] == "trainer@p1.iam.gserviceaccount.com"
-    assert spec["baseOutputDirectory"] == {"outputUriPrefix": "gs://bucket/runs/exp"}
+    # The job's own directory under the root given: no other job shares its checkpoints.
+    home = spec["baseOutputDirectory"]["outputUriPrefix"]
+    run = container["args"][-1].removeprefix("train.run_name=")
+    assert home == f"gs://bucket/runs/exp/{run}" and run.startswith("exp-")  # run_name exp
+    assert f"model: {home}/model/" in result.output
     assert call.body["labels"] == {"created-by": "knd", "team": "speech"}
     assert call.body["displayName"].startswith("knd-train-exp-")
 
@@ -155,7 +167,8 @@ def test_single_node_on_demand_has_one_pool_and_no_strategy(fake: FakeGoogle) ->
     spec = call.body["jobSpec"]
     [pool] = spec["workerPoolSpecs"]
     assert pool["machineSpec"] == {"machineType": "n1-highcpu-32"}
-    assert pool["containerSpec"]["args"] == ["train"]
+    assert without_run(pool["containerSpec"]["args"]) == ["train"]
+    assert spec["baseOutputDirectory"]["outputUriPrefix"].startswith("gs://kb/runs/run-")
     assert "strategy" not in spec["scheduling"]
     assert spec["scheduling"]["timeout"] == "86400s"
 
@@ -165,6 +178,7 @@ def test_defaults_come_from_config_and_environment(fake: FakeGoogle, tmp_path, m
     cfg.write_text(
         "cloud:\n  project: from-config\n  train_image: img:cfg\n  machine: a2-highgpu-1g\n"
         "  accelerator: NVIDIA_TESLA_A100\n  accelerator_count: 1\n  spot: true\n"
+        "  bucket: gs://from-config/\n"
     )
     monkeypatch.setenv("KND_PROJECT", "p1")
     monkeypatch.setenv("KND_REGION", "europe-west4")
@@ -176,6 +190,8 @@ def test_defaults_come_from_config_and_environment(fake: FakeGoogle, tmp_path, m
     assert pool["containerSpec"]["imageUri"] == "img:cfg"
     assert _accelerator(pool["machineSpec"]["acceleratorType"]) == "NVIDIA_TESLA_A100"
     assert _strategy(call.body["jobSpec"]["scheduling"]["strategy"]) == "SPOT"
+    home = call.body["jobSpec"]["baseOutputDirectory"]["outputUriPrefix"]
+    assert re.fullmatch(r"gs://from-config/runs/run-\d{8}-\d{6}", home)
 
 
 def test_dry_run_prints_the_request_and_calls_nothing(fake: FakeGoogle) -> None:
@@ -290,7 +306,7 @@ def test_dry_run_forwards_config_files_and_sets(fake: FakeGoogle, tmp_path) -> N
     assert result.exit_code == 0, result.output
     pools = json.loads(result.output)["customJob"]["jobSpec"]["workerPoolSpecs"]
     # The user's num_nodes is not said twice; the remote run gets the same files and sets.
-    assert pools[0]["containerSpec"]["args"] == [
+    assert without_run(pools[0]["containerSpec"]["args"]) == [
         "train",
         "--config",
         str(cfg),
@@ -401,10 +417,12 @@ def test_usage_error_through_the_entry_point_is_exit_2() -> None:
         ({"accelerator_count": 2}, "needs cloud.accelerator"),
         ({"base_output_dir": "/local"}, "gs://"),
         ({"timeout": "soon"}, "cloud.timeout"),
+        ({"bucket": ""}, "no place for the trained model"),
     ],
 )
 def test_bad_options_name_the_problem(change: dict, words: str) -> None:
-    cloud = CloudConfig(**{"project": "p", "region": "r", "train_image": "img", **change})
+    fine = {"project": "p", "region": "r", "train_image": "img", "bucket": "b"}
+    cloud = CloudConfig(**{**fine, **change})
     opts = jobs.JobOptions(cloud=cloud, display_name="d")
     with pytest.raises(ConfigError, match=words):
         jobs.build_custom_job(opts)

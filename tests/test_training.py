@@ -682,3 +682,47 @@ def test_rendered_copies_fit_a_memory_budget(synth_prepared):
     )
     assert rendered.variants == 2  # what fits, not the 8 asked for
     assert all(len(copies) == 2 for copies in rendered.copies.values())
+
+
+@pytest.mark.slow
+def test_vertex_directories_on_gcs_keep_the_model_and_only_their_own_checkpoint(
+    synth_prepared, tmp_path, monkeypatch
+):
+    """`knd train` as a Vertex AI job runs it: AIP_MODEL_DIR and AIP_CHECKPOINT_DIR on a
+    bucket (the GCS emulator). The bundle and checkpoints land there; a restart of the
+    same job resumes from them; another configuration is refused that checkpoint."""
+    from tests.conftest import gcs_emulator
+
+    from kndcli.gcs import gcs_filesystem
+
+    with gcs_emulator(monkeypatch, "vertex"):
+        monkeypatch.setenv("AIP_MODEL_DIR", "gs://vertex/runs/j1/model")
+        monkeypatch.setenv("AIP_CHECKPOINT_DIR", "gs://vertex/runs/j1/checkpoints")
+        monkeypatch.setenv("CLOUD_ML_JOB_ID", "4242")
+        args = [
+            "train",
+            *as_sets(
+                tiny_overrides(synth_prepared, tmp_path, "train.run_name=j1", "wandb.enabled=false")
+            ),
+        ]
+        first, _ = _knd(*args).communicate(timeout=600)
+        fs = gcs_filesystem("the test")
+        names = {Path(n).name for n in fs.find("vertex/runs/j1")}
+        assert {"bundle.json", "model.onnx", "weights.safetensors"} <= names, first
+        assert {"last.ckpt", "run.json"} <= names
+
+        again = _knd(*args)
+        output, _ = again.communicate(timeout=600)
+        assert again.returncode == 0, output
+        meta = json.loads(fs.cat_file("vertex/runs/j1/model/bundle.json"))
+        assert meta["training"]["resumed_from"] == "gs://vertex/runs/j1/checkpoints/last.ckpt"
+
+        other = _knd(*args, "--set", "train.seed=7")
+        output, _ = other.communicate(timeout=600)
+        assert other.returncode == 2, output
+        assert "holds the checkpoint of run 'j1'" in output and "train.seed" in output
+
+        monkeypatch.setenv("CLOUD_ML_JOB_ID", "5151")  # another job, same config
+        stranger = _knd(*args)
+        output, _ = stranger.communicate(timeout=600)
+        assert stranger.returncode == 2 and "job 4242 != 5151" in output, output

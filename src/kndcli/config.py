@@ -358,7 +358,12 @@ class CloudConfig:
     spot: bool = False
     timeout: str = "24h"
     service_account: str = ""
+    # Where a training job's model and checkpoints go: each `knd cloud submit` writes to
+    # base_output_dir/<run>-<timestamp> (AIP_MODEL_DIR = .../model, AIP_CHECKPOINT_DIR =
+    # .../checkpoints); empty: gs://<bucket>/runs. One of the two is required: without a
+    # base output directory Vertex AI gives the job nowhere durable to write.
     base_output_dir: str = ""
+    bucket: str = ""
     service: str = "knd"
     cpu: str = "2"
     memory: str = "2Gi"

@@ -144,8 +144,12 @@ def submit(
         opt.keyed(
             "cloud.base_output_dir",
             "--base-output-dir",
-            help="gs:// root for AIP_MODEL_DIR and checkpoints.",
+            help="gs:// root of the job's directory (<root>/<run>-<time>: model, checkpoints).",
         ),
+    ] = None,
+    bucket: Annotated[
+        str | None,
+        opt.keyed("cloud.bucket", "--bucket", help="Without --base-output-dir: gs://BUCKET/runs."),
     ] = None,
     label: Labels = None,
     env: Env = None,
@@ -176,10 +180,14 @@ def submit(
         env=jobs.parse_pairs(env, "--env"),
         config_files=[str(path) for path in config or []],
         overrides=forwarded_overrides(ctx),
+        run=jobs.submission_run_name(cfg.train.run_name),
         # A dry run reads nothing from Secret Manager: `latest` stays unpinned there.
         secret_env=secrets.job_secret_env(references, cfg.cloud.project, pin=not dry_run),
     )
     _submit(opts, dry_run=dry_run, wait=wait, poll=poll, as_json=as_json)
+    if not (dry_run or as_json):
+        home = jobs.job_home(cfg.cloud, opts.run)
+        typer.echo(f"  model: {home}/model/  checkpoints: {home}/checkpoints/")
 
 
 @app.command("predict")

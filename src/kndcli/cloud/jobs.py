@@ -52,6 +52,9 @@ class JobOptions:
     # Another command than `knd train` (`knd cloud predict`): its image and arguments.
     image: str = ""
     args: list[str] | None = None
+    # A training job's run name (`submission_run_name`): its directory under the base
+    # output directory, and `train.run_name` of the remote run.
+    run: str = ""
 
 
 def parse_pairs(items: list[str] | None, what: str) -> dict[str, str]:
@@ -125,6 +128,34 @@ def _check(opts: JobOptions) -> None:
         raise ConfigError(f"key 'cloud.base_output_dir': {c.base_output_dir!r} must be a gs:// URI")
     check_labels(opts.labels)
     check_env_names(opts.env)
+    if opts.args is None:  # a training job: it needs a durable home
+        job_home(c, opts.run)
+
+
+def job_home(cloud: CloudConfig, run: str) -> str:
+    """This submission's own base output directory: `<root>/<run>`, under
+    `cloud.base_output_dir` or `gs://<cloud.bucket>/runs`. Its own, so a job never
+    resumes from (or overwrites) another job's checkpoints: Vertex AI puts them at
+    `<base>/checkpoints` for every job that shares a base."""
+    root = cloud.base_output_dir
+    if not root and cloud.bucket:
+        bucket = cloud.bucket.removeprefix("gs://").strip("/")
+        root = f"gs://{bucket}/runs"
+    if not root:
+        raise ConfigError(
+            "no place for the trained model: set cloud.base_output_dir (--base-output-dir "
+            "gs://...) or cloud.bucket (--bucket); without one Vertex AI sets no "
+            "AIP_MODEL_DIR and the model and checkpoints would be lost with the job"
+        )
+    if not root.startswith("gs://"):
+        raise ConfigError(f"key 'cloud.base_output_dir': {root!r} must be a gs:// URI")
+    return f"{root.rstrip('/')}/{run}" if run else root.rstrip("/")
+
+
+def submission_run_name(run_name: str, now: float | None = None) -> str:
+    """`<run>-<UTC timestamp>`: one name per submission, for its directory and bundle."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now))
+    return f"{run_name or 'run'}-{stamp}"
 
 
 def container_args(opts: JobOptions) -> list[str]:
@@ -140,6 +171,8 @@ def container_args(opts: JobOptions) -> list[str]:
     replicas = opts.cloud.replicas
     if replicas > 1 and not any(o.startswith(f"{NUM_NODES_KEY}=") for o in opts.overrides):
         args += ["--set", f"{NUM_NODES_KEY}={replicas}"]
+    if opts.run:  # the job directory's name: the bundle and W&B say which job made them
+        args += ["--set", f"train.run_name={opts.run}"]
     return args
 
 
@@ -177,8 +210,8 @@ def build_custom_job(opts: JobOptions) -> dict[str, Any]:
     spec: dict[str, Any] = {"worker_pool_specs": pools, "scheduling": scheduling}
     if c.service_account:
         spec["service_account"] = c.service_account
-    if c.base_output_dir:
-        spec["base_output_directory"] = {"output_uri_prefix": c.base_output_dir}
+    if opts.args is None:
+        spec["base_output_directory"] = {"output_uri_prefix": job_home(c, opts.run)}
     labels = {"created-by": "knd", **opts.labels}
     return {"display_name": opts.display_name, "job_spec": spec, "labels": labels}
 

@@ -13,6 +13,7 @@ from kndcli.config import KndConfig, TrainerConfig, to_yaml
 from kndcli.data.store import PreparedSet
 from kndcli.errors import ConfigError, KndError, UsageError
 from kndcli.inference.bundle import BUNDLE_JSON
+from kndcli.training.resume import check_resume, record_of
 
 CONFIG_FILE = "config.yaml"
 LAST = "last.ckpt"
@@ -102,6 +103,8 @@ def _train(cfg: KndConfig) -> TrainResult | None:
         )
     trainer, checkpoint = _trainer(cfg, run_dir, ckpt_dir, has_val)
     last = _existing_last(ckpt_dir)
+    # Every rank checks (a refusal on rank 0 alone would leave the others waiting).
+    check_resume(ckpt_dir, record_of(cfg), has_last=last is not None, write=_rank() == 0)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=last)
     finally:
@@ -146,6 +149,8 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*number of training batches.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    # The directory holds this run's own record (training/resume.py), checked already.
+    warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
 
 
 def check_config(cfg: KndConfig) -> None:
