@@ -34,6 +34,8 @@ BASE_ARGS = [
     "emotions",
     "--serve-image",
     "europe-docker.pkg.dev/p1/knd/serve:abc",
+    "--log-sink",
+    "gs://knd-logs/predictions",
 ]
 POLLS_BEFORE_DONE = 2
 
@@ -142,9 +144,10 @@ def test_deploy_creates_or_updates_in_one_call_and_waits(fake: FakeGoogle) -> No
     [container] = template["containers"]
     assert container["image"] == "europe-docker.pkg.dev/p1/knd/serve:abc"
     assert container["ports"] == [{"name": "http1", "containerPort": 8080}]
+    # The gs:// log uploads its spool between requests: CPU outside requests too
+    # (cpuIdle false, which JSON leaves out; with resources set, absent means false).
     assert container["resources"] == {
         "limits": {"cpu": "4", "memory": "4Gi"},
-        "cpuIdle": True,
         "startupCpuBoost": True,
     }
     probe = container["startupProbe"]
@@ -158,6 +161,8 @@ def test_deploy_creates_or_updates_in_one_call_and_waits(fake: FakeGoogle) -> No
     assert env["KND_LOG_SINK"] == "gs://knd-logs/predictions"
     assert env["KND_API_TOKEN"] == {"secretKeyRef": {"secret": "knd-token", "version": "3"}}
     assert env["LOG_LEVEL"] == "info"
+    # The app answers before Cloud Run's 120 s cut, and shuts down inside its 10 s window.
+    assert env["KND_REQUEST_TIMEOUT_S"] == "118" and env["KND_SHUTDOWN_TIMEOUT_S"] == "8"
     assert template["volumes"] == [
         {"name": "models", "gcs": {"bucket": "knd-models", "readOnly": True}}
     ]
@@ -201,8 +206,14 @@ def test_config_log_sink_used_only_when_durable() -> None:
     cfg.cloud.project = "p"
     opts = services.service_options(cfg)
     assert opts.log_sink == "" and opts.model == ""
-    names = [e["name"] for e in services.build_service(opts)["template"]["containers"][0]["env"]]
+    # On the instance's in-memory disk the log would vanish: refused unless the user says so.
+    with pytest.raises(UsageError, match="no --log-sink.*--ephemeral-log"):
+        services.build_service(opts)
+    opts = services.service_options(cfg, ephemeral_log=True)
+    container = services.build_service(opts)["template"]["containers"][0]
+    names = [e["name"] for e in container["env"]]
     assert "KND_LOG_SINK" not in names and "KND_MODEL" not in names
+    assert container["resources"]["cpu_idle"] is True  # nothing to upload between requests
 
 
 def test_a_local_log_sink_is_refused() -> None:
@@ -257,7 +268,7 @@ def test_dry_run_with_model_and_config(fake: FakeGoogle, tmp_path) -> None:
     cfg = tmp_path / "deploy.yaml"
     cfg.write_text("cloud:\n  cpu: '4'\n  memory: 8Gi\nserve:\n  log_sink: gs://logs/p\n")
     args = [
-        *BASE_ARGS,
+        *BASE_ARGS[:-2],  # the log sink comes from the file
         "-c",
         str(cfg),
         "-m",

@@ -306,6 +306,11 @@ class ServeConfig:
     # stream_idle_s without a message (4408); one message holds at most
     # stream_max_message_kb (1009), and the server reads a stream's messages only as fast
     # as it scores them, so a fast sender waits instead of filling the server's memory.
+    # A request waits at most request_timeout_s for its answer (504 after); `knd cloud
+    # deploy` sets it just under Cloud Run's request timeout. SIGTERM: in-flight requests
+    # get shutdown_timeout_s to finish (deploy: 8 s, as Cloud Run kills 10 s after it).
+    request_timeout_s: float = 60.0
+    shutdown_timeout_s: float = 20.0
     max_streams: int = 32
     stream_max_s: float = 3600.0
     stream_idle_s: float = 10.0
@@ -397,6 +402,8 @@ ENV_KEYS: dict[str, str] = {
     "KND_RUN_NAME": "train.run_name",  # set by `knd train` for the DDP processes it starts
     "PORT": "serve.port",  # Cloud Run
     "KND_ALLOW_NO_TOKEN": "serve.allow_no_token",  # set by `knd cloud deploy` (IAM guards)
+    "KND_REQUEST_TIMEOUT_S": "serve.request_timeout_s",  # set by `knd cloud deploy`
+    "KND_SHUTDOWN_TIMEOUT_S": "serve.shutdown_timeout_s",  # set by `knd cloud deploy`
     "AIP_MODEL_DIR": "train.model_dir",  # Vertex AI, with a base output directory
     "AIP_CHECKPOINT_DIR": "train.checkpoint_dir",
 }
@@ -640,6 +647,8 @@ def check_serve(s: ServeConfig, section: str = "serve") -> None:
         "max_buffered_mb": (s.max_buffered_mb >= s.max_body_mb, "at least serve.max_body_mb"),
         "max_connections": (s.max_connections >= 1, "at least 1"),
         "keep_alive_s": (s.keep_alive_s > 0, "positive seconds"),
+        "request_timeout_s": (s.request_timeout_s > 0, "positive seconds"),
+        "shutdown_timeout_s": (s.shutdown_timeout_s > 0, "positive seconds"),
         "max_streams": (s.max_streams >= 0, "0 (no streams) or more"),
         "stream_max_s": (s.stream_max_s > 0, "positive seconds"),
         "stream_idle_s": (s.stream_idle_s > 0, "positive seconds"),

@@ -344,6 +344,14 @@ def deploy(
             help="Grant (or revoke) public access. Default: leave as is (new: private).",
         ),
     ] = None,
+    ephemeral_log: Annotated[
+        bool,
+        typer.Option(
+            "--ephemeral-log",
+            help="Without --log-sink: keep the prediction log on the instance (lost on "
+            "scale-down).",
+        ),
+    ] = False,
     dry_run: opt.DryRun = False,
     as_json: opt.Json = False,
     config: opt.ConfigFiles = None,
@@ -363,6 +371,7 @@ def deploy(
         env=jobs.parse_pairs(env, "--env"),
         labels=jobs.parse_pairs(label, "--label"),
         allow_unauthenticated=allow_unauthenticated,
+        ephemeral_log=ephemeral_log,
     )
     if dry_run:
         typer.echo(services.request_json(opts))

@@ -27,6 +27,8 @@ INVOKER_ROLE = "roles/run.invoker"
 PUBLIC_MEMBER = "allUsers"
 _SERVICE_NAME = re.compile(r"^[a-z]([a-z0-9-]{0,47}[a-z0-9])?$")
 _RESERVED_ENV = {"PORT", "K_SERVICE", "K_REVISION", "K_CONFIGURATION"}
+# Cloud Run sends SIGKILL 10 s after SIGTERM: the app's graceful shutdown must fit.
+CLOUD_RUN_SHUTDOWN_S = 8
 
 
 @dataclass
@@ -47,6 +49,8 @@ class ServiceOptions:
     allow_unauthenticated: bool | None = None
     # serve.allow_no_token: a public service without a token only when the user says so.
     allow_no_token: bool = False
+    # No gs:// log sink: the log lives (and dies) on the instance, only when the user says so.
+    ephemeral_log: bool = False
 
 
 def service_options(
@@ -56,9 +60,11 @@ def service_options(
     env: dict[str, str] | None = None,
     labels: dict[str, str] | None = None,
     allow_unauthenticated: bool | None = None,
+    ephemeral_log: bool = False,
 ) -> ServiceOptions:
     """The service for a resolved configuration: `cloud:`, `inference.model`, `serve.log_sink`."""
     return ServiceOptions(
+        ephemeral_log=ephemeral_log,
         cloud=cfg.cloud,
         model=deployed_model(cfg.inference.model),
         log_sink=deployed_log_sink(cfg.serve.log_sink),
@@ -161,6 +167,12 @@ def _check(opts: ServiceOptions) -> None:
     reserved = _RESERVED_ENV & set(opts.env)
     if reserved:
         raise UsageError(f"--env {sorted(reserved)[0]} is set by Cloud Run and cannot be changed")
+    if not opts.log_sink and not opts.ephemeral_log:
+        raise UsageError(
+            "no --log-sink: the prediction log would be a file on the instance's in-memory "
+            "disk, gone when it scales down, and drift reports would see nothing. Pass "
+            "--log-sink gs://BUCKET/PREFIX, or --ephemeral-log to accept that"
+        )
 
 
 def pinned_token_secret(opts: ServiceOptions) -> str:
@@ -215,6 +227,11 @@ def build_service(opts: ServiceOptions) -> dict[str, Any]:
         # or the user's explicit --insecure-no-token on a public one (refused in _check
         # otherwise).
         env.append({"name": "KND_ALLOW_NO_TOKEN", "value": "true"})
+    # The app answers before Cloud Run cuts the request, and finishes within the 10 s
+    # Cloud Run allows after SIGTERM (the log is flushed before the scoring pool stops).
+    app_timeout = max(1, opts.cloud.request_timeout_s - 2)
+    env.append({"name": "KND_REQUEST_TIMEOUT_S", "value": str(app_timeout)})
+    env.append({"name": "KND_SHUTDOWN_TIMEOUT_S", "value": str(CLOUD_RUN_SHUTDOWN_S)})
     env += [{"name": k, "value": v} for k, v in sorted(opts.env.items())]
     container: dict[str, Any] = {
         "image": opts.cloud.serve_image,
@@ -223,7 +240,9 @@ def build_service(opts: ServiceOptions) -> dict[str, Any]:
         "resources": {
             "limits": {"cpu": opts.cloud.cpu, "memory": opts.cloud.memory},
             "startup_cpu_boost": True,
-            "cpu_idle": True,
+            # A gs:// log uploads its spool in the background between requests, which
+            # needs CPU outside requests: instance-based billing then.
+            "cpu_idle": not opts.log_sink.startswith("gs://"),
         },
         # The model loads in the app's lifespan; /ready answers 200 once it can predict.
         "startup_probe": {

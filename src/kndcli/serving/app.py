@@ -169,7 +169,7 @@ def run_server(
         "port": settings.port,
         "access_log": access_log,
         "log_level": log_level,
-        "timeout_graceful_shutdown": 20,
+        "timeout_graceful_shutdown": settings.shutdown_timeout_s,
         "server_header": False,
         "http": "kndcli.serving.guards:GuardedProtocol",
         "limit_concurrency": settings.max_connections,

@@ -46,7 +46,6 @@ class ServeSettings(ServeConfig):
     # them; serve.max_duration_s and serve.max_body_mb replace its seconds and bytes.
     audio: AudioConfig = field(default_factory=AudioConfig)
     threads: int = 0  # ONNX Runtime intra-op threads; 0 = one per core (1 per scoring process)
-    request_timeout_s: float = 60.0
     # None: read KND_API_TOKEN when the app is created. Never serialised into the env blob.
     api_token: str | None = None
 
