@@ -42,7 +42,11 @@ class FakeGoogle:
                 parts = urlsplit(self.path)
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length) if length else b""
-                body = json.loads(raw) if raw else None
+                if "x-www-form-urlencoded" in self.headers.get("Content-Type", ""):
+                    # OAuth token requests (google-auth) are forms, not JSON.
+                    body = {k: v[0] for k, v in parse_qs(raw.decode()).items()}
+                else:
+                    body = json.loads(raw) if raw else None
                 request = Request(self.command, parts.path, parse_qs(parts.query), body)
                 fake.requests.append(request)
                 status, payload = fake._answer(request)

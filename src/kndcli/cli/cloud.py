@@ -385,6 +385,68 @@ def deploy(
         _print_summary(summary, as_json)
 
 
+@app.command("invoke")
+def invoke(
+    ctx: typer.Context,
+    service: Annotated[str, typer.Argument(help="Cloud Run service name (or full name).")],
+    files: Annotated[list[str], typer.Argument(help="Audio files to score.", show_default=False)],
+    project: Project = None,
+    region: Region = None,
+    url: Annotated[
+        str | None, typer.Option("--url", help="The service URL (default: asked from Cloud Run).")
+    ] = None,
+    token_secret: Annotated[
+        str | None,
+        typer.Option(
+            "--token-secret",
+            help="Secret Manager secret[:version] with knd's API token (default: KND_API_TOKEN).",
+        ),
+    ] = None,
+    public: Annotated[
+        bool, typer.Option("--public", help="No ID token: the service allows unauthenticated.")
+    ] = False,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds per request.")] = 60.0,
+    config: opt.ConfigFiles = None,
+    sets: opt.Sets = None,
+    print_config: opt.PrintConfig = False,
+) -> None:
+    """Score clips with a deployed service: a JSON line per file.
+
+    Sends a Google ID token for the service (Cloud Run IAM) in X-Serverless-Authorization
+    and knd's token in Authorization. Exit 1 when any file was not answered 200.
+    """
+    import os
+    from pathlib import Path
+
+    from kndcli.cloud import invoke as calls
+    from kndcli.cloud import services
+
+    cfg = opt.load(ctx)
+    paths = [Path(f) for f in files]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise UsageError(f"{missing[0]}: no such file")
+    if url is None:
+        name = services.resolve_service_name(service, cfg.cloud.project, cfg.cloud.region)
+        url = services.service_status(name)["url"]
+        if not url:
+            raise UsageError(f"service {name} has no URL yet (is it deployed?)")
+    knd_token = os.environ.get("KND_API_TOKEN") or None
+    if token_secret:
+        from kndcli.cloud.secrets import read_secret
+
+        knd_token = read_secret(token_secret, cfg.cloud.project)
+    headers = calls.invoke_headers(None if public else calls.identity_token(url), knd_token)
+    failed = 0
+    for path in paths:
+        answer = calls.post_clip(url, path, headers, timeout)
+        failed += answer["status"] != 200
+        typer.echo(json.dumps(answer))
+    if failed:
+        typer.echo(f"{failed} of {len(paths)} files were not scored", err=True)
+        raise typer.Exit(1)
+
+
 @app.command("status")
 def status(
     ctx: typer.Context,

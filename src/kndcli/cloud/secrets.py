@@ -83,3 +83,12 @@ def resolve_secret_env(environ: MutableMapping[str, str] | None = None) -> list[
         del env[variable]
         resolved.append(name)
     return resolved
+
+
+def read_secret(reference: str, project: str) -> str:
+    """The value of `SECRET[:VERSION]` (or a full version name), e.g. the service token
+    `knd cloud invoke` sends; never printed."""
+    version = secret_version_name(reference, project)
+    with google_errors(f"Secret Manager ({version})"):
+        payload = secrets_client().access_secret_version(name=version).payload.data
+    return payload.decode("utf-8").strip()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Mapping
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -19,21 +20,31 @@ def get_service(request: Request) -> ServiceState:
     return service
 
 
-def bearer_ok(expected: str | None, authorization: str) -> bool:
-    """Whether an `Authorization` header carries the token (constant-time); no token
-    configured lets everyone in."""
+# Where a caller may put knd's token when `Authorization` carries something else: behind
+# Cloud Run IAM, `Authorization: Bearer <Google ID token>` is what IAM reads.
+TOKEN_HEADER = "x-knd-token"
+
+
+def token_ok(expected: str | None, headers: Mapping[str, str]) -> bool:
+    """Whether the request carries the token, as `Authorization: Bearer <token>` or
+    `X-KND-Token: <token>` (compared in constant time); no token configured lets
+    everyone in."""
     if not expected:
         return True
-    scheme, _, given = authorization.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(
-        given.strip().encode(), expected.encode()
+    scheme, _, given = headers.get("authorization", "").partition(" ")
+    bearer = given.strip() if scheme.lower() == "bearer" else ""
+    header = headers.get(TOKEN_HEADER, "").strip()
+    return any(
+        hmac.compare_digest(candidate.encode(), expected.encode())
+        for candidate in (bearer, header)
+        if candidate
     )
 
 
 def require_token(request: Request) -> None:
-    """When KND_API_TOKEN is set, prediction routes need `Authorization: Bearer <token>`."""
+    """When KND_API_TOKEN is set, prediction routes need the token (`token_ok`)."""
     expected: str | None = getattr(request.app.state, "api_token", None)
-    if not bearer_ok(expected, request.headers.get("authorization", "")):
+    if not token_ok(expected, request.headers):
         raise ApiError(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
 
 

@@ -31,7 +31,7 @@ import numpy as np
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from kndcli.serving.body import Upload
-from kndcli.serving.deps import bearer_ok
+from kndcli.serving.deps import token_ok
 from kndcli.serving.service import Scored
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ async def stream(websocket: WebSocket) -> None:
     await websocket.accept()
     counted = False
     try:
-        if not bearer_ok(app.state.api_token, websocket.headers.get("authorization", "")):
+        if not token_ok(app.state.api_token, websocket.headers):
             raise StreamRefused(CLOSE_POLICY, "missing or wrong bearer token")
         service = app.state.service
         if service is None or not service.ready:
