@@ -73,8 +73,37 @@ def _strategy(value: int | str) -> str:
     return _enum(aiplatform_v1.Scheduling.Strategy, value)
 
 
+def _vertex_refuses(job: dict) -> str | None:
+    """The fake's own reading of Vertex AI's machine rules (not knd's table): why a job
+    would be refused, or None."""
+    for pool in job["jobSpec"]["workerPoolSpecs"]:
+        spec = pool["machineSpec"]
+        machine = spec["machineType"]
+        gpu = _accelerator(spec["acceleratorType"]) if "acceleratorType" in spec else ""
+        count = int(spec.get("acceleratorCount", 0))
+        family, _, size = machine.rpartition("-")
+        if family == "g2-standard":
+            wanted = ("NVIDIA_L4", {"24": 2, "48": 4, "96": 8}.get(size, 1))
+        elif family in ("a2-highgpu", "a2-megagpu"):
+            wanted = ("NVIDIA_TESLA_A100", int(size.rstrip("g")))
+        elif family.startswith("n1-"):
+            ok = not gpu or (gpu.startswith("NVIDIA_TESLA_") and count in (1, 2, 4, 8))
+            wanted = (gpu, count) if ok else ("", -1)
+        else:
+            wanted = ("", 0)
+        if (gpu, count) != wanted:
+            return f"machine type {machine} does not support {count} x {gpu or 'no GPU'}"
+    return None
+
+
 def _created(fake: FakeGoogle) -> None:
-    fake.route("POST", JOBS, lambda r, _m: (200, {**r.body, **_job("JOB_STATE_PENDING")}))
+    def create(request, _match):
+        refused = _vertex_refuses(request.body)
+        if refused:
+            return 400, error_body(400, refused)
+        return 200, {**request.body, **_job("JOB_STATE_PENDING")}
+
+    fake.route("POST", JOBS, create)
 
 
 def _states(fake: FakeGoogle, states: list[str], **final) -> None:
@@ -580,3 +609,41 @@ def test_cloud_predict_estimates_time_and_cost_before_it_submits(fake: FakeGoogl
     assert fake.requests == []
     odd = CliRunner().invoke(app, [*args[:-5], "--machine", "custom", "--expect-files", "10"])
     assert odd.exception.exit_code == 2 and "pass --processes" in str(odd.exception)
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--accelerator", "NVIDIA_L4"], "built into g2-standard"),  # on n1-highcpu-32
+        (["--machine", "g2-standard-24", "--accelerator", "NVIDIA_L4"], "comes with 2 x NVIDIA_L4"),
+        (["--machine", "g2-standard-8"], "pass --accelerator NVIDIA_L4"),
+        (["--machine", "n1-standard-8", "--accelerator", "NVIDIA_TESLA_T4",
+          "--accelerator-count", "3"], "takes 1, 2, 4"),
+        (["--machine", "e2-standard-8", "--accelerator", "NVIDIA_TESLA_T4"], "N1 machine types"),
+    ],
+)  # fmt: skip
+def test_a_machine_that_cannot_carry_the_gpus_is_refused_before_any_request(
+    fake: FakeGoogle, flags: list[str], words: str, monkeypatch
+) -> None:
+    _created(fake)
+    args = [*BASE_ARGS, "--train-image", "img", *flags]
+    refused = CliRunner().invoke(app, args)
+    assert isinstance(refused.exception, ConfigError) and words in str(refused.exception)
+    assert fake.requests == []
+    # Without knd's check the (fake) API refuses the same job: the rule is real, not an echo.
+    monkeypatch.setattr(jobs, "check_machine", lambda *_args: None)
+    sent = CliRunner().invoke(app, args)
+    assert sent.exception.exit_code == 3 and "does not support" in str(sent.exception)
+
+
+def test_gpu_machines_with_their_own_gpus_pass_knd_and_the_api(fake: FakeGoogle) -> None:
+    _created(fake)
+    for flags in (
+        ["--machine", "g2-standard-24", "--accelerator", "NVIDIA_L4", "--accelerator-count", "2"],
+        ["--machine", "a2-highgpu-4g", "--accelerator", "NVIDIA_TESLA_A100",
+         "--accelerator-count", "4"],
+        ["--machine", "n1-standard-16", "--accelerator", "NVIDIA_TESLA_V100",
+         "--accelerator-count", "8"],
+    ):  # fmt: skip
+        result = CliRunner().invoke(app, [*BASE_ARGS, "--train-image", "img", *flags])
+        assert result.exit_code == 0, result.output

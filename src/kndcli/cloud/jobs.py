@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from kndcli.cloud.machines import check_machine
 from kndcli.config import CloudConfig, parse_duration
 from kndcli.errors import ConfigError, KndError, UsageError
 
@@ -124,6 +125,7 @@ def _check(opts: JobOptions) -> None:
             f"key 'cloud.accelerator': {c.accelerator!r} is not a Vertex accelerator type "
             "(e.g. NVIDIA_L4, NVIDIA_TESLA_A100)"
         )
+    check_machine(c.machine, c.accelerator, c.accelerator_count)
     if c.base_output_dir and not c.base_output_dir.startswith("gs://"):
         raise ConfigError(f"key 'cloud.base_output_dir': {c.base_output_dir!r} must be a gs:// URI")
     check_labels(opts.labels)
