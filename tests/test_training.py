@@ -159,8 +159,8 @@ def test_unknown_model_is_a_config_error(synth_prepared, tmp_path):
     assert "unknown model 'transformer9000'" in proc.stderr
 
 
-def _knd(*args: str, **kwargs) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
+def _knd(*args: str, env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
+    env = {k: v for k, v in (env or os.environ).items() if k != "WANDB_API_KEY"}
     return subprocess.Popen(
         [sys.executable, "-m", "kndcli", *args],
         stdout=subprocess.PIPE,
@@ -726,3 +726,43 @@ def test_vertex_directories_on_gcs_keep_the_model_and_only_their_own_checkpoint(
         stranger = _knd(*args)
         output, _ = stranger.communicate(timeout=600)
         assert stranger.returncode == 2 and "job 4242 != 5151" in output, output
+
+
+@pytest.mark.slow
+def test_two_vertex_replicas_train_one_model_over_gloo(synth_prepared, tmp_path):
+    """Two `knd train` processes with the variables Vertex AI sets on two replicas
+    (CLUSTER_SPEC, MASTER_ADDR/PORT, WORLD_SIZE and RANK counted in nodes) form one
+    DDP group over gloo on loopback; only the primary writes the bundle."""
+    from tests.conftest import free_port
+
+    port = free_port()
+    cluster = {"workerpool0": [f"127.0.0.1:{port}"], "workerpool1": ["127.0.0.1:2222"]}
+    args = [
+        "train",
+        *as_sets(
+            tiny_overrides(
+                synth_prepared,
+                tmp_path,
+                "train.run_name=vertex2",
+                "wandb.enabled=false",
+                "train.trainer.strategy=ddp",
+                "train.trainer.accelerator=cpu",
+                "train.trainer.devices=1",
+                "train.trainer.num_nodes=2",  # what `knd cloud submit --replicas 2` adds
+            )
+        ),
+    ]
+    procs = []
+    for rank, pool in enumerate(("workerpool0", "workerpool1")):
+        env = {
+            "CLUSTER_SPEC": json.dumps({"cluster": cluster, "task": {"type": pool, "index": 0}}),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "WORLD_SIZE": "2",
+            "RANK": str(rank),
+        }
+        procs.append(_knd(*args, env={**os.environ, **env, "WANDB_MODE": "offline"}))
+    outputs = [proc.communicate(timeout=600)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outputs
+    meta = load_bundle(tmp_path / "vertex2").meta
+    assert meta["training"]["world_size"] == 2
