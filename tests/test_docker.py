@@ -97,6 +97,11 @@ def test_cloudbuild_builds_and_pushes_both_images() -> None:
     }
     assert files == {f"docker/{name}" for name in DOCKERFILES}
     assert {image.split("/")[-1].split(":")[0] for image in build["images"]} == {"train", "serve"}
+    # The registry is the build's region, where docs/cloud.md creates the repository.
+    assert build["substitutions"]["_REGISTRY"].startswith("${LOCATION}-docker.pkg.dev/")
+    for step in build["steps"]:  # every build starts from the last image's layers
+        if "build" in step["args"]:
+            assert any(a.startswith("--cache-from=") for a in step["args"]), step["id"]
 
 
 def _context(tmp_path: Path) -> Path:
