@@ -11,7 +11,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -590,6 +591,24 @@ def _wait_ready(port: int, proc: subprocess.Popen, start: float, timeout: float 
     raise RuntimeError(f"/ready not reached within {timeout} s")
 
 
+@contextmanager
+def _knd_serving(bundle: Path, tmp: str) -> Iterator[int]:
+    """`knd serve` of `bundle` on a free loopback port (its log under `tmp`), ready; the
+    port. Stopped on the way out."""
+    port = _free_port()
+    cmd = [*knd_command(), "serve", "--model", str(bundle), "--port", str(port)]
+    cmd += ["--set", f"serve.log_sink={Path(tmp) / 'log.sqlite'}"]
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=bench_env(), cwd=REPO
+    )
+    try:
+        _wait_ready(port, proc, start)
+        yield port
+    finally:
+        _stop(proc)
+
+
 def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
@@ -806,28 +825,10 @@ def bench_stream(ctx: Context) -> BenchResult:
     with tempfile.TemporaryDirectory(prefix="knd-bench-stream-") as tmp:
         path = Path(tmp) / "call.wav"
         long_recording(ctx.all_clips()[::40], seconds, path, seed=5)
-        port = _free_port()
-        cmd = [
-            *knd_command(),
-            "serve",
-            "--model",
-            str(bundle),
-            "--port",
-            str(port),
-            "--set",
-            f"serve.log_sink={Path(tmp) / 'log.sqlite'}",
-        ]
-        start = time.perf_counter()
-        proc = subprocess.Popen(
-            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=bench_env(), cwd=REPO
-        )
-        try:
-            _wait_ready(port, proc, start)
+        with _knd_serving(bundle, tmp) as port:
             url = stream_url(f"http://127.0.0.1:{port}")
             for count in STREAM_COUNTS:
                 runs[count] = _stream_latencies(url, path, count, seed=count)
-        finally:
-            _stop(proc)
     figures = []
     for count, values in runs.items():
         for p in (50, 99):
@@ -872,40 +873,24 @@ def bench_serve_openloop(ctx: Context) -> BenchResult:
     hostile = hostile_bodies(wav)
     duration = 3.0 if ctx.quick else 20.0
     runs: dict[str, dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory(prefix="knd-bench-openloop-") as tmp:
-        port = _free_port()
-        cmd = [
-            *knd_command(),
-            "serve",
-            "--model",
-            str(bundle),
-            "--port",
-            str(port),
-            "--set",
-            f"serve.log_sink={Path(tmp) / 'log.sqlite'}",
-        ]
-        start = time.perf_counter()
-        proc = subprocess.Popen(
-            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=bench_env(), cwd=REPO
-        )
-        try:
-            _wait_ready(port, proc, start)
-            capacity = run_load(port, good, clients=16, duration_s=duration / 2)
-            rate = capacity["requests_per_s"]
-            for share in OPEN_LOOP_LOADS:
-                for mix in ("clean", "hostile"):
-                    runs[f"{mix} {share:.0%}"] = run_open_loop(
-                        port,
-                        good,
-                        rate=share * rate,
-                        duration_s=duration,
-                        hostile=hostile if mix == "hostile" else [],
-                        hostile_share=HOSTILE_SHARE if mix == "hostile" else 0.0,
-                        seed=int(share * 100),
-                        keep_alive_s=keep_alive_s,
-                    )
-        finally:
-            _stop(proc)
+    with (
+        tempfile.TemporaryDirectory(prefix="knd-bench-openloop-") as tmp,
+        _knd_serving(bundle, tmp) as port,
+    ):
+        capacity = run_load(port, good, clients=16, duration_s=duration / 2)
+        rate = capacity["requests_per_s"]
+        for share in OPEN_LOOP_LOADS:
+            for mix in ("clean", "hostile"):
+                runs[f"{mix} {share:.0%}"] = run_open_loop(
+                    port,
+                    good,
+                    rate=share * rate,
+                    duration_s=duration,
+                    hostile=hostile if mix == "hostile" else [],
+                    hostile_share=HOSTILE_SHARE if mix == "hostile" else 0.0,
+                    seed=int(share * 100),
+                    keep_alive_s=keep_alive_s,
+                )
 
     def one(run: dict[str, Any], key: str) -> dict[str, Any]:
         return stats([float(run[key])] if run[key] is not None else [])
