@@ -174,3 +174,20 @@ def test_shard_needs_out() -> None:
         env={**os.environ},
     )
     assert done.returncode == 2 and "--shard and --processes need --out" in done.stderr
+
+
+def test_a_shard_started_before_splits_were_recorded_resumes_as_one_process(
+    tmp_path: Path, ravdess_root: Path, tiny_bundle: Path
+) -> None:
+    archive = tmp_path / "in"
+    archive.mkdir()
+    for clip in ravdess_clips(ravdess_root, [3])[:3]:
+        (archive / clip.name).symlink_to(clip)
+    out = tmp_path / "out"
+    args = [str(archive), "--out", str(out), "-m", str(tiny_bundle)]
+    assert subprocess.run([KND, "predict", *args], capture_output=True, timeout=120).returncode == 0
+    (out / "_SPLIT-00000-of-00001.json").unlink()  # as an older knd left it
+    split = subprocess.run(
+        [KND, "predict", *args, "--processes", "2"], capture_output=True, text=True, timeout=120
+    )
+    assert split.returncode == 2 and "started with --processes 1" in split.stderr

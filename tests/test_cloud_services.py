@@ -162,7 +162,7 @@ def test_deploy_creates_or_updates_in_one_call_and_waits(fake: FakeGoogle) -> No
     assert env["KND_API_TOKEN"] == {"secretKeyRef": {"secret": "knd-token", "version": "3"}}
     assert env["LOG_LEVEL"] == "info"
     # The app answers before Cloud Run's 120 s cut, and shuts down inside its 10 s window.
-    assert env["KND_REQUEST_TIMEOUT_S"] == "118" and env["KND_SHUTDOWN_TIMEOUT_S"] == "8"
+    assert env["KND_REQUEST_TIMEOUT_S"] == "118" and env["KND_SHUTDOWN_TIMEOUT_S"] == "5"
     assert template["volumes"] == [
         {"name": "models", "gcs": {"bucket": "knd-models", "readOnly": True}}
     ]

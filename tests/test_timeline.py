@@ -126,7 +126,11 @@ def test_a_broken_file_keeps_its_spans_and_stops_no_other(tiny_bundle, recording
     broken, quiet, whole = (json.loads(line) for line in result.stdout.splitlines())
     assert "truncated" in broken["error"] and f"error: {cut}" in result.stderr
     assert broken["segments"] and broken["duration"] < 0.7 * 75.0
-    assert broken["segments"] == whole["segments"][: len(broken["segments"])]
+    *before, last = broken["segments"]
+    assert before == whole["segments"][: len(before)]
+    # The utterance under way at the break is kept too, cut where the audio ends.
+    assert last["start"] == whole["segments"][len(before)]["start"]
+    assert last["end"] == pytest.approx(broken["duration"], abs=0.05)
     assert quiet["label"] is None and quiet["segments"] == [] and "error" not in quiet
     assert "error" not in whole
     assert "1 of 3 files failed" in result.stderr

@@ -766,3 +766,21 @@ def test_two_vertex_replicas_train_one_model_over_gloo(synth_prepared, tmp_path)
     assert [proc.returncode for proc in procs] == [0, 0], outputs
     meta = load_bundle(tmp_path / "vertex2").meta
     assert meta["training"]["world_size"] == 2
+
+
+def test_resume_record_compares_the_recipe_only(tmp_path):
+    from kndcli.config import ConfigError
+    from kndcli.training.resume import check_resume, record_of
+
+    ckpt = str(tmp_path / "checkpoints")
+    cfg = load_config(overrides=["train.run_name=r1"])
+    check_resume(ckpt, record_of(cfg), has_last=False)
+    other_sections = load_config(overrides=["train.run_name=r1", "wandb.enabled=false"])
+    other_sections.serve.max_streams = 3
+    check_resume(ckpt, record_of(other_sections), has_last=True)  # not the recipe: resumes
+    newer = record_of(cfg)
+    newer["config"]["model.some_new_key"] = 1  # a key only a newer knd writes
+    check_resume(ckpt, newer, has_last=True, write=False)
+    changed = load_config(overrides=["train.run_name=r1", "train.seed=7"])
+    with pytest.raises(ConfigError, match="train.seed"):
+        check_resume(ckpt, record_of(changed), has_last=True)

@@ -308,7 +308,8 @@ class ServeConfig:
     # as it scores them, so a fast sender waits instead of filling the server's memory.
     # A request waits at most request_timeout_s for its answer (504 after); `knd cloud
     # deploy` sets it just under Cloud Run's request timeout. SIGTERM: in-flight requests
-    # get shutdown_timeout_s to finish (deploy: 8 s, as Cloud Run kills 10 s after it).
+    # get shutdown_timeout_s to finish (deploy: 5 s, as Cloud Run kills 10 s after
+    # SIGTERM and the log upload comes after it).
     request_timeout_s: float = 60.0
     shutdown_timeout_s: float = 20.0
     max_streams: int = 32

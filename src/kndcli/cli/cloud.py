@@ -262,8 +262,9 @@ def predict(
     if expect_files is not None:
         if expect_files < 1 or clip_seconds <= 0:
             raise UsageError("--expect-files and --clip-seconds must be positive")
+        replicas = 1 if local else cfg.cloud.replicas
         estimate = jobs.estimate_archive(
-            expect_files, clip_seconds, cfg.cloud.machine, cfg.cloud.replicas, price_per_hour
+            expect_files, clip_seconds, processes, replicas, price_per_hour
         )
         typer.echo(estimate.describe(), err=True)
     if local:

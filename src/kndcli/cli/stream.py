@@ -35,6 +35,13 @@ def stream(
     chunk_ms: Annotated[
         int, typer.Option("--chunk-ms", help="Audio per message, in milliseconds.")
     ] = 100,
+    id_token: Annotated[
+        bool,
+        typer.Option(
+            "--id-token",
+            help="Send a Google ID token too: the service is private on Cloud Run.",
+        ),
+    ] = False,
     jsonl: opt.Jsonl = False,
     config: opt.ConfigFiles = None,
     sets: opt.Sets = None,
@@ -61,12 +68,18 @@ def stream(
     if source == "-" and not low <= rate <= high:
         raise UsageError(f"--rate {rate}: {low} to {high} Hz (audio.min/max_sample_rate)")
     printer = _print_jsonl if jsonl else _LinePrinter()
+    google_id = None
+    if id_token:
+        from kndcli.cloud.invoke import identity_token
+
+        google_id = identity_token(server.rstrip("/"))
     stream_audio(
         url,
         pcm16_chunks(blocks, sample_rate, chunk_ms / 1000),
         sample_rate=sample_rate,
         speed=speed,
         token=os.environ.get("KND_API_TOKEN") or None,
+        id_token=google_id,
         on_event=printer,
     )
 

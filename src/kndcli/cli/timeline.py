@@ -56,9 +56,13 @@ class _Stems:
 
 
 def _write_files(timeline: Timeline, directory: Path, stem: str) -> None:
+    from kndcli.errors import KndError
     from kndcli.inference.timeline import write_files
 
-    write_files(timeline, directory, stem)
+    try:
+        write_files(timeline, directory, stem)
+    except OSError as exc:
+        raise KndError(f"--timeline-dir {directory}: cannot write ({exc.strerror})") from None
     try:
         from kndcli.plots import plot_timeline
 

@@ -406,9 +406,9 @@ class ArchiveEstimate:
 
 
 def estimate_archive(
-    files: int, clip_s: float, machine: str, replicas: int, price_per_hour: float | None
+    files: int, clip_s: float, vcpus: int, replicas: int, price_per_hour: float | None
 ) -> ArchiveEstimate:
-    vcpus = machine_vcpus(machine)
+    """`vcpus` is the scoring processes per replica (one vCPU each)."""
     hours = files * clip_s / (AUDIO_S_PER_VCPU_S * vcpus * replicas) / 3600
     machine_hours = hours * replicas
     usd = machine_hours * price_per_hour if price_per_hour is not None else None

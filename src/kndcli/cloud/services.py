@@ -27,8 +27,9 @@ INVOKER_ROLE = "roles/run.invoker"
 PUBLIC_MEMBER = "allUsers"
 _SERVICE_NAME = re.compile(r"^[a-z]([a-z0-9-]{0,47}[a-z0-9])?$")
 _RESERVED_ENV = {"PORT", "K_SERVICE", "K_REVISION", "K_CONFIGURATION"}
-# Cloud Run sends SIGKILL 10 s after SIGTERM: the app's graceful shutdown must fit.
-CLOUD_RUN_SHUTDOWN_S = 8
+# Cloud Run sends SIGKILL 10 s after SIGTERM. uvicorn waits this long for requests in
+# flight; the batcher, the log upload and the pool close come after it, in what is left.
+CLOUD_RUN_SHUTDOWN_S = 5
 
 
 @dataclass

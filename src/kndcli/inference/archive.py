@@ -250,6 +250,7 @@ def score_in_processes(
     process tops out at a few cores. A rerun must use the same count (`_SPLIT-*`), or
     its sub-shards would not match the parts already written."""
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
     from multiprocessing import get_context
 
     store = Store(job.out)
@@ -259,7 +260,13 @@ def score_in_processes(
         futures = [
             pool.submit(_score_sub, job, [s for s in sources if sub.owns(s)], sub) for sub in subs
         ]
-        summaries = [future.result() for future in futures]
+        try:
+            summaries = [future.result() for future in futures]
+        except BrokenProcessPool:
+            raise KndError(
+                f"a scoring process died (out of memory, or killed); the parts written are "
+                f"kept: rerun with --processes {processes} to finish the shard"
+            ) from None
     total = ShardSummary(shard.tag, job.out, 0, 0, 0, 0, 0)
     for part in summaries:
         for key in ("files", "parts", "parts_skipped", "scored", "failed"):
@@ -272,6 +279,8 @@ def check_split(store: Store, shard: Shard, processes: int) -> None:
     """The first run of a shard records its process count; a rerun must use the same."""
     name = f"_SPLIT-{shard.tag}.json"
     before = json.loads(store.read(name)) if store.exists(name) else None
+    if before is None and store.exists(f"_PLAN-{shard.tag}.json"):
+        before = {"processes": 1}  # started before splits were recorded: one process
     if before is None:
         store.write(name, json.dumps({"processes": processes}).encode())
     elif before.get("processes") != processes:

@@ -192,10 +192,10 @@ def score_recording(
             if segmenter.open_since is not None:
                 keep.append(segmenter.open_since)
             recent.drop_before(min(keep))
-        waiting.extend(segmenter.finish())
-        builder.score([(a, min(b, recent.end_s)) for a, b in waiting if a < recent.end_s], recent)
-    except AudioError as exc:
+    except AudioError as exc:  # the audio before the break is still scored below
         builder.timeline.error = exc.problem
+    waiting.extend(segmenter.finish())
+    builder.score([(a, min(b, recent.end_s)) for a, b in waiting if a < recent.end_s], recent)
     builder.timeline.duration = recent.end_s
     return builder.finish()
 

@@ -174,10 +174,12 @@ def run_server(
         "http": "kndcli.serving.guards:GuardedProtocol",
         "limit_concurrency": settings.max_connections,
         "timeout_keep_alive": settings.keep_alive_s,
-        # /stream: a message over the limit closes the stream (1009), and at most a few
-        # unread messages wait per stream, so a fast sender is held back by TCP.
+        # /stream: the sans-I/O protocol reads one message at a time and its sends wait
+        # for the socket (the backpressure serving/stream.py relies on), named here so
+        # another installed WebSocket library cannot change it; a message over the limit
+        # closes the stream (1009).
+        "ws": "websockets-sansio",
         "ws_max_size": settings.stream_max_message_kb * 1024,
-        "ws_max_queue": 4,
     }
     if settings.workers > 1:
         os.environ[SETTINGS_ENV] = settings.to_json()

@@ -10,9 +10,11 @@ per analysis window as soon as the window's audio has arrived, and a `{"type":
 logged like one. Every refusal is a close code with a reason (`CLOSE_*`).
 
 Backpressure: a stream's next message is read only after its ready windows are scored
-and sent, and uvicorn keeps at most a few unread messages per socket (`ws_max_queue`),
-so a client that sends faster than real time, or never reads its events, is held back
-by TCP instead of growing the server's memory.
+and sent, uvicorn's sans-I/O WebSocket protocol stops reading the socket after each
+message until the app has taken it, and a send waits while the socket's write buffer is
+full (a client that stops reading its events gets CLOSE_IDLE after serve.stream_idle_s).
+So a client that sends faster than real time, or never reads, is held back by TCP
+instead of growing the server's memory.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ class StreamFormat:
         if not isinstance(message, dict) or message.get("type") != "start":
             raise StreamRefused(CLOSE_BAD_DATA, 'the first message must be {"type": "start", ...}')
         encoding = message.get("encoding", "pcm16")
-        if encoding not in ENCODINGS:
+        if not isinstance(encoding, str) or encoding not in ENCODINGS:
             raise StreamRefused(
                 CLOSE_BAD_DATA, f"encoding {encoding!r}: choose {' or '.join(ENCODINGS)}"
             )
@@ -216,6 +218,18 @@ async def _receive(websocket: WebSocket, idle_s: float) -> dict[str, Any]:
     return message
 
 
+async def _send(websocket: WebSocket, event: dict[str, Any], settings: Any) -> None:
+    """Send one event; a client that has not read for serve.stream_idle_s (the send
+    waits while the socket's buffer is full) is closed."""
+    try:
+        await asyncio.wait_for(websocket.send_json(event), settings.stream_idle_s)
+    except TimeoutError:
+        raise StreamRefused(
+            CLOSE_IDLE,
+            f"events not read for {settings.stream_idle_s:g} s (serve.stream_idle_s)",
+        ) from None
+
+
 async def _session(websocket: WebSocket, service: Any, settings: Any) -> None:
     first = await _receive(websocket, settings.stream_idle_s)
     if first.get("text") is None:
@@ -248,7 +262,7 @@ async def _session(websocket: WebSocket, service: Any, settings: Any) -> None:
                     f"more than {settings.stream_max_s:g} s of audio (serve.stream_max_s)",
                 )
             for start, samples in ready:
-                await websocket.send_json(await scorer.score(start, samples))
+                await _send(websocket, await scorer.score(start, samples), settings)
             continue
         text = message.get("text") or ""
         try:
@@ -258,8 +272,8 @@ async def _session(websocket: WebSocket, service: Any, settings: Any) -> None:
         if not end:
             raise StreamRefused(CLOSE_BAD_DATA, 'text messages after start: only {"type": "end"}')
         for start, samples in windows.finish():
-            await websocket.send_json(await scorer.score(start, samples))
-        await websocket.send_json(scorer.summary(windows.seconds))
+            await _send(websocket, await scorer.score(start, samples), settings)
+        await _send(websocket, scorer.summary(windows.seconds), settings)
         await _close(websocket, CLOSE_NORMAL, "done")
         return
 
@@ -318,7 +332,8 @@ def _raise_for(scored: Scored) -> None:
     """A window that could not be scored ends the stream with the service's reason."""
     if scored.error is None:
         return
-    code = CLOSE_TRY_LATER if scored.error.status == 503 else CLOSE_BAD_DATA
+    # 503 (no worker in time, log busy) and 504 (waited too long) are worth a retry.
+    code = CLOSE_TRY_LATER if scored.error.status in (503, 504) else CLOSE_BAD_DATA
     raise StreamRefused(code, scored.error.message)
 
 

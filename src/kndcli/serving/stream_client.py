@@ -66,18 +66,23 @@ def stream_audio(
     sample_rate: int,
     speed: float = 1.0,
     token: str | None = None,
+    id_token: str | None = None,
     on_event: Callable[[dict[str, Any]], None] = lambda event: None,
     open_timeout_s: float = 10.0,
 ) -> StreamResult:
     """Stream PCM16 `chunks` to `url`; every event goes to `on_event` as it arrives.
 
     `speed` 1 sends in real time, 4 four times faster, 0 as fast as the server reads.
-    Raises StreamError when the server closes with anything but 1000.
+    Raises StreamError when the server closes with anything but 1000. `id_token` (a
+    Google ID token) opens a private Cloud Run service.
     """
     from websockets.exceptions import ConnectionClosed, InvalidHandshake
     from websockets.sync.client import connect
 
-    headers = {"Authorization": f"Bearer {token}"} if token else None
+    from kndcli.cloud.invoke import invoke_headers
+
+    # A private Cloud Run service: its ID token beside knd's (cloud/invoke.py).
+    headers = invoke_headers(id_token, token) or None
     try:
         ws = connect(url, additional_headers=headers, open_timeout=open_timeout_s)
     except (OSError, InvalidHandshake, TimeoutError) as exc:

@@ -20,15 +20,19 @@ from kndcli.config import KndConfig, to_yaml
 from kndcli.errors import ConfigError
 
 RECORD = "run.json"
-# Where the checkpoints and bundle go, and the job's cloud settings, may change between
-# a run and its resumption without changing what is trained.
-_IGNORED = ("train.model_dir", "train.checkpoint_dir", "cloud.")
+# What is trained: the data, the model and the training recipe. Where the checkpoints
+# and bundle go may change between a run and its resumption without changing it, and
+# other sections (serving, tracking, the job's cloud settings) never do.
+_COMPARED = ("data.", "model.", "train.", "labels")
+_IGNORED = ("train.model_dir", "train.checkpoint_dir")
 
 
 def record_of(cfg: KndConfig) -> dict[str, Any]:
     """What a checkpoint directory records about the run writing it."""
     flat = _flatten(yaml.safe_load(to_yaml(cfg)))
-    config = {k: v for k, v in flat.items() if not k.startswith(_IGNORED)}
+    config = {
+        k: v for k, v in flat.items() if k.startswith(_COMPARED) and not k.startswith(_IGNORED)
+    }
     return {
         "run_name": cfg.train.run_name,
         "job": os.environ.get("CLOUD_ML_JOB_ID", ""),
@@ -45,10 +49,11 @@ def check_resume(ckpt_dir: str, record: dict[str, Any], has_last: bool, write: b
     fs, _, [stripped] = fsspec.get_fs_token_paths(path)
     before = json.loads(fs.cat_file(stripped)) if fs.exists(stripped) else None
     if has_last and before is not None:
+        # A key only one side has is a newer knd's addition, not a change of recipe.
         differ = sorted(
             key
-            for key in set(before["config"]) | set(record["config"])
-            if before["config"].get(key) != record["config"].get(key)
+            for key in set(before["config"]) & set(record["config"])
+            if before["config"][key] != record["config"][key]
         )
         other_job = before.get("job") and record["job"] and before["job"] != record["job"]
         if differ or other_job:
