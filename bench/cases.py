@@ -24,6 +24,7 @@ from bench.common import (
     Figure,
     bench_env,
     knd_command,
+    run_peak,
     stats,
     timed_run,
 )
@@ -468,26 +469,6 @@ def bench_predict_archive(ctx: Context) -> BenchResult:
     )
 
 
-# Run through a small Python process: a child forked from this one (torch loaded) would
-# count this process's pages in its own peak memory until it execs.
-_PEAK = (
-    "import resource, subprocess, sys, time; t = time.perf_counter(); "
-    "r = subprocess.run(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL); "
-    "s = time.perf_counter() - t; m = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss; "
-    "print(s, m / 1024); sys.stdout.write(r.stdout.decode())"
-)
-
-
-def _run_peak(cmd: list[str]) -> tuple[float, float, str]:
-    """Wall seconds, peak resident memory (MB) and stdout of one command."""
-    done = subprocess.run(
-        [sys.executable, "-c", _PEAK, *cmd], capture_output=True, text=True, env=bench_env()
-    )
-    head, _, out = done.stdout.partition("\n")
-    seconds, peak = map(float, head.split())
-    return seconds, peak, out
-
-
 def bench_timeline_long(ctx: Context) -> BenchResult:
     """`knd predict --timeline` on one hour of RAVDESS speech with pauses (issue 17):
     speed as a multiple of real time, and peak memory against a 5 s recording."""
@@ -504,10 +485,10 @@ def bench_timeline_long(ctx: Context) -> BenchResult:
         long_recording(clips[:1], 5.0, short_path)
         cmd = [*knd_command(), "predict", "--model", str(bundle), "--timeline", "--jsonl"]
         for _ in range(ctx.reps):
-            seconds, peak, out = _run_peak([*cmd, str(long_path)])
+            seconds, peak, out = run_peak([*cmd, str(long_path)])
             speeds.append(hours * 3600.0 / seconds)
             peaks.append(peak)
-            short_peaks.append(_run_peak([*cmd, str(short_path)])[1])
+            short_peaks.append(run_peak([*cmd, str(short_path)])[1])
     timeline = json.loads(out)
     found, agree = 0, 0
     clip_labels = {

@@ -192,3 +192,27 @@ def bench_env() -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.setdefault("WANDB_MODE", "offline")
     return env
+
+
+# Run through a small Python process: a child forked from a big one (torch loaded) would
+# count its parent's pages in its own peak memory until it execs.
+_PEAK = (
+    "import resource, subprocess, sys, time; t = time.perf_counter(); "
+    "r = subprocess.run(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL); "
+    "s = time.perf_counter() - t; m = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss; "
+    "print(s, m / 1024); sys.stdout.write(r.stdout.decode())"
+)
+
+
+def run_peak(cmd: list[str], timeout: float = 600) -> tuple[float, float, str]:
+    """Wall seconds, peak resident memory (MB) and stdout of one command."""
+    done = subprocess.run(
+        [sys.executable, "-c", _PEAK, *cmd],
+        capture_output=True,
+        text=True,
+        env=bench_env(),
+        timeout=timeout,
+    )
+    head, _, out = done.stdout.partition("\n")
+    seconds, peak = map(float, head.split())
+    return seconds, peak, out

@@ -7,13 +7,12 @@ import io
 import itertools
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
+from bench.common import run_peak
 from bench.recordings import Utterance, long_recording
 from tests.conftest import ravdess_clips
 from tests.test_predict import KND, knd
@@ -157,17 +156,9 @@ def test_an_hour_is_scored_in_bounded_memory(tiny_bundle, ravdess_root, tmp_path
     long_recording(ravdess_clips(ravdess_root, [1])[:1], 5.0, short)
 
     def peak_rss_mb(path: Path) -> tuple[float, float, str]:
-        code = (
-            "import resource, subprocess, sys, time; t = time.perf_counter(); "
-            "r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
-            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, "
-            "time.perf_counter() - t); sys.stderr.write(r.stdout)"
-        )
-        args = [sys.executable, "-c", code, *KND]
-        args += ["predict", "-m", str(tiny_bundle), "--timeline", "--jsonl", str(path)]
-        done = subprocess.run(args, capture_output=True, text=True, timeout=600)
-        rss, seconds = map(float, done.stdout.split())
-        return rss, seconds, done.stderr
+        cmd = [*KND, "predict", "-m", str(tiny_bundle), "--timeline", "--jsonl", str(path)]
+        seconds, rss, out = run_peak(cmd)
+        return rss, seconds, out
 
     base_rss, _, _ = peak_rss_mb(short)
     rss, seconds, out = peak_rss_mb(hour)

@@ -72,6 +72,12 @@ class Prediction:
 UNCERTAIN = "uncertain"
 
 
+def answer(probs: np.ndarray, labels: list[str], min_confidence: float) -> str:
+    """The most probable label, or "uncertain" below the confidence threshold."""
+    best = int(probs.argmax())
+    return labels[best] if probs[best] >= min_confidence else UNCERTAIN
+
+
 class Predictor:
     """Scores clips with a bundle's model. Thread-safe: ONNX Runtime sessions are.
 
@@ -276,9 +282,7 @@ class Predictor:
         )
 
     def answer(self, probs: np.ndarray) -> str:
-        """The most probable label, or "uncertain" below the confidence threshold."""
-        best = int(probs.argmax())
-        return self.labels[best] if probs[best] >= self.min_confidence else UNCERTAIN
+        return answer(probs, self.labels, self.min_confidence)
 
     def predict_paths(
         self,

@@ -32,8 +32,10 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
+from kndcli.inference.predictor import answer
 from kndcli.serving.body import Upload
 from kndcli.serving.deps import token_ok
+from kndcli.serving.errors import ApiError
 from kndcli.serving.service import Scored
 
 log = logging.getLogger(__name__)
@@ -319,10 +321,9 @@ class _Scorer:
         mean = self.total / self.count
         labels = self.service.bundle.labels
         best = int(mean.argmax())
-        label = labels[best] if mean[best] >= self.min_confidence else "uncertain"
         return {
             **out,
-            "label": label,
+            "label": answer(mean, labels, self.min_confidence),
             "confidence": round(float(mean[best]), 6),
             "probabilities": {k: round(float(v), 6) for k, v in zip(labels, mean, strict=True)},
         }
@@ -339,8 +340,6 @@ def _raise_for(scored: Scored) -> None:
 
 async def _log(service: Any, scored: Scored, began: float) -> None:
     """Each window is logged like an upload before its event is sent (drift sees streams)."""
-    from kndcli.serving.errors import ApiError
-
     try:
         await service.log_scored([scored], began)
     except ApiError as exc:

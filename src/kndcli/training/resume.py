@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict
 from typing import Any
 
-import yaml
-
-from kndcli.config import KndConfig, to_yaml
+from kndcli.config import KndConfig
 from kndcli.errors import ConfigError
 
 RECORD = "run.json"
@@ -29,7 +28,7 @@ _IGNORED = ("train.model_dir", "train.checkpoint_dir")
 
 def record_of(cfg: KndConfig) -> dict[str, Any]:
     """What a checkpoint directory records about the run writing it."""
-    flat = _flatten(yaml.safe_load(to_yaml(cfg)))
+    flat = _flatten(asdict(cfg))
     config = {
         k: v for k, v in flat.items() if k.startswith(_COMPARED) and not k.startswith(_IGNORED)
     }
