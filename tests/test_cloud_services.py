@@ -59,11 +59,42 @@ def _deployed(body: dict, ready: bool = True) -> dict:
     }
 
 
+def _cloud_run_refuses(service: dict) -> str | None:
+    """The fake's own reading of Cloud Run's documented limits (not knd's checks): why the
+    Admin API would refuse this service, or None. Sources: Cloud Run "CPU limits", "Memory
+    limits", "Maximum concurrent requests", "Request timeout" and "Health checks" pages."""
+    template = service["template"]
+    [container] = template["containers"]
+    limits = container["resources"]["limits"]
+    cpu, memory = float(limits["cpu"]), limits["memory"]
+    gib = float(memory[:-2]) / (1024 if memory.endswith("Mi") else 1)
+    concurrency = template.get("maxInstanceRequestConcurrency", 80)
+    if not (0.08 <= cpu < 1 or cpu in (1, 2, 4, 6, 8)):
+        return f"cpu {limits['cpu']} is not a supported value"
+    if (cpu < 1 and gib > 1) or (cpu >= 1 and gib > 4 * cpu):
+        return f"memory {memory} is above the maximum for {limits['cpu']} CPU"
+    if (cpu == 4 and gib < 2) or (cpu >= 6 and gib < 4):
+        return f"{limits['cpu']} CPU needs at least {2 if cpu == 4 else 4} GiB of memory"
+    if not 1 <= concurrency <= 1000 or (cpu < 1 and concurrency > 1):
+        return f"concurrency {concurrency} is not allowed with {limits['cpu']} CPU"
+    if int(template.get("timeout", "300s").rstrip("s")) > 3600:
+        return "timeout must be at most 3600s"
+    probe = container.get("startupProbe", {})
+    period, failures = probe.get("periodSeconds", 10), probe.get("failureThreshold", 3)
+    if period * failures > 240 or probe.get("timeoutSeconds", 1) > period:
+        return "startup probe: periodSeconds x failureThreshold must be at most 240 s"
+    return None
+
+
 def _run_service_api(fake: FakeGoogle, ready: bool = True, policy: dict | None = None) -> None:
-    """PATCH starts an operation that is done after POLLS_BEFORE_DONE polls; IAM is kept."""
+    """PATCH starts an operation that is done after POLLS_BEFORE_DONE polls; IAM is kept.
+    A service outside Cloud Run's limits is refused with 400, as the Admin API does."""
     state: dict = {"polls": 0, "body": {}, "policy": policy or {"etag": "BwE="}}
 
     def update(request, _m):
+        refused = _cloud_run_refuses(request.body)
+        if refused:
+            return 400, error_body(400, refused)
         state["body"] = request.body
         return 200, {"name": "projects/p1/locations/europe-west1/operations/op-1", "done": False}
 
@@ -419,3 +450,56 @@ def test_without_a_token_the_container_is_told_iam_guards_it(fake: FakeGoogle) -
     )
     names = [e["name"] for e in tokened["service"]["service"]["template"]["containers"][0]["env"]]
     assert "KND_API_TOKEN" in names and "KND_ALLOW_NO_TOKEN" not in names
+
+
+# cpu, memory, concurrency: the issue's examples and the edges of Cloud Run's table.
+RUN_SIZES = [
+    ("0.5", "512Mi", 1000),
+    ("0.5", "512Mi", 1),
+    ("0.5", "2Gi", 1),
+    ("1", "4Gi", 80),
+    ("1", "8Gi", 80),
+    ("2", "8Gi", 32),
+    ("2", "16Gi", 32),
+    ("4", "1Gi", 32),
+    ("4", "2Gi", 32),
+    ("6", "4Gi", 32),
+    ("8", "32Gi", 1000),
+    ("3", "4Gi", 32),
+]
+
+
+@pytest.mark.parametrize(("cpu", "memory", "concurrency"), RUN_SIZES)
+def test_knd_and_the_api_agree_on_cloud_run_sizes(
+    fake: FakeGoogle, cpu: str, memory: str, concurrency: int
+) -> None:
+    """What knd refuses before any request is exactly what the fake (Cloud Run's rules)
+    refuses when knd's own check is skipped."""
+    _run_service_api(fake)
+    sizes = ["--cpu", cpu, "--memory", memory, "--concurrency", str(concurrency)]
+    checked = CliRunner().invoke(app, [*BASE_ARGS, *sizes, "--dry-run"])
+    knd_accepts = checked.exit_code == 0
+    if not knd_accepts:
+        assert isinstance(checked.exception, ConfigError), checked.output
+    assert fake.requests == []  # knd's verdict comes before any request
+    cloud = CloudConfig(
+        project="p1", region="europe-west1", service="emotions", serve_image="img:1",
+        cpu=cpu, memory=memory, concurrency=concurrency,
+    )  # fmt: skip
+    unchecked = services.ServiceOptions(cloud=cloud, log_sink="gs://knd-logs/p")
+    try:
+        services.deploy_service(unchecked, echo=lambda _l: None, poll_s=0.01)
+        api_accepts = True
+    except KndError as exc:
+        assert "(400)" in str(exc)
+        api_accepts = False
+    assert knd_accepts == api_accepts, (checked.output, cpu, memory, concurrency)
+
+
+def test_the_startup_probe_fits_cloud_runs_budget(fake: FakeGoogle) -> None:
+    _run_service_api(fake)
+    assert CliRunner().invoke(app, BASE_ARGS).exit_code == 0
+    [patch] = fake.calls("PATCH", SERVICE)
+    probe = patch.body["template"]["containers"][0]["startupProbe"]
+    # Long enough for a cold start that loads a large bundle, inside the 240 s limit.
+    assert 60 <= probe["periodSeconds"] * probe["failureThreshold"] <= 240
