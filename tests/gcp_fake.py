@@ -57,7 +57,7 @@ class FakeGoogle:
                 self.end_headers()
                 self.wfile.write(data)
 
-            do_GET = do_POST = do_PATCH = do_DELETE = _handle
+            do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _handle
 
             def log_message(self, format: str, *args: Any) -> None:
                 return
@@ -105,6 +105,7 @@ def error_body(code: int, message: str) -> dict[str, Any]:
         403: "PERMISSION_DENIED",
         404: "NOT_FOUND",
         409: "ALREADY_EXISTS",
+        412: "FAILED_PRECONDITION",
         429: "RESOURCE_EXHAUSTED",
     }.get(code, "UNKNOWN")
     return {"error": {"code": code, "message": message, "status": status}}

@@ -448,6 +448,94 @@ def invoke(
         raise typer.Exit(1)
 
 
+@app.command("setup")
+def setup(
+    ctx: typer.Context,
+    project: Project = None,
+    region: Region = None,
+    bucket: Annotated[
+        str | None,
+        opt.keyed("cloud.bucket", "--bucket", help="Bucket for data, runs, models and the log."),
+    ] = None,
+    repository: Annotated[
+        str, typer.Option("--repository", help="Artifact Registry Docker repository.")
+    ] = "knd",
+    trainer_account: Annotated[
+        str, typer.Option("--trainer-account", help="Service account id for training jobs.")
+    ] = "knd-trainer",
+    serve_account: Annotated[
+        str, typer.Option("--serve-account", help="Service account id for the service.")
+    ] = "knd-serve",
+    token_secret: Annotated[
+        str, typer.Option("--token-secret", help="Secret Manager secret for the API token.")
+    ] = "knd-token",
+    deployer: Annotated[
+        str,
+        typer.Option(
+            "--deployer",
+            metavar="MEMBER",
+            help="user:EMAIL (or group:, serviceAccount:) that submits and deploys as the "
+            "two accounts.",
+        ),
+    ] = "",
+    apply: Annotated[
+        bool, typer.Option("--apply", help="Make the changes (default: print them only).")
+    ] = False,
+    as_json: opt.Json = False,
+    config: opt.ConfigFiles = None,
+    sets: opt.Sets = None,
+    print_config: opt.PrintConfig = False,
+) -> None:
+    """Check (and with --apply create) what the cloud path needs in a project.
+
+    Service accounts, Docker repository, bucket, token secret, least-privilege grants.
+
+    Prints what exists, what would change and the same changes as gcloud commands.
+    """
+    from kndcli.cloud import setup as project_setup
+
+    cfg = opt.load(ctx)
+    opts = project_setup.setup_options(
+        cfg,
+        repository=repository,
+        trainer=trainer_account,
+        server=serve_account,
+        token_secret=token_secret,
+        deployer=deployer,
+    )
+    steps = project_setup.plan(opts)
+    pending = [s for s in steps if s.changes]
+    echo = (lambda _line: None) if as_json else typer.echo
+    for step in steps:
+        detail = f": {step.detail}" if step.detail else ""
+        echo(f"{step.action:<8}{step.resource}{detail}")
+    made = project_setup.apply(steps, echo=echo) if apply else 0
+    if as_json:
+        document = {
+            "project": opts.project,
+            "applied": apply,
+            "changes": len(pending),
+            "made": made,
+            "steps": [s.as_dict() for s in steps],
+            "next": project_setup.next_commands(opts),
+        }
+        typer.echo(json.dumps(document, indent=2))
+        return
+    skipped = [s for s in steps if s.action == "skip"]
+    if pending and not apply:
+        echo(f"\n{len(pending)} changes; nothing was changed. The same with gcloud:")
+        for step in pending + skipped:
+            echo(f"  {step.gcloud}")
+        echo("Run again with --apply to make them.")
+        return
+    echo(f"\n{made} changes made." if apply else "\nNothing to change.")
+    for step in skipped:
+        echo(f"Still to do by hand: {step.gcloud}")
+    echo("Next:")
+    for line in project_setup.next_commands(opts):
+        echo(f"  {line}")
+
+
 @app.command("status")
 def status(
     ctx: typer.Context,

@@ -70,6 +70,50 @@ def secrets_client() -> Any:
         return secretmanager_v1.SecretManagerServiceClient(**_client_kwargs(secrets_endpoint()))
 
 
+def iam_client() -> Any:
+    """An IAM Admin `IAMClient` (service accounts and their policies; gRPC only)."""
+    endpoint = os.environ.get("KND_IAM_ENDPOINT") or "iam.googleapis.com"
+    with google_errors("IAM"):
+        from google.cloud import iam_admin_v1
+
+        if endpoint.startswith("http://"):
+            import grpc
+            from google.cloud.iam_admin_v1.services.iam.transports import IAMGrpcTransport
+
+            channel = grpc.insecure_channel(endpoint.removeprefix("http://"))
+            return iam_admin_v1.IAMClient(transport=IAMGrpcTransport(channel=channel))
+        return iam_admin_v1.IAMClient(client_options={"api_endpoint": endpoint})
+
+
+def registry_client() -> Any:
+    """An Artifact Registry `ArtifactRegistryClient`."""
+    endpoint = os.environ.get("KND_REGISTRY_ENDPOINT") or "artifactregistry.googleapis.com"
+    with google_errors("Artifact Registry"):
+        from google.cloud import artifactregistry_v1
+
+        return artifactregistry_v1.ArtifactRegistryClient(**_client_kwargs(endpoint))
+
+
+def projects_client() -> Any:
+    """A Resource Manager `ProjectsClient`."""
+    endpoint = os.environ.get("KND_PROJECTS_ENDPOINT") or "cloudresourcemanager.googleapis.com"
+    with google_errors("Resource Manager"):
+        from google.cloud import resourcemanager_v3
+
+        return resourcemanager_v3.ProjectsClient(**_client_kwargs(endpoint))
+
+
+def storage_client(project: str) -> Any:
+    """A Cloud Storage JSON API `Client` billed to `project`."""
+    endpoint = os.environ.get("KND_STORAGE_ENDPOINT") or "https://storage.googleapis.com"
+    with google_errors("Cloud Storage"):
+        from google.cloud import storage
+
+        kwargs = _client_kwargs(endpoint)
+        kwargs.pop("transport")
+        return storage.Client(project=project, **kwargs)
+
+
 def _first_line(text: str) -> str:
     """The first line of Google's message, without the REST transport's 'POST https://...: '."""
     text = re.sub(r"^(GET|POST|PUT|PATCH|DELETE) \S+: ", "", (text or "").strip())
