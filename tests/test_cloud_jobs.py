@@ -172,6 +172,8 @@ def test_submit_sends_the_custom_job(fake: FakeGoogle, tmp_path) -> None:
         "train.trainer.max_epochs=5",
         "--set",
         "train.trainer.num_nodes=3",
+        "--set",
+        "train.trainer.accelerator=gpu",  # fail at once if CUDA cannot start, never CPU
     ]
     assert container["env"] == [{"name": "WANDB_MODE", "value": "offline"}]
     assert workers["containerSpec"] == container

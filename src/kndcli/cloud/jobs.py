@@ -27,6 +27,7 @@ TERMINAL_JOB_STATES = {
     "JOB_STATE_PARTIALLY_SUCCEEDED",
 }
 NUM_NODES_KEY = "train.trainer.num_nodes"
+ACCELERATOR_KEY = "train.trainer.accelerator"
 _LABEL = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 _LABEL_VALUE = re.compile(r"^[a-z0-9_-]{0,63}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -173,6 +174,11 @@ def container_args(opts: JobOptions) -> list[str]:
     replicas = opts.cloud.replicas
     if replicas > 1 and not any(o.startswith(f"{NUM_NODES_KEY}=") for o in opts.overrides):
         args += ["--set", f"{NUM_NODES_KEY}={replicas}"]
+    # A GPU job must train on its GPUs: with `auto`, a CUDA that cannot start (a host
+    # driver older than the wheel's CUDA) would quietly train on the CPU for hours.
+    gpu = opts.cloud.accelerator.startswith("NVIDIA_")
+    if gpu and not any(o.startswith(f"{ACCELERATOR_KEY}=") for o in opts.overrides):
+        args += ["--set", f"{ACCELERATOR_KEY}=gpu"]
     if opts.run:  # the job directory's name: the bundle and W&B say which job made them
         args += ["--set", f"train.run_name={opts.run}"]
     return args

@@ -342,6 +342,20 @@ def _trainer(cfg: KndConfig, run_dir: Path, ckpt_dir: str, has_val: bool = True)
     return trainer, checkpoint
 
 
+def _cuda_reason(torch: Any) -> str:
+    """Why CUDA is unusable, in torch's words: on a cloud GPU node this is the line that
+    says the host's driver is older than the CUDA the wheel was built for."""
+    built = torch.version.cuda
+    if not built:
+        return f"torch {torch.__version__} is a build without CUDA"
+    try:
+        torch.cuda.init()
+    except Exception as exc:  # torch raises RuntimeError or AssertionError, by cause
+        words = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"torch {torch.__version__} is built for CUDA {built}: {words}"
+    return f"torch {torch.__version__} (CUDA {built}) sees no GPU"
+
+
 def _check_device(trainer: TrainerConfig) -> None:
     """Refuse, naming the key, what Lightning would refuse later with a traceback."""
     import torch
@@ -349,7 +363,7 @@ def _check_device(trainer: TrainerConfig) -> None:
     if trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(
             f"key 'train.trainer.accelerator': {trainer.accelerator!r} but this machine has no "
-            "CUDA GPU torch can use; use auto or cpu"
+            f"CUDA GPU torch can use ({_cuda_reason(torch)}); use auto or cpu"
         )
     if trainer.accelerator == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("key 'train.trainer.accelerator': 'mps' is not available here")
