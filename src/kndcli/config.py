@@ -114,6 +114,20 @@ class ModelConfig:
     # docs/quality.md) for about 1.7x the compute per step; with the degraded copies
     # rendered once (train.augment.conditions.variants) two fit 15 minutes on 2 cores.
     ensemble: int = 2
+    # model.name=ssl: a pretrained speech encoder (wav2vec2, HuBERT, WavLM, data2vec-audio,
+    # Whisper's encoder) from a save_pretrained directory or a Hugging Face id already in
+    # the local cache (nothing is downloaded). frozen: the encoder's hidden states are
+    # computed once per distinct input and cached under train.output_dir/.cache (up to
+    # feature_cache_gb), and only the head trains; partial: the convolutional feature
+    # encoder stays frozen; full: everything trains, encoder layers at encoder_lr decayed
+    # by layer_decay per layer downwards. The ensemble is of heads on one encoder.
+    encoder: str = ""
+    encoder_mode: str = "frozen"
+    encoder_lr: float = 5e-5
+    layer_decay: float = 0.9
+    head_dim: int = 256
+    gradient_checkpointing: bool = False
+    feature_cache_gb: float = 20.0
 
 
 @dataclass
@@ -154,6 +168,10 @@ class AugmentConfig:
     gain_db: float = 6.0
     speeds: list[float] = field(default_factory=lambda: [0.9, 1.0, 1.1])
     mixup_alpha: float = 0.2
+    # False: the centre of each clip, as evaluation takes it. With speeds [1.0] and
+    # gain_db 0 every training input then repeats each epoch (one per rendered copy), so a
+    # frozen encoder's states are computed once (model.encoder_mode=frozen).
+    random_crop: bool = True
     conditions: ConditionsConfig = field(default_factory=ConditionsConfig)
 
 
@@ -726,6 +744,29 @@ def check_config(cfg: KndConfig) -> None:
     check_timeline(cfg.timeline)
     check_serve(cfg.serve)
     _check_cloud(cfg.cloud)
+    _check_encoder(cfg.model)
+
+
+ENCODER_MODES = ("frozen", "partial", "full")
+
+
+def _check_encoder(m: ModelConfig) -> None:
+    """The pretrained-encoder keys (models/ssl.py), checked before anything loads."""
+    if m.name == "ssl" and not m.encoder:
+        raise ConfigError(
+            "key 'model.encoder': model.name=ssl needs an encoder: a directory in the "
+            "save_pretrained layout or a Hugging Face model id in the local cache"
+        )
+    _require(
+        m.encoder_mode in ENCODER_MODES,
+        "model.encoder_mode",
+        m.encoder_mode,
+        ", ".join(ENCODER_MODES),
+    )
+    _require(m.encoder_lr > 0, "model.encoder_lr", m.encoder_lr, "a positive learning rate")
+    _require(0 < m.layer_decay <= 1, "model.layer_decay", m.layer_decay, "in (0, 1]")
+    _require(m.head_dim >= 1, "model.head_dim", m.head_dim, "at least 1")
+    _require(m.feature_cache_gb >= 0, "model.feature_cache_gb", m.feature_cache_gb, "0 or more")
 
 
 def _read_yaml(path: Path) -> Any:

@@ -81,6 +81,8 @@ class BundleMeta:
     hyperparameters: TrainConfig | None = None
     data: DataSummary | None = None
     training: TrainingSummary | None = None
+    # model.name=ssl: the encoder's config, source, revision and licence (models/ssl.py).
+    encoder: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The bundle.json fields, in the order bundles have always listed them."""
@@ -93,6 +95,7 @@ class BundleMeta:
             "hop_seconds": self.hop_seconds,
             "trim_silence": self.trim_silence,
             "model": asdict(self.model),
+            "encoder": self.encoder,
             "hyperparameters": _asdict_or_none(self.hyperparameters),
             "data": _asdict_or_none(self.data),
             "training": _asdict_or_none(self.training),
@@ -159,7 +162,9 @@ class Bundle:
 
         # Bundles written before ensembles existed hold one backbone.
         hyper = {"ensemble": 1, **self.meta["model"]}
-        model = build_model(ModelConfig(**hyper), len(self.labels), self.sample_rate)
+        model = build_model(
+            ModelConfig(**hyper), len(self.labels), self.sample_rate, self.meta.get("encoder")
+        )
         model.load_state_dict(load_file(str(self.path(WEIGHTS_FILE))))
         return model.eval()
 

@@ -6,7 +6,7 @@ imports `backbones` (lazily, it needs torch) only so the built-in models are reg
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kndcli.errors import ConfigError
 from kndcli.models.registration import BACKBONES
@@ -17,22 +17,38 @@ if TYPE_CHECKING:
     from kndcli.config import ModelConfig
 
 
+# A pretrained speech encoder with a head (models/ssl.py), built apart from the log-mel
+# backbones because its frontend is the encoder itself.
+ENCODER_MODEL = "ssl"
+
+
 def available_models() -> list[str]:
     import kndcli.models.backbones  # noqa: F401  (registers the built-in models)
 
-    return sorted(BACKBONES)
+    return sorted([*BACKBONES, ENCODER_MODEL])
 
 
-def build_model(cfg: ModelConfig, n_classes: int, sample_rate: int) -> nn.Module:
-    """The full model: waveform in, logits out, frontend included."""
+def build_model(
+    cfg: ModelConfig, n_classes: int, sample_rate: int, encoder: dict[str, Any] | None = None
+) -> nn.Module:
+    """The full model: waveform in, logits out, frontend included.
+
+    `encoder` is a bundle's recorded encoder (models/ssl.EncoderSpec as a dict): the
+    architecture is rebuilt from it, without the pretrained directory.
+    """
     from kndcli.models.emotion import EmotionModel, Ensemble
     from kndcli.models.frontend import LogMel
 
     names = available_models()
-    if cfg.name not in BACKBONES:
+    if cfg.name not in names:
         raise ConfigError(f"model.name: unknown model {cfg.name!r} (available: {', '.join(names)})")
     if cfg.ensemble < 1:
         raise ConfigError(f"model.ensemble: {cfg.ensemble} must be at least 1")
+    if cfg.name == ENCODER_MODEL:
+        from kndcli.models.ssl import EncoderSpec, build_encoder_model
+
+        spec = EncoderSpec(**encoder) if encoder else None
+        return build_encoder_model(cfg, n_classes, sample_rate, spec)
     members = [BACKBONES[cfg.name](cfg, n_classes) for _ in range(cfg.ensemble)]
     backbone = members[0] if len(members) == 1 else Ensemble(members)
     return EmotionModel(LogMel(cfg, sample_rate), backbone)

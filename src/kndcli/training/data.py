@@ -101,7 +101,7 @@ class WaveformDataset(Dataset):
         if self.trim:
             start, stop = speech_bounds(x, self.prepared.sample_rate)
             x = x[start:stop]
-        x = _random_fit(x, self.length, rng)
+        x = _random_fit(x, self.length, rng) if aug.random_crop else center_fit(x, self.length)
         if aug.gain_db > 0:
             x = x * np.float32(10 ** (rng.uniform(-aug.gain_db, aug.gain_db) / 20))
         return x

@@ -173,11 +173,20 @@ class EmotionClassifier(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        groups: Any = [p for p in self.parameters() if p.requires_grad]
+        if hasattr(self.model, "parameter_groups"):  # a pretrained encoder: its own rates
+            model = hp.model
+            groups = self.model.parameter_groups(hp.lr, model["encoder_lr"], model["layer_decay"])
+            if self.speaker_head is not None:
+                groups[0]["params"] += list(self.speaker_head.parameters())
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
         total = int(self.trainer.estimated_stepping_batches)
         if hp.scheduler == "onecycle":
             schedule = torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=hp.lr, total_steps=max(1, total), pct_start=0.15
+                optimizer,
+                max_lr=[group["lr"] for group in optimizer.param_groups],
+                total_steps=max(1, total),
+                pct_start=0.15,
             )
         elif hp.scheduler == "cosine":
             schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total))

@@ -105,10 +105,12 @@ def _train(cfg: KndConfig) -> TrainResult | None:
     last = _existing_last(ckpt_dir)
     # Every rank checks (a refusal on rank 0 alone would leave the others waiting).
     check_resume(ckpt_dir, record_of(cfg), has_last=last is not None, write=_rank() == 0)
+    cache = _attach_feature_cache(module.model, cfg)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=last)
     finally:
         _finish_wandb(trainer)
+        _detach_feature_cache(module.model, cache)
     if not trainer.is_global_zero:
         return None
 
@@ -135,6 +137,40 @@ def _train(cfg: KndConfig) -> TrainResult | None:
         epochs=trainer.current_epoch,
         seconds=time.perf_counter() - started,
         metrics=metrics,
+    )
+
+
+def _attach_feature_cache(model: Any, cfg: KndConfig) -> Any:
+    """A frozen encoder encodes each distinct training input once (models/ssl.py)."""
+    frontend = getattr(model, "frontend", None)
+    if getattr(frontend, "mode", "") != "frozen" or cfg.model.feature_cache_gb <= 0:
+        return None
+    from kndcli.models.ssl import FeatureCache
+
+    aug = cfg.train.augment
+    if aug.random_crop or aug.gain_db > 0 or any(speed != 1.0 for speed in aug.speeds):
+        print(
+            "encoder states: random crops, gains or speeds make every training input new, "
+            "so the frozen encoder runs on each; set train.augment.random_crop=false, "
+            "gain_db=0 and speeds=[1.0] to encode each input once (configs/ssl-frozen.yaml)",
+            file=sys.stderr,
+        )
+    spec = frontend.spec
+    identity = f"{spec.family}-{spec.revision}-{'norm' if spec.normalize else 'raw'}"
+    root = Path(cfg.train.output_dir) / ".cache" / "encoder-states"
+    frontend.cache = FeatureCache(root, identity, int(cfg.model.feature_cache_gb * 2**30))
+    return frontend.cache
+
+
+def _detach_feature_cache(model: Any, cache: Any) -> None:
+    """Export and evaluation run the encoder itself (the cache is not part of the graph)."""
+    if cache is None:
+        return
+    model.frontend.cache = None
+    print(
+        f"encoder states: {cache.hits} read from the cache, {cache.misses} encoded "
+        f"({cache.bytes / 2**20:.0f} MiB in {cache.root})",
+        file=sys.stderr,
     )
 
 
