@@ -24,9 +24,14 @@ def test_defaults_file_matches_schema():
 
 
 def test_experiment_configs_load():
-    for name in ("exp1.yaml", "exp2.yaml"):
+    for name in ("exp1.yaml", "exp2.yaml", "release.yaml"):
         cfg = load_config([REPO / "configs" / name])
         assert isinstance(cfg, KndConfig)
+    for name in ("ssl-frozen.yaml", "ssl-full.yaml"):
+        with pytest.raises(ConfigError, match="model.encoder"):
+            load_config([REPO / "configs" / name])  # the encoder is the user's to name
+        cfg = load_config([REPO / "configs" / name], overrides=["model.encoder=/enc"])
+        assert cfg.model.name == "ssl" and cfg.model.encoder == "/enc"
 
 
 def test_later_files_and_overrides_win(tmp_path):

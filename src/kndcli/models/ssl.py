@@ -369,6 +369,19 @@ class EncoderEmotionModel(EmotionModel):
     """`EmotionModel` with an encoder frontend, plus layer-wise learning rates."""
 
     frontend: EncoderStates
+    # Training mixes hidden states, not waveforms (training/module.py).
+    mixes_states = True
+
+    def member_logits(
+        self, waveform: torch.Tensor, lam: float = 1.0, perm: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(members, batch, classes), with mixup of the states when `perm` is given."""
+        states = self.frontend(waveform)
+        if perm is not None:
+            states = lam * states + (1 - lam) * states[:, perm]
+        if isinstance(self.backbone, Ensemble):
+            return self.backbone.member_logits(states)
+        return self.backbone(states).unsqueeze(0)
 
     def parameter_groups(self, head_lr: float, encoder_lr: float, decay: float) -> list[dict]:
         """Head at `head_lr`; encoder layer i of n at encoder_lr * decay^(n-1-i), and what

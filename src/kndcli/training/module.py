@@ -115,8 +115,14 @@ class EmotionClassifier(pl.LightningModule):
         if alpha > 0:
             lam = float(np.random.beta(alpha, alpha))
             perm = torch.randperm(x.shape[0], device=x.device)
-            x = lam * x + (1 - lam) * x[perm]
-        member_logits = self.model.member_logits(x)
+        if getattr(self.model, "mixes_states", False):
+            # A pretrained encoder: mix its hidden states (the head's input), so a frozen
+            # encoder still sees, and caches, each clip as it is.
+            member_logits = self.model.member_logits(x, lam, perm)
+        else:
+            if perm is not None:
+                x = lam * x + (1 - lam) * x[perm]
+            member_logits = self.model.member_logits(x)
         # Each ensemble member learns from its own loss, as if trained alone; the mean
         # keeps the logged loss comparable with a single model's.
         loss = torch.stack(

@@ -223,12 +223,18 @@ def check_config(cfg: KndConfig) -> None:
 
     check_conditions(cfg.train.augment.conditions)
     from kndcli.models import available_models
+    from kndcli.models.registry import ENCODER_MODEL
 
     if cfg.model.name not in available_models():
         raise ConfigError(
             f"key 'model.name': unknown model {cfg.model.name!r} "
             f"(available: {', '.join(available_models())})"
         )
+    if cfg.model.name == ENCODER_MODEL:
+        # Find the encoder and read its config now, before any data is read.
+        from kndcli.models.ssl import encoder_spec, resolve_encoder
+
+        encoder_spec(cfg.model.encoder, resolve_encoder(cfg.model.encoder))
 
 
 def _read_secret_env() -> None:
