@@ -28,6 +28,7 @@ from bench.common import (
     stats,
     timed_run,
 )
+from bench.encoders import bench_encoders
 
 COURSE = "course project: VGG19 on a 3-channel 128-mel image of 3 s at 48 kHz"
 
@@ -172,6 +173,7 @@ def untrained_bundle(
     from kndcli.inference.bundle import BUNDLE_JSON, BundleMeta
     from kndcli.models import build_model
     from kndcli.monitoring.reference import build_reference
+    from kndcli.training.bundle import encoder_record
     from kndcli.training.export import write_bundle
 
     if (out / BUNDLE_JSON).is_file():
@@ -183,6 +185,7 @@ def untrained_bundle(
     seconds = len(clips[0]) / 16000
     feats = [audio_features(Audio(c, 16000, 16000, 1, "gen", 0.3, 0.0)) for c in clips]
     reference = build_reference(feats, ["happy"] * 4, feats, ["sad"] * 4, ["sad"] * 4, [0.5] * 4)
+    network = build_model(cfg, len(LABELS), 16000)
     meta = BundleMeta(
         name=name,
         labels=list(LABELS),
@@ -192,8 +195,8 @@ def untrained_bundle(
         hop_seconds=seconds / 2,
         trim_silence=True,
         model=cfg,
+        encoder=encoder_record(network),
     )
-    network = build_model(cfg, len(LABELS), 16000)
     return write_bundle(network, out, meta, np.stack(clips[:2]), reference=reference)
 
 
@@ -996,4 +999,5 @@ BENCHMARKS: dict[str, Callable[[Context], BenchResult]] = {
     "timeline_long": bench_timeline_long,
     "stream": bench_stream,
     "drift": bench_drift,
+    "encoders": bench_encoders,
 }

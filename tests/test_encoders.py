@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from bench.encoders import random_encoder
 
 from conftest import free_port, ravdess_clips, wait_ready
 from kndcli.config import load_config
@@ -21,49 +22,12 @@ from kndcli.errors import ConfigError
 from kndcli.inference.bundle import load_bundle
 
 FAMILIES = ("wav2vec2", "hubert", "wavlm", "data2vec-audio", "whisper")
-_CONV = {"conv_dim": (16, 16, 16), "conv_stride": (5, 4, 4), "conv_kernel": (10, 8, 4)}
-_SMALL = {
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "intermediate_size": 64,
-    **_CONV,
-}
-
-
-def make_encoder(family: str, out: Path, license: str = "apache-2.0") -> Path:
-    """A random tiny encoder of `family` in the save_pretrained layout, with a model card."""
-    import transformers as tf
-
-    torch.manual_seed(0)
-    if family == "whisper":
-        config = tf.WhisperConfig(
-            d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2,
-            decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=80,
-            vocab_size=64, max_target_positions=16, pad_token_id=1, bos_token_id=2,
-            eos_token_id=3, decoder_start_token_id=2,
-        )  # fmt: skip
-        tf.WhisperModel(config).save_pretrained(out)
-        tf.WhisperFeatureExtractor(feature_size=80).save_pretrained(out)
-    else:
-        classes = {
-            "wav2vec2": (tf.Wav2Vec2Config, tf.Wav2Vec2Model, {"num_conv_pos_embeddings": 16}),
-            "hubert": (tf.HubertConfig, tf.HubertModel, {"num_conv_pos_embeddings": 16}),
-            "wavlm": (tf.WavLMConfig, tf.WavLMModel, {"num_conv_pos_embeddings": 16}),
-            "data2vec-audio": (tf.Data2VecAudioConfig, tf.Data2VecAudioModel, {}),
-        }
-        config_class, model_class, extra = classes[family]
-        model_class(config_class(**_SMALL, **extra)).save_pretrained(out)
-        normalize = family in ("wav2vec2", "data2vec-audio")
-        tf.Wav2Vec2FeatureExtractor(do_normalize=normalize).save_pretrained(out)
-    (out / "README.md").write_text(f"---\nlicense: {license}\n---\n# tiny {family}\n")
-    return out
 
 
 @pytest.fixture(scope="session")
 def encoders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("encoders")
-    return {family: make_encoder(family, root / family) for family in FAMILIES}
+    return {family: random_encoder(family, root / family) for family in FAMILIES}
 
 
 @pytest.fixture(scope="session")
@@ -359,3 +323,61 @@ def test_knd_serve_answers_with_an_encoder_bundle(
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_an_encoder_in_a_bucket_is_copied_once_and_trains(
+    encoders, ravdess_prepared, tmp_path, monkeypatch
+) -> None:
+    """How the weights reach a Vertex AI job: model.encoder=gs://BUCKET/encoders/NAME."""
+    from conftest import gcs_emulator
+    from kndcli.gcs import gcs_filesystem
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    with gcs_emulator(monkeypatch, "weights"):
+        fs = gcs_filesystem("test")
+        for path in encoders["hubert"].iterdir():
+            fs.put(str(path), f"weights/encoders/tiny-hubert/{path.name}")
+        source = "gs://weights/encoders/tiny-hubert"
+        result = _train(ssl_overrides(ravdess_prepared, tmp_path / "runs", source, "frozen"))
+    meta = load_bundle(result.run_dir).meta["encoder"]
+    assert meta["source"] == source and meta["family"] == "hubert"
+    copy = tmp_path / "home/.cache/knd/encoders/weights/encoders/tiny-hubert"
+    assert (copy / "model.safetensors").read_bytes() == (
+        encoders["hubert"] / "model.safetensors"
+    ).read_bytes()
+
+
+def test_layerdrop_never_changes_the_stack_of_states(encoders) -> None:
+    """Encoders ship with LayerDrop on (0.1 by default); a dropped layer would leave the
+    head a shorter stack. Off in knd, so every training step sees every layer."""
+    from kndcli.config import ModelConfig
+    from kndcli.models import build_model
+
+    model = build_model(
+        ModelConfig(name="ssl", encoder=str(encoders["wavlm"]), encoder_mode="full"), 8, 16000
+    )
+    model.train()
+    torch.manual_seed(0)
+    shapes = {model.frontend(torch.randn(2, 16000) * 0.1).shape[0] for _ in range(30)}
+    assert shapes == {3}
+
+
+@pytest.mark.parametrize("family", ["wavlm", "whisper"])
+def test_gradient_checkpointing_gives_the_same_gradients(encoders, family) -> None:
+    """Memory for large models: recomputing activations must not change what is learned."""
+    from kndcli.config import ModelConfig
+    from kndcli.models import build_model
+
+    grads = []
+    for checkpointing in (False, True):
+        cfg = ModelConfig(
+            name="ssl", encoder=str(encoders[family]), encoder_mode="full", dropout=0.0,
+            gradient_checkpointing=checkpointing, ensemble=1,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        model = build_model(cfg, 8, 16000).train()
+        torch.manual_seed(1)
+        model(torch.randn(2, 16000) * 0.1).sum().backward()
+        layer = model.frontend.transformer_layers()[0]
+        grads.append(next(p.grad for p in layer.parameters() if p.grad is not None).clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from kndcli.config import ENCODER_MODES, ModelConfig
@@ -35,6 +36,13 @@ from kndcli.models.pooling import AttentiveStatsPool
 
 FAMILIES = ("wav2vec2", "hubert", "wavlm", "data2vec-audio", "whisper")
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+
+
+def _no_layerdrop(family: str) -> dict[str, float]:
+    """LayerDrop skips whole layers in training, and a skipped layer leaves no hidden
+    state: the head weighs a fixed stack, so it is off (Whisper's layers are run by
+    `EncoderStates` itself, which never drops one)."""
+    return {} if family == "whisper" else {"layerdrop": 0.0}
 
 
 @dataclass
@@ -75,6 +83,8 @@ def resolve_encoder(source: str) -> Path:
             "key 'model.encoder': model.name=ssl needs an encoder: a directory in the "
             "save_pretrained layout or a Hugging Face model id in the local cache"
         )
+    if source.startswith("gs://"):
+        return _copy_from_bucket(source)
     path = Path(source).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -94,6 +104,32 @@ def resolve_encoder(source: str) -> Path:
             f"never downloads weights. On a connected machine run 'huggingface-cli download "
             f"{source} --local-dir DIR', bring DIR here and pass model.encoder=DIR"
         ) from None
+
+
+def _copy_from_bucket(source: str) -> Path:
+    """A gs:// encoder directory copied once to ~/.cache/knd/encoders (how weights reach a
+    Vertex AI job without baking them into the image); a finished copy is reused."""
+    from kndcli.gcs import gcs_filesystem
+
+    local = Path.home() / ".cache" / "knd" / "encoders" / source.removeprefix("gs://").strip("/")
+    done = local / ".complete"
+    if done.is_file():
+        return local
+    fs = gcs_filesystem("a gs:// model.encoder")
+    remote = source.rstrip("/")
+    try:
+        names = [p for p in fs.find(remote) if not p.endswith("/")]
+    except Exception as exc:  # auth, network, bucket
+        raise ConfigError(f"key 'model.encoder': cannot list {source} ({exc})") from None
+    if not any(n.endswith("/config.json") for n in names):
+        raise ConfigError(f"key 'model.encoder': {source} has no config.json")
+    root = remote.removeprefix("gs://")
+    for name in names:
+        target = local / name[len(root) :].lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fs.get(name, str(target))
+    done.write_text(source)
+    return local
 
 
 def encoder_spec(source: str, directory: Path) -> EncoderSpec:
@@ -163,7 +199,10 @@ def load_encoder(directory: Path, spec: EncoderSpec) -> nn.Module:
         )
     try:
         model, info = AutoModel.from_pretrained(
-            str(directory), use_safetensors=True, output_loading_info=True
+            str(directory),
+            use_safetensors=True,
+            output_loading_info=True,
+            **_no_layerdrop(spec.family),
         )
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -185,6 +224,7 @@ def encoder_from_spec(spec: EncoderSpec) -> nn.Module:
 
     _quiet_transformers()
     fields = {k: v for k, v in spec.config.items() if k != "model_type"}
+    fields |= _no_layerdrop(spec.family)
     config = AutoConfig.for_model(spec.family, **fields)
     model = AutoModel.from_config(config)
     return model.encoder if spec.family == "whisper" else model
@@ -274,6 +314,8 @@ class EncoderStates(nn.Module):
         self.mode = mode
         self.whisper = WhisperLogMel(spec) if spec.family == "whisper" else None
         self.cache: FeatureCache | None = None
+        # Whisper's layers are run here, so its gradient checkpointing is done here too.
+        self.checkpointing = False
         if mode == "frozen":
             encoder.requires_grad_(False)
         elif mode == "partial":
@@ -338,7 +380,10 @@ class EncoderStates(nn.Module):
         x = x + e.embed_positions.weight[: x.shape[1]]
         states = [x]
         for layer in e.layers:
-            x = layer(x, None)
+            if self.checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, None, use_reentrant=False)
+            else:
+                x = layer(x, None)
             x = x[0] if isinstance(x, tuple) else x
             states.append(x)
         states[-1] = e.layer_norm(states[-1])
@@ -428,6 +473,7 @@ def build_encoder_model(
     if cfg.gradient_checkpointing and spec.family != "whisper":
         encoder.gradient_checkpointing_enable()
     frontend = EncoderStates(encoder, spec, cfg.encoder_mode)
+    frontend.checkpointing = cfg.gradient_checkpointing and spec.family == "whisper"
     layers = len(frontend.transformer_layers()) + 1
     dim = int(spec.config.get("d_model") or spec.config["hidden_size"])
     heads = [EncoderHead(layers, dim, cfg, n_classes) for _ in range(cfg.ensemble)]

@@ -40,7 +40,7 @@ def load_checkpoint_model(checkpoint: str, cfg: KndConfig, labels: list[str], sa
     return model.eval()
 
 
-def _encoder_record(model: Any) -> dict[str, Any] | None:
+def encoder_record(model: Any) -> dict[str, Any] | None:
     """A pretrained encoder's config, source, revision and licence (models/ssl.py), so
     the bundle rebuilds itself without the encoder's directory; None for other models."""
     spec = getattr(getattr(model, "frontend", None), "spec", None)
@@ -71,7 +71,7 @@ def build_bundle(
         hop_seconds=clip / 2,
         trim_silence=cfg.train.trim_silence,
         model=cfg.model,
-        encoder=_encoder_record(model),
+        encoder=encoder_record(model),
         hyperparameters=cfg.train,
         data=DataSummary(
             dataset=prepared.info.get("dataset"),
