@@ -44,6 +44,11 @@ class FakeProject:
     # Every change made: (what, name); reads are not recorded.
     changes: list[tuple[str, str]] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
+    # Users IAM knows (a grant naming any other user is refused).
+    users: set[str] = field(default_factory=lambda: {"alice@example.com", "owner@example.com"})
+    # (resource, policy version asked for) of every policy read.
+    policy_reads: list[tuple[str, int]] = field(default_factory=list)
+    _unseen_policy: dict[str, int] = field(default_factory=dict)
     _unseen: dict[str, int] = field(default_factory=dict)
     _etags: itertools.count = field(default_factory=lambda: itertools.count(1))
 
@@ -62,6 +67,8 @@ class FakeProject:
         ours = f"@{self.project}.iam.gserviceaccount.com"
         for binding in bindings:
             for member in binding["members"]:
+                if member.startswith("user:") and member[5:] not in self.users:
+                    return 400, f"User {member[5:]} does not exist."
                 email = member.removeprefix("serviceAccount:")
                 if not (member.startswith("serviceAccount:") and email.endswith(ours)):
                     continue
@@ -197,7 +204,9 @@ class FakeProject:
         name = f"projects/{PROJECT_NUMBER}/secrets/{m[1]}/versions/{number}"
         return 200, {"name": name, "state": "ENABLED"}
 
-    def _get_secret_policy(self, _r: Request, m: re.Match) -> tuple[int, dict]:
+    def _get_secret_policy(self, request: Request, m: re.Match) -> tuple[int, dict]:
+        version = int(request.query.get("options.requestedPolicyVersion", ["0"])[0])
+        self.policy_reads.append((f"secrets/{m[1]}", version))
         if m[1] not in self.secrets:
             return 404, error_body(404, f"Secret [{m[1]}] not found.")
         return 200, self.policy(f"secrets/{m[1]}")
@@ -237,11 +246,15 @@ class FakeProject:
                 "display_name": request.service_account.display_name,
             }
             self._unseen[email] = self.lag
+            self._unseen_policy[email] = self.lag
             self.changes.append(("account", email))
             return iam_types.ServiceAccount(**self.accounts[email])
 
         def get_policy(request: Any, context: grpc.ServicerContext) -> Any:
-            if email_of(request.resource) not in self.accounts:
+            email = email_of(request.resource)
+            self.policy_reads.append((request.resource, request.options.requested_policy_version))
+            if email not in self.accounts or self._unseen_policy.get(email, 0) > 0:
+                self._unseen_policy[email] = max(0, self._unseen_policy.get(email, 0) - 1)
                 context.abort(grpc.StatusCode.NOT_FOUND, f"Unknown {request.resource}")
             policy = self.policy(request.resource)
             return policy_pb2.Policy(
@@ -263,8 +276,10 @@ class FakeProject:
                     grpc.StatusCode.ABORTED if status == 409 else grpc.StatusCode.INVALID_ARGUMENT
                 )
                 context.abort(code, message)
-            return get_policy(
-                iam_policy_pb2.GetIamPolicyRequest(resource=request.resource), context
+            policy = self.policy(request.resource)
+            return policy_pb2.Policy(
+                bindings=[policy_pb2.Binding(**b) for b in policy["bindings"]],
+                etag=base64.b64decode(policy["etag"]),
             )
 
         def unary(fn: Any, request_type: Any, response_type: Any) -> grpc.RpcMethodHandler:

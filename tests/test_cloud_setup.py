@@ -145,14 +145,35 @@ def test_bindings_already_there_are_kept(project: FakeProject) -> None:
 
 
 def test_grants_wait_for_new_accounts_to_propagate(project: FakeProject) -> None:
-    project.lag = 1  # the first policy write naming each new account is refused
-    result = _setup("--apply")
+    # The first policy write naming each new account is refused, and the first read of
+    # each new account's own policy is a 404, as IAM answers before it has caught up.
+    project.lag = 1
+    result = _setup("--deployer", DEPLOYER, "--apply")
     assert result.exit_code == 0, result.output
     assert sorted(set(project.refused)) == [
         "knd-serve@p1.iam.gserviceaccount.com",
         "knd-trainer@p1.iam.gserviceaccount.com",
     ]
     assert project.members("b/p1-knd", "roles/storage.objectUser") == {TRAINER}
+    acts_as = list(project.roles_of(DEPLOYER).values())
+    assert acts_as == [{"roles/iam.serviceAccountUser"}] * 2
+
+
+def test_a_deployer_iam_does_not_know_fails_at_once(project: FakeProject) -> None:
+    import time
+
+    _setup("--apply")  # the accounts exist
+    start = time.monotonic()
+    result = _setup("--deployer", "user:ghost@example.com", "--apply")
+    assert isinstance(result.exception, CloudError)
+    assert "User ghost@example.com does not exist" in str(result.exception)
+    assert time.monotonic() - start < 5  # not retried as if it were a new account
+
+
+def test_policies_are_read_as_version_3(project: FakeProject) -> None:
+    """Version 1 reads would drop (or refuse) conditional bindings on the way back."""
+    assert _setup("--deployer", DEPLOYER, "--apply").exit_code == 0
+    assert project.policy_reads and {v for _r, v in project.policy_reads} == {3}
 
 
 def test_without_a_deployer_act_as_is_skipped_and_printed(project: FakeProject) -> None:

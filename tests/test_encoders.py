@@ -347,6 +347,26 @@ def test_an_encoder_in_a_bucket_is_copied_once_and_trains(
     ).read_bytes()
 
 
+def test_a_bucket_encoder_is_copied_again_when_it_changes(encoders, tmp_path, monkeypatch):
+    from conftest import gcs_emulator
+    from kndcli.gcs import gcs_filesystem
+    from kndcli.models.ssl import resolve_encoder
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    with gcs_emulator(monkeypatch, "weights"):
+        fs = gcs_filesystem("test")
+        for path in encoders["wavlm"].iterdir():
+            fs.put(str(path), f"weights/enc/{path.name}")
+        first = resolve_encoder("gs://weights/enc")
+        stamp = (first / ".complete").read_text()
+        assert resolve_encoder("gs://weights/enc") == first  # unchanged: reused
+        assert (first / ".complete").read_text() == stamp
+        fs.pipe("weights/enc/README.md", b"---\nlicense: mit\n---\n")
+        again = resolve_encoder("gs://weights/enc")
+    assert again == first and (again / "README.md").read_text().startswith("---\nlicense: mit")
+    assert not list(again.parent.glob(".enc.*"))  # no half-built copy left behind
+
+
 def test_layerdrop_never_changes_the_stack_of_states(encoders) -> None:
     """Encoders ship with LayerDrop on (0.1 by default); a dropped layer would leave the
     head a shorter stack. Off in knd, so every training step sees every layer."""
@@ -381,3 +401,58 @@ def test_gradient_checkpointing_gives_the_same_gradients(encoders, family) -> No
         layer = model.frontend.transformer_layers()[0]
         grads.append(next(p.grad for p in layer.parameters() if p.grad is not None).clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+def test_a_graph_over_the_protobuf_limit_keeps_its_weights_beside_it(
+    encoders, ravdess_root, tmp_path, monkeypatch
+) -> None:
+    """Whisper-large's encoder is 2.5 GB in fp32, over ONNX's 2 GB protobuf: its weights go
+    to model.onnx.data, hashed with the bundle, and predict reads them (forced here on a
+    tiny model by lowering the threshold)."""
+    from bench.cases import untrained_bundle
+
+    from kndcli.config import ModelConfig
+    from kndcli.training import export
+
+    monkeypatch.setattr(export, "EXTERNAL_DATA_BYTES", 0)
+    model = ModelConfig(name="ssl", encoder=str(encoders["whisper"]), ensemble=1, head_dim=16)
+    bundle_dir = untrained_bundle(tmp_path / "large", model=model)
+    bundle = load_bundle(bundle_dir)  # every file's sha256 checked, the data file too
+    assert set(bundle.meta["files"]) >= {"model.onnx", "model.onnx.data"}
+    assert not (bundle_dir / ".onnx-export").exists()
+    [answer] = _predict(bundle_dir, ravdess_clips(ravdess_root, [5])[:1])
+    assert answer["label"] in bundle.labels
+    monkeypatch.setattr(export, "EXTERNAL_DATA_BYTES", 10**12)
+    report = export.export_bundle(bundle_dir, tmp_path / "small")
+    assert not (tmp_path / "small" / "model.onnx.data").exists() and report["kept"]
+    assert "model.onnx.data" not in load_bundle(tmp_path / "small").meta["files"]
+
+
+@pytest.mark.parametrize(
+    ("mode", "training"), [("frozen", False), ("partial", True), ("full", True)]
+)
+def test_the_encoder_trains_in_training_mode_unless_frozen(encoders, mode, training) -> None:
+    """from_pretrained leaves a model in eval mode and Lightning keeps the modes it finds:
+    partial and full training must still get dropout and masking."""
+    from kndcli.config import ModelConfig
+    from kndcli.models import build_model
+
+    model = build_model(
+        ModelConfig(name="ssl", encoder=str(encoders["hubert"]), encoder_mode=mode), 8, 16000
+    )
+    assert {m.training for m in model.frontend.encoder.modules()} == {training}
+    model.eval().train()
+    assert {m.training for m in model.frontend.encoder.modules()} == {training}
+
+
+def test_whisper_windows_longer_than_its_positions_are_refused(encoders, synth_prepared) -> None:
+    from kndcli.training.train import check_config
+
+    cfg = load_config(
+        overrides=[
+            f"data.prepared={synth_prepared}", "model.name=ssl",
+            f"model.encoder={encoders['whisper']}", "train.clip_seconds=31",
+        ]
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="train.clip_seconds.*at most 30 s"):
+        check_config(cfg)

@@ -188,8 +188,10 @@ def apply(
 
 
 def _retry_new_accounts(change: Callable[[], None], propagation_s: float, what: str) -> None:
-    """Run a change; while IAM says a just-created service account does not exist yet,
-    retry with backoff for up to `propagation_s` (IAM is eventually consistent)."""
+    """Run a change; while IAM does not know a just-created service account yet (a grant
+    naming it: 400 "Service account ... does not exist"; its own policy: 404), retry with
+    backoff for up to `propagation_s` (IAM is eventually consistent). Anything else, a
+    missing user included, fails at once."""
     from google.api_core import exceptions as api
 
     deadline = time.monotonic() + propagation_s
@@ -199,9 +201,16 @@ def _retry_new_accounts(change: Callable[[], None], propagation_s: float, what: 
             try:
                 change()
                 return
-            except api.BadRequest as exc:
-                if "does not exist" not in exc.message or time.monotonic() + wait > deadline:
+            except (api.BadRequest, api.NotFound) as exc:
+                message = exc.message.lower()
+                if isinstance(exc, api.NotFound):  # the policy of an account not seen yet
+                    new_account = what.startswith(ACT_AS_ROLE)
+                else:  # a grant naming one
+                    new_account = "service account" in message and "does not exist" in message
+                if not new_account or time.monotonic() + wait > deadline:
                     raise
+            except TimeoutError:
+                raise CloudError(f"{what}: no answer within its time limit") from None
         time.sleep(wait)
         wait = min(wait * 2, 10.0)
 
@@ -400,15 +409,18 @@ def _policy_grant(
     and the read-modify-write that adds it (the etag keeps a concurrent change safe)."""
     missing = [False]
     has = False
+    read = {"resource": resource_name, "options": {"requested_policy_version": 3}}
     with google_errors(what), _missing_is(missing):
-        policy = client.get_iam_policy(request={"resource": resource_name})
+        policy = client.get_iam_policy(request=read)
         has = any(
             b.role == role and member in b.members and not b.condition.expression
             for b in policy.bindings
         )
 
     def grant() -> None:
-        policy = client.get_iam_policy(request={"resource": resource_name})
+        # Version 3 keeps conditional bindings intact through the read-modify-write.
+        policy = client.get_iam_policy(request=read)
+        policy.version = 3
         binding = next(
             (b for b in policy.bindings if b.role == role and not b.condition.expression), None
         )

@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 SCHEMA_VERSION = 1
 BUNDLE_JSON = "bundle.json"
 ONNX_FILE = "model.onnx"
+# The weights of a graph too large for one protobuf (2 GB: Whisper-large's encoder), beside
+# model.onnx, which names it; ONNX Runtime reads it from the same directory.
+ONNX_DATA_FILE = "model.onnx.data"
 WEIGHTS_FILE = "weights.safetensors"
 REFERENCE_FILE = "reference.parquet"
 

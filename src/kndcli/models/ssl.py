@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -107,28 +108,44 @@ def resolve_encoder(source: str) -> Path:
 
 
 def _copy_from_bucket(source: str) -> Path:
-    """A gs:// encoder directory copied once to ~/.cache/knd/encoders (how weights reach a
-    Vertex AI job without baking them into the image); a finished copy is reused."""
+    """A gs:// encoder directory copied to ~/.cache/knd/encoders (how weights reach a
+    Vertex AI job without baking them into the image). The copy is reused while the
+    bucket's objects are unchanged (names, sizes, generations), and is built beside its
+    place and renamed in, so processes starting together never read a half-written file."""
+    import shutil
+
     from kndcli.gcs import gcs_filesystem
 
     local = Path.home() / ".cache" / "knd" / "encoders" / source.removeprefix("gs://").strip("/")
-    done = local / ".complete"
-    if done.is_file():
-        return local
     fs = gcs_filesystem("a gs:// model.encoder")
     remote = source.rstrip("/")
     try:
-        names = [p for p in fs.find(remote) if not p.endswith("/")]
+        listing = fs.find(remote, detail=True)
     except Exception as exc:  # auth, network, bucket
         raise ConfigError(f"key 'model.encoder': cannot list {source} ({exc})") from None
-    if not any(n.endswith("/config.json") for n in names):
+    files = {name: info for name, info in listing.items() if not name.endswith("/")}
+    if not any(name.endswith("/config.json") for name in files):
         raise ConfigError(f"key 'model.encoder': {source} has no config.json")
+    stamp = json.dumps(
+        sorted(
+            (n, i.get("size"), i.get("generation") or i.get("md5Hash")) for n, i in files.items()
+        )
+    )
+    if (local / ".complete").is_file() and (local / ".complete").read_text() == stamp:
+        return local
     root = remote.removeprefix("gs://")
-    for name in names:
-        target = local / name[len(root) :].lstrip("/")
+    local.parent.mkdir(parents=True, exist_ok=True)
+    building = local.parent / f".{local.name}.{uuid.uuid4().hex}"
+    for name in files:
+        target = building / name[len(root) :].lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
         fs.get(name, str(target))
-    done.write_text(source)
+    (building / ".complete").write_text(stamp)
+    shutil.rmtree(local, ignore_errors=True)
+    try:
+        building.replace(local)
+    except OSError:  # another process put the same copy in place first
+        shutil.rmtree(building, ignore_errors=True)
     return local
 
 
@@ -161,17 +178,25 @@ def encoder_spec(source: str, directory: Path) -> EncoderSpec:
     return spec
 
 
+def longest_input_s(spec: EncoderSpec) -> float | None:
+    """Whisper's positions end at max_source_positions frames (30 s); others have no end."""
+    if spec.family != "whisper":
+        return None
+    positions = int(spec.config.get("max_source_positions", 1500))
+    return positions * 2 * spec.hop_length / spec.sampling_rate
+
+
 def _revision(directory: Path) -> str:
-    """The Hub commit of a cached snapshot, else a digest of the weights' index/header."""
+    """The Hub commit of a cached snapshot, else a digest of every weight file: what tells
+    one fine-tune of an architecture from another (bundle provenance, the state cache)."""
     if directory.parent.name == "snapshots":
         return directory.name
     digest = hashlib.sha256()
-    for name in _WEIGHTS:
-        weights = directory / name
-        if weights.is_file():
-            with weights.open("rb") as handle:
-                digest.update(handle.read(1 << 20))  # the safetensors header and first MiB
-            digest.update(str(weights.stat().st_size).encode())
+    for weights in sorted(directory.glob("*.safetensors")):
+        digest.update(weights.name.encode())
+        with weights.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
     return "local-" + digest.hexdigest()[:16]
 
 
@@ -254,6 +279,14 @@ class WhisperLogMel(nn.Module):
         self.register_buffer("filters", torch.from_numpy(filters.T).float(), persistent=False)
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        device = waveform.device.type
+        if torch.is_autocast_enabled(device):
+            # fp32 features, as the exported graph computes them (see LogMel).
+            with torch.autocast(device, enabled=False):
+                return self._features(waveform.float())
+        return self._features(waveform)
+
+    def _features(self, waveform: torch.Tensor) -> torch.Tensor:
         power = self.spectrogram(waveform)[..., :-1]
         mel = torch.matmul(self.filters, power).clamp(min=1e-10).log10()
         mel = torch.maximum(mel, mel.amax(dim=(-2, -1), keepdim=True) - 8.0)
@@ -292,7 +325,8 @@ class FeatureCache:
     def put(self, key: str, states: np.ndarray) -> None:
         if self.bytes + states.nbytes > self.max_bytes:
             return  # full: encode afresh from here on
-        tmp = self.root / f".{key}.tmp.npy"
+        # A name of its own per writer: DDP ranks can encode the same clip in one step.
+        tmp = self.root / f".{key}.{uuid.uuid4().hex}.tmp.npy"
         np.save(tmp, states)
         tmp.replace(self.root / f"{key}.npy")
         self.bytes += states.nbytes
@@ -316,9 +350,15 @@ class EncoderStates(nn.Module):
         self.cache: FeatureCache | None = None
         # Whisper's layers are run here, so its gradient checkpointing is done here too.
         self.checkpointing = False
+        # from_pretrained leaves the encoder in eval mode, and Lightning keeps the modes it
+        # finds: without this, dropout, SpecAugment masking and HF's checkpointing would
+        # never run in partial and full training.
+        encoder.train(mode != "frozen")
         if mode == "frozen":
             encoder.requires_grad_(False)
         elif mode == "partial":
+            if hasattr(encoder, "freeze_feature_encoder"):
+                encoder.freeze_feature_encoder()  # also stops gradients into the input
             for module in self._feature_encoder():
                 module.requires_grad_(False)
 
@@ -471,7 +511,8 @@ def build_encoder_model(
             f"--set audio.sample_rate={spec.sampling_rate}"
         )
     if cfg.gradient_checkpointing and spec.family != "whisper":
-        encoder.gradient_checkpointing_enable()
+        enable = getattr(encoder, "activation_checkpointing_enable", None)
+        (enable or encoder.gradient_checkpointing_enable)()
     frontend = EncoderStates(encoder, spec, cfg.encoder_mode)
     frontend.checkpointing = cfg.gradient_checkpointing and spec.family == "whisper"
     layers = len(frontend.transformer_layers()) + 1

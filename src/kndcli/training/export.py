@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import shutil
 import subprocess
 import time
 import warnings
@@ -17,6 +18,7 @@ from kndcli import __version__
 from kndcli.data.store import PreparedSet
 from kndcli.errors import KndError, UsageError
 from kndcli.inference.bundle import (
+    ONNX_DATA_FILE,
     ONNX_FILE,
     REFERENCE_FILE,
     WEIGHTS_FILE,
@@ -27,29 +29,48 @@ from kndcli.inference.windowing import center_fit
 from kndcli.models.emotion import WithProbabilities
 
 PARITY_TOLERANCE = 1e-4
+# Weights above this go to model.onnx.data (the protobuf limit is 2 GB, metadata included).
+EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
-def export_onnx(model: nn.Module, path: Path, sample_rate: int, clip_seconds: float) -> None:
-    """Export waveform -> probabilities with dynamic batch and length, frontend included."""
+def export_onnx(model: nn.Module, path: Path, sample_rate: int, clip_seconds: float) -> list[str]:
+    """Export waveform -> probabilities with dynamic batch and length, frontend included.
+
+    Returns the files written: model.onnx, and model.onnx.data beside it when the weights
+    are over EXTERNAL_DATA_BYTES (one protobuf holds at most 2 GB).
+    """
     wrapped = WithProbabilities(model).eval()
     example = torch.randn(2, int(clip_seconds * sample_rate)) * 0.1
     batch = torch.export.Dim("batch", min=1, max=4096)
     samples = torch.export.Dim("samples", min=sample_rate // 4, max=sample_rate * 600)
-    tmp = path.with_suffix(".onnx.tmp")
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    external = size > EXTERNAL_DATA_BYTES
+    # Written under their final names in a scratch directory (model.onnx records the name
+    # of its data file), then moved in: data first, so model.onnx never names a missing one.
+    scratch = path.parent / ".onnx-export"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         torch.onnx.export(
             wrapped,
             (example,),
-            str(tmp),
+            str(scratch / path.name),
             input_names=["audio"],
             output_names=["probabilities"],
             dynamic_shapes={"waveform": {0: batch, 1: samples}},
             dynamo=True,
-            external_data=False,
+            external_data=external,
             verbose=False,
         )
-    tmp.replace(path)
+    data = path.with_name(path.name + ".data")
+    if external:
+        (scratch / data.name).replace(data)
+    else:
+        data.unlink(missing_ok=True)
+    (scratch / path.name).replace(path)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return [path.name, data.name] if external else [path.name]
 
 
 def check_parity(
@@ -96,9 +117,9 @@ def write_bundle(
     model = model.eval()
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / WEIGHTS_FILE))
-    export_onnx(model, out / ONNX_FILE, meta.sample_rate, meta.clip_seconds)
+    graph = export_onnx(model, out / ONNX_FILE, meta.sample_rate, meta.clip_seconds)
     parity = check_parity(model, out / ONNX_FILE, parity_waveforms.astype(np.float32))
-    files = [ONNX_FILE, WEIGHTS_FILE]
+    files = [*graph, WEIGHTS_FILE]
     if reference is not None:
         reference.to_parquet(out / REFERENCE_FILE, index=False)
         files.append(REFERENCE_FILE)
@@ -158,8 +179,6 @@ def export_bundle(
     set the bundle was trained on). An int8 graph that is less accurate or slower is
     removed again (`kept` False, with the reasons in `refused`) unless `force`.
     """
-    import shutil
-
     from kndcli.inference.bundle import load_bundle
 
     bundle = load_bundle(src)
@@ -184,13 +203,13 @@ def export_bundle(
             ]
         )
     out.mkdir(parents=True, exist_ok=True)
-    files = [ONNX_FILE, WEIGHTS_FILE]
+    files = [WEIGHTS_FILE]
     for name in bundle.meta["files"]:
-        if name != ONNX_FILE:
+        if name not in (ONNX_FILE, ONNX_DATA_FILE):
             shutil.copy2(bundle.path(name), out / name)
             if name not in files:
                 files.append(name)
-    export_onnx(model, out / ONNX_FILE, bundle.sample_rate, bundle.clip_seconds)
+    files = [*export_onnx(model, out / ONNX_FILE, bundle.sample_rate, bundle.clip_seconds), *files]
     if quantize == "int8":
         _quantize_int8(out / ONNX_FILE)
         parity = check_parity(model, out / ONNX_FILE, clips, tolerance=float("inf"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
 import time
@@ -156,7 +158,11 @@ def _attach_feature_cache(model: Any, cfg: KndConfig) -> Any:
             file=sys.stderr,
         )
     spec = frontend.spec
-    identity = f"{spec.family}-{spec.revision}-{'norm' if spec.normalize else 'raw'}"
+    # Everything that changes the states: the encoder (config, weights' revision, input
+    # handling) and the precision it runs in.
+    precision = resolve_precision(cfg.train.trainer.precision, cfg.train.trainer.accelerator)
+    recipe = json.dumps({"encoder": spec.to_dict(), "precision": precision}, sort_keys=True)
+    identity = f"{spec.family}-{hashlib.sha256(recipe.encode()).hexdigest()[:16]}"
     root = Path(cfg.train.output_dir) / ".cache" / "encoder-states"
     frontend.cache = FeatureCache(root, identity, int(cfg.model.feature_cache_gb * 2**30))
     return frontend.cache
@@ -232,9 +238,15 @@ def check_config(cfg: KndConfig) -> None:
         )
     if cfg.model.name == ENCODER_MODEL:
         # Find the encoder and read its config now, before any data is read.
-        from kndcli.models.ssl import encoder_spec, resolve_encoder
+        from kndcli.models.ssl import encoder_spec, longest_input_s, resolve_encoder
 
-        encoder_spec(cfg.model.encoder, resolve_encoder(cfg.model.encoder))
+        spec = encoder_spec(cfg.model.encoder, resolve_encoder(cfg.model.encoder))
+        longest = longest_input_s(spec)
+        if longest is not None and cfg.train.clip_seconds > longest:
+            raise ConfigError(
+                f"key 'train.clip_seconds': {cfg.train.clip_seconds:g} s, but a {spec.family} "
+                f"encoder takes at most {longest:g} s"
+            )
 
 
 def _read_secret_env() -> None:
