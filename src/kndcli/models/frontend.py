@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torchaudio
 from torch import nn
 
 from kndcli.config import ModelConfig
 from kndcli.errors import ConfigError
+
+
+def fp32_features(
+    features: Callable[[torch.Tensor], torch.Tensor], waveform: torch.Tensor
+) -> torch.Tensor:
+    """`features(waveform)` in fp32 even under autocast: mixed-precision training runs the
+    backbone in bf16, while the exported fp32 graph computes the features in fp32."""
+    device = waveform.device.type
+    if torch.is_autocast_enabled(device):
+        with torch.autocast(device, enabled=False):
+            return features(waveform.float())
+    return features(waveform)
 
 
 class PowerSpectrogram(nn.Module):
@@ -72,13 +86,7 @@ class LogMel(nn.Module):
         self.vtlp = cfg.vtlp
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
-        device = waveform.device.type
-        if torch.is_autocast_enabled(device):
-            # Mixed-precision training runs the backbone in bf16; the features stay fp32,
-            # as the exported fp32 graph computes them.
-            with torch.autocast(device, enabled=False):
-                return self._features(waveform.float())
-        return self._features(waveform)
+        return fp32_features(self._features, waveform)
 
     def _features(self, waveform: torch.Tensor) -> torch.Tensor:
         power = self.spectrogram(waveform)

@@ -32,7 +32,7 @@ from torch import nn
 from kndcli.config import ENCODER_MODES, ModelConfig
 from kndcli.errors import ConfigError
 from kndcli.models.emotion import EmotionModel, Ensemble
-from kndcli.models.frontend import PowerSpectrogram
+from kndcli.models.frontend import PowerSpectrogram, fp32_features
 from kndcli.models.pooling import AttentiveStatsPool
 
 FAMILIES = ("wav2vec2", "hubert", "wavlm", "data2vec-audio", "whisper")
@@ -279,12 +279,7 @@ class WhisperLogMel(nn.Module):
         self.register_buffer("filters", torch.from_numpy(filters.T).float(), persistent=False)
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
-        device = waveform.device.type
-        if torch.is_autocast_enabled(device):
-            # fp32 features, as the exported graph computes them (see LogMel).
-            with torch.autocast(device, enabled=False):
-                return self._features(waveform.float())
-        return self._features(waveform)
+        return fp32_features(self._features, waveform)
 
     def _features(self, waveform: torch.Tensor) -> torch.Tensor:
         power = self.spectrogram(waveform)[..., :-1]
