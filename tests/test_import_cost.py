@@ -19,6 +19,8 @@ FORBIDDEN = (
     "evidently",
     "google.cloud",
     "pandas",
+    "transformers",
+    "huggingface_hub",
 )
 # Imported only after the arguments are parsed, at the end of the process: sys.modules then
 # holds everything the command ever imported.
