@@ -456,3 +456,16 @@ def test_whisper_windows_longer_than_its_positions_are_refused(encoders, synth_p
     )  # fmt: skip
     with pytest.raises(ConfigError, match="train.clip_seconds.*at most 30 s"):
         check_config(cfg)
+
+
+def test_a_frozen_encoder_runs_in_fp32_under_mixed_precision(encoders) -> None:
+    """Its states are what the exported fp32 graph computes, whatever the training precision."""
+    from kndcli.config import ModelConfig
+    from kndcli.models import build_model
+
+    model = build_model(ModelConfig(name="ssl", encoder=str(encoders["wavlm"])), 8, 16000).train()
+    x = torch.randn(2, 16000) * 0.1
+    plain = model.frontend(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model.frontend(x)
+    assert mixed.dtype == torch.float32 and torch.equal(plain, mixed)

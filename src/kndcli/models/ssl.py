@@ -378,8 +378,14 @@ class EncoderStates(nn.Module):
             return self._encode(waveform)
         if self.cache is None:
             with torch.no_grad():
-                return self._encode(waveform)
+                return self._frozen_states(waveform)
         return self._cached(waveform)
+
+    def _frozen_states(self, waveform: torch.Tensor) -> torch.Tensor:
+        """A frozen encoder runs in fp32 even in mixed-precision training: its states are
+        then those the exported fp32 graph computes, and it is faster (autocast re-casts
+        weights that need no gradient at every call: 2.2x slower for WavLM-base here)."""
+        return fp32_features(self._encode, waveform)
 
     def _cached(self, waveform: torch.Tensor) -> torch.Tensor:
         cache = self.cache
@@ -389,7 +395,7 @@ class EncoderStates(nn.Module):
         missing = [i for i, states in enumerate(found) if states is None]
         if missing:
             with torch.no_grad():
-                fresh = self._encode(waveform[missing]).float().cpu().half().numpy()
+                fresh = self._frozen_states(waveform[missing]).cpu().half().numpy()
             for j, i in enumerate(missing):
                 found[i] = fresh[:, j]
                 cache.put(keys[i], fresh[:, j])
