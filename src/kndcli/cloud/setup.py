@@ -159,8 +159,9 @@ def plan(opts: SetupOptions, clients: Clients | None = None) -> list[Step]:
     ]
     trainer = f"serviceAccount:{opts.email(opts.trainer)}"
     server = f"serviceAccount:{opts.email(opts.server)}"
-    for member, roles in ((trainer, TRAINER_BUCKET_ROLES), (server, SERVE_BUCKET_ROLES)):
-        steps += [_bucket_grant(opts, clients, member, role) for role in roles]
+    grants = [(trainer, role) for role in TRAINER_BUCKET_ROLES]
+    grants += [(server, role) for role in SERVE_BUCKET_ROLES]
+    steps += _bucket_grants(opts, clients, grants)
     steps.append(_secret_grant(opts, clients, server))
     steps += [_act_as(opts, clients, account) for account in (opts.trainer, opts.server)]
     return steps
@@ -367,16 +368,25 @@ def _secret(opts: SetupOptions, clients: Clients) -> list[Step]:
 # ----------------------------------------------------------------------------- grants
 
 
-def _bucket_grant(opts: SetupOptions, clients: Clients, member: str, role: str) -> Step:
+def _bucket_grants(
+    opts: SetupOptions, clients: Clients, grants: list[tuple[str, str]]
+) -> list[Step]:
+    """The bucket's (member, role) grants, from one read of its policy (none yet: a
+    bucket still to be created has no policy)."""
     storage = clients.get("storage")
-    missing = [False]
-    has = False
-    with google_errors("Cloud Storage IAM"), _missing_is(missing):
-        policy = storage.bucket(opts.bucket).get_iam_policy(requested_policy_version=3)
-        has = any(
-            b["role"] == role and member in b["members"] and not b.get("condition")
-            for b in policy.bindings
-        )
+    bindings: list[dict[str, Any]] = []
+    with google_errors("Cloud Storage IAM"), _missing_is([False]):
+        bindings = storage.bucket(opts.bucket).get_iam_policy(requested_policy_version=3).bindings
+    granted = {
+        (member, b["role"]) for b in bindings if not b.get("condition") for member in b["members"]
+    }
+    return [
+        _bucket_grant(opts, storage, member, role, (member, role) in granted)
+        for member, role in grants
+    ]
+
+
+def _bucket_grant(opts: SetupOptions, storage: Any, member: str, role: str, has: bool) -> Step:
     resource = f"{role} on gs://{opts.bucket} for {member}"
     if has:
         return Step(resource, "ok", "granted")

@@ -16,6 +16,7 @@ attentive statistics and classifies.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -191,10 +192,19 @@ def _revision(directory: Path) -> str:
     one fine-tune of an architecture from another (bundle provenance, the state cache)."""
     if directory.parent.name == "snapshots":
         return directory.name
+    files = sorted(directory.glob("*.safetensors"))
+    stamp = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return _weights_digest(str(directory), stamp)
+
+
+@functools.lru_cache(maxsize=8)
+def _weights_digest(directory: str, stamp: tuple) -> str:
+    """Hashing a large model's weights takes seconds, and a run reads its encoder's spec
+    several times (config check, model, checkpoint): once per unchanged set of files."""
     digest = hashlib.sha256()
-    for weights in sorted(directory.glob("*.safetensors")):
-        digest.update(weights.name.encode())
-        with weights.open("rb") as handle:
+    for name, _size, _mtime in stamp:
+        digest.update(name.encode())
+        with (Path(directory) / name).open("rb") as handle:
             for block in iter(lambda: handle.read(1 << 22), b""):
                 digest.update(block)
     return "local-" + digest.hexdigest()[:16]
