@@ -784,3 +784,85 @@ def test_resume_record_compares_the_recipe_only(tmp_path):
     changed = load_config(overrides=["train.run_name=r1", "train.seed=7"])
     with pytest.raises(ConfigError, match="train.seed"):
         check_resume(ckpt, record_of(changed), has_last=True)
+
+
+# ---------------------------------------------------------------- cross-fitted calibration
+def test_each_member_leaves_out_its_own_speakers(caplog):
+    from kndcli.training.data import member_holdouts
+
+    speakers = [f"{i:02d}" for i in range(1, 13)]
+    held = member_holdouts(speakers, members=2, per_member=2, seed=42)
+    assert [len(h) for h in held] == [2, 2] and not set(held[0]) & set(held[1])
+    assert set(held[0]) | set(held[1]) <= set(speakers)
+    assert member_holdouts(speakers, 2, 2, seed=42) == held  # the seed decides, not chance
+    assert member_holdouts(speakers, 2, 2, seed=1) != held
+    assert member_holdouts(speakers, 2, 0, seed=42) == [[], []]
+    # Too few speakers for cross-fitting: nobody is left out, and the log says why.
+    assert member_holdouts(speakers[:7], members=3, per_member=2, seed=42) == [[], [], []]
+    assert "train.cross_fit_speakers=2" in caplog.text and "at least 8" in caplog.text
+
+
+@pytest.mark.parametrize("mixup", [False, True])
+def test_a_left_out_speakers_labels_never_reach_its_member(mixup):
+    import torch
+
+    from kndcli.config import LABELS
+    from kndcli.training.module import EmotionClassifier
+
+    module = EmotionClassifier(
+        model={"channels": 8, "ensemble": 2},
+        labels=list(LABELS),
+        sample_rate=16000,
+        member_holdout=[[0], [1]],
+    )
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 8, generator=gen)
+    speaker = torch.tensor([0, 1, 2, 0, 3, 1])
+    y = torch.tensor([1, 2, 3, 4, 5, 6])
+    perm = torch.tensor([1, 2, 3, 4, 5, 0]) if mixup else None
+    lam = 0.7 if mixup else 1.0
+
+    def loss(member: int, labels: torch.Tensor) -> float:
+        kept = module._kept(member, speaker)
+        return float(module._member_loss(logits, labels, lam, perm, kept))
+
+    for member, own in ((0, speaker == 0), (1, speaker == 1)):
+        relabelled = torch.where(own, (y + 3) % 8, y)  # change only the left-out labels
+        assert loss(member, relabelled) == pytest.approx(loss(member, y), abs=1e-6)
+        other = torch.where(~own, (y + 3) % 8, y)
+        assert abs(loss(member, other) - loss(member, y)) > 1e-3
+    # Without left-out speakers the member's loss is the ordinary (mixed) loss.
+    assert module._kept(0, speaker) is not None
+    plain = EmotionClassifier(model={"channels": 8}, labels=list(LABELS), sample_rate=16000)
+    assert plain._kept(0, speaker) is None
+
+
+def test_cross_fitted_training_calibrates_on_each_members_left_out_speakers(
+    synth_prepared, tmp_path
+):
+    """Every speaker trains (no validation split), and the temperature is fitted on each
+    member's outputs for speakers whose labels that member never saw."""
+    from kndcli.training.train import train
+
+    cfg = load_config(
+        overrides=tiny_overrides(
+            synth_prepared,
+            tmp_path,
+            "train.run_name=cf",
+            "model.ensemble=2",
+            "train.cross_fit_speakers=1",
+            "train.fit_splits=[train,val,test]",
+        )
+    )
+    result = train(cfg)
+    bundle = load_bundle(result.run_dir)
+    calibration = bundle.meta["calibration"]
+    assert calibration["method"] == "temperature, cross-fitted over ensemble members"
+    members = calibration["fitted_on"]["members"]
+    assert [len(m) for m in members] == [1, 1] and members[0] != members[1]
+    assert calibration["fitted_on"]["speakers"] == sorted(members[0] + members[1])
+    assert calibration["fitted_on"]["clips"] == 120  # the two left-out synthetic actors
+    assert calibration["fitted_on"]["copies"] == ["clean", "degraded"]
+    assert calibration["after"]["nll"] <= calibration["before"]["nll"] + 1e-9
+    # The Predictor applies it like a temperature fitted on validation speakers.
+    assert Predictor(bundle).temperature == calibration["temperature"] != 1.0

@@ -57,9 +57,16 @@ def build_bundle(
     epochs: int,
     resumed_from: str | None,
     world_size: int = 1,
+    holdouts: list[list[str]] | None = None,
 ) -> dict[str, Any]:
-    """Write the bundle into run_dir, evaluate it on val and test, add the drift reference."""
+    """Write the bundle into run_dir, calibrate it, evaluate it on val and test, and add
+    the drift reference. `holdouts`: each member's left-out speakers (cross-fitting)."""
     model = load_checkpoint_model(checkpoint, cfg, labels, prepared.sample_rate)
+    calibration = None
+    if cfg.train.calibrate and any(holdouts or []):
+        from kndcli.training.calibrate import fit_member_calibration
+
+        calibration = fit_member_calibration(model, prepared, cfg, labels, holdouts or [])
     clip = cfg.train.clip_seconds
     counts = {s: len(prepared.indices(s)) for s in ("train", "val", "test")}
     meta = BundleMeta(
@@ -92,10 +99,12 @@ def build_bundle(
     write_bundle(model, run_dir, meta, parity_batch(prepared, probe, length))
 
     predictor = Predictor(load_bundle(run_dir))
-    if cfg.train.calibrate and prepared.indices("val"):
+    if calibration is None and cfg.train.calibrate and prepared.indices("val"):
         from kndcli.training.calibrate import fit_calibration
 
-        update_bundle(run_dir, {"calibration": fit_calibration(predictor, prepared, cfg)}, [])
+        calibration = fit_calibration(predictor, prepared, cfg)
+    if calibration is not None:
+        update_bundle(run_dir, {"calibration": calibration}, [])
         predictor = Predictor(load_bundle(run_dir))
     metrics: dict[str, Any] = {}
     evaluations = {}

@@ -176,6 +176,37 @@ def train_speakers(prepared: PreparedSet) -> list[str]:
     return sorted({prepared.rows[i]["speaker"] for i in prepared.indices("train")})
 
 
+def member_holdouts(
+    speakers: list[str], members: int, per_member: int, seed: int
+) -> list[list[str]]:
+    """Disjoint sets of `per_member` training speakers, one per ensemble member, drawn by
+    seed: member m learns from every speaker but its own set, on which the temperature is
+    then fitted (`train.cross_fit_speakers`).
+
+    Empty sets when cross-fitting is off, or when the train split is too small for it
+    (fewer than two speakers would be learnt by every member): then calibration falls back
+    to the validation split, with a warning, so the default still trains on small sets.
+    """
+    none: list[list[str]] = [[] for _ in range(members)]
+    if per_member <= 0:
+        return none
+    need = members * per_member + 2
+    if len(speakers) < need:
+        log.warning(
+            "train.cross_fit_speakers=%d: %d member(s) leaving out %d speakers each need at "
+            "least %d training speakers, the train split has %d; calibrating on the "
+            "validation split instead",
+            per_member,
+            members,
+            per_member,
+            need,
+            len(speakers),
+        )
+        return none
+    order = np.random.default_rng((seed, 0xC0F1)).permutation(sorted(speakers))
+    return [sorted(order[m * per_member : (m + 1) * per_member].tolist()) for m in range(members)]
+
+
 def training_conditions(prepared: PreparedSet, cfg: TrainConfig) -> MultiCondition | None:
     """The multi-condition chain for training; babble from the training speakers' clips."""
     conditions = cfg.augment.conditions

@@ -59,6 +59,7 @@ class EmotionClassifier(pl.LightningModule):
         scheduler: str = "onecycle",
         speaker_adversarial: float = 0.0,
         n_speakers: int = 0,
+        member_holdout: list[list[int]] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -87,7 +88,12 @@ class EmotionClassifier(pl.LightningModule):
 
     @classmethod
     def from_config(
-        cls, cfg: Any, labels: list[str], sample_rate: int, n_speakers: int = 0
+        cls,
+        cfg: Any,
+        labels: list[str],
+        sample_rate: int,
+        n_speakers: int = 0,
+        member_holdout: list[list[int]] | None = None,
     ) -> EmotionClassifier:
         """The module `knd train` fits for a KndConfig (also used by `knd profile train`)."""
         from dataclasses import asdict
@@ -103,6 +109,7 @@ class EmotionClassifier(pl.LightningModule):
             scheduler=cfg.train.scheduler,
             speaker_adversarial=cfg.train.speaker_adversarial,
             n_speakers=n_speakers,
+            member_holdout=member_holdout,
         )
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
@@ -126,7 +133,10 @@ class EmotionClassifier(pl.LightningModule):
         # Each ensemble member learns from its own loss, as if trained alone; the mean
         # keeps the logged loss comparable with a single model's.
         loss = torch.stack(
-            [self._mixed(self._loss, logits, y, lam, perm) for logits in member_logits]
+            [
+                self._member_loss(logits, y, lam, perm, self._kept(m, speaker))
+                for m, logits in enumerate(member_logits)
+            ]
         ).mean()
         logits = mean_probability_logits(member_logits)
         if self.speaker_head is not None and self._embedding is not None:
@@ -135,6 +145,34 @@ class EmotionClassifier(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True, on_step=False, on_epoch=True)
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
         return loss
+
+    def _kept(self, member: int, speaker: torch.Tensor) -> torch.Tensor | None:
+        """Which clips of the batch member `member` may learn from (None: all of them);
+        its left-out speakers (`train.cross_fit_speakers`) are kept for calibration."""
+        held = (self.hparams.member_holdout or [])[member : member + 1]
+        if not held or not held[0]:
+            return None
+        return ~torch.isin(speaker, torch.tensor(held[0], device=speaker.device))
+
+    def _member_loss(
+        self, logits: torch.Tensor, y: torch.Tensor, lam: float, perm: Any, kept: Any
+    ) -> torch.Tensor:
+        """One member's loss over the clips it may learn from. Under mixup each label is
+        weighted by its share and counted only if its clip is kept: a left-out speaker's
+        label never reaches the member."""
+        if kept is None:
+            return self._mixed(self._loss, logits, y, lam, perm)
+
+        def per_clip(target: torch.Tensor) -> torch.Tensor:
+            smoothing = self.hparams.label_smoothing
+            return F.cross_entropy(logits, target, label_smoothing=smoothing, reduction="none")
+
+        weight = kept.float()
+        if perm is None:
+            return (weight * per_clip(y)).sum() / weight.sum().clamp_min(1.0)
+        first, second = lam * weight, (1 - lam) * weight[perm]
+        total = (first * per_clip(y) + second * per_clip(y[perm])).sum()
+        return total / (first + second).sum().clamp_min(1e-6)
 
     @staticmethod
     def _mixed(loss: Any, logits: torch.Tensor, y: torch.Tensor, lam: float, perm: Any) -> Any:

@@ -72,7 +72,7 @@ def _train(cfg: KndConfig) -> TrainResult | None:
     import pytorch_lightning as pl
 
     _quiet_libraries()
-    from kndcli.training.data import PreparedDataModule
+    from kndcli.training.data import PreparedDataModule, member_holdouts
     from kndcli.training.module import EmotionClassifier
 
     prepared = PreparedSet.open(cfg.data.prepared)
@@ -93,8 +93,16 @@ def _train(cfg: KndConfig) -> TrainResult | None:
 
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
     datamodule = PreparedDataModule(prepared, labels, cfg.train)
+    # Left-out speakers serve calibration only: none when the run does not calibrate.
+    cross_fit = cfg.train.cross_fit_speakers if cfg.train.calibrate else 0
+    holdouts = member_holdouts(datamodule.speakers, cfg.model.ensemble, cross_fit, cfg.train.seed)
+    index = {speaker: i for i, speaker in enumerate(datamodule.speakers)}
     module = EmotionClassifier.from_config(
-        cfg, labels, prepared.sample_rate, n_speakers=len(datamodule.speakers)
+        cfg,
+        labels,
+        prepared.sample_rate,
+        n_speakers=len(datamodule.speakers),
+        member_holdout=[[index[s] for s in held] for held in holdouts],
     )
     has_val = bool(prepared.indices("val"))
     if not has_val and cfg.train.early_stopping_patience > 0:
@@ -131,12 +139,50 @@ def _train(cfg: KndConfig) -> TrainResult | None:
         epochs=trainer.current_epoch,
         resumed_from=last,
         world_size=trainer.world_size,
+        holdouts=holdouts,
     )
     return TrainResult(
         run_dir=run_dir,
         bundle_dir=cfg.train.model_dir or str(run_dir),
         best_checkpoint=best,
         epochs=trainer.current_epoch,
+        seconds=time.perf_counter() - started,
+        metrics=metrics,
+    )
+
+
+def rebuild_bundle(cfg: KndConfig) -> TrainResult:
+    """Redo what follows training (calibration, export, evaluation) from the weights a
+    finished run saved (its averaged, else best or last checkpoint), without training:
+    for a change to those steps, measured on models already trained (bench.accuracy_cv)."""
+    from kndcli.training.bundle import build_bundle
+    from kndcli.training.data import member_holdouts, train_speakers
+
+    started = time.perf_counter()
+    prepared = PreparedSet.open(cfg.data.prepared)
+    if cfg.train.fit_splits != ["train"]:
+        prepared = prepared.fitting_on(cfg.train.fit_splits)
+    labels = training_labels(cfg, prepared)
+    run_dir = Path(cfg.train.output_dir) / cfg.train.run_name
+    ckpt_dir = cfg.train.checkpoint_dir or str(run_dir / "checkpoints")
+    names = (AVERAGED,) if cfg.train.average_last > 0 else ()
+    found = [c for c in (*names, "best.ckpt", LAST) if _exists(_checkpoint(ckpt_dir, c))]
+    if not found:
+        raise UsageError(f"{ckpt_dir}: no checkpoint to rebuild the bundle from")
+    weights = _checkpoint(ckpt_dir, found[0])
+    cross_fit = cfg.train.cross_fit_speakers if cfg.train.calibrate else 0
+    holdouts = member_holdouts(
+        train_speakers(prepared), cfg.model.ensemble, cross_fit, cfg.train.seed
+    )
+    epochs = cfg.train.trainer.max_epochs
+    metrics = build_bundle(
+        cfg, prepared, labels, weights, run_dir, epochs=epochs, resumed_from=None, holdouts=holdouts
+    )
+    return TrainResult(
+        run_dir=run_dir,
+        bundle_dir=cfg.train.model_dir or str(run_dir),
+        best_checkpoint=weights,
+        epochs=epochs,
         seconds=time.perf_counter() - started,
         metrics=metrics,
     )
@@ -215,6 +261,10 @@ def check_config(cfg: KndConfig) -> None:
     if cfg.train.speaker_adversarial < 0:
         raise ConfigError(
             f"key 'train.speaker_adversarial': must be >= 0, got {cfg.train.speaker_adversarial}"
+        )
+    if cfg.train.cross_fit_speakers < 0:
+        raise ConfigError(
+            f"key 'train.cross_fit_speakers': must be >= 0, got {cfg.train.cross_fit_speakers}"
         )
     if cfg.model.ensemble < 1:
         raise ConfigError(f"key 'model.ensemble': must be at least 1, got {cfg.model.ensemble}")
