@@ -72,7 +72,7 @@ def _train(cfg: KndConfig) -> TrainResult | None:
     import pytorch_lightning as pl
 
     _quiet_libraries()
-    from kndcli.training.data import PreparedDataModule, member_holdouts
+    from kndcli.training.data import PreparedDataModule
     from kndcli.training.module import EmotionClassifier
 
     prepared = PreparedSet.open(cfg.data.prepared)
@@ -93,9 +93,7 @@ def _train(cfg: KndConfig) -> TrainResult | None:
 
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
     datamodule = PreparedDataModule(prepared, labels, cfg.train)
-    # Left-out speakers serve calibration only: none when the run does not calibrate.
-    cross_fit = cfg.train.cross_fit_speakers if cfg.train.calibrate else 0
-    holdouts = member_holdouts(datamodule.speakers, cfg.model.ensemble, cross_fit, cfg.train.seed)
+    holdouts = _holdouts(cfg, datamodule.speakers)
     index = {speaker: i for i, speaker in enumerate(datamodule.speakers)}
     module = EmotionClassifier.from_config(
         cfg,
@@ -156,7 +154,7 @@ def rebuild_bundle(cfg: KndConfig) -> TrainResult:
     finished run saved (its averaged, else best or last checkpoint), without training:
     for a change to those steps, measured on models already trained (bench.accuracy_cv)."""
     from kndcli.training.bundle import build_bundle
-    from kndcli.training.data import member_holdouts, train_speakers
+    from kndcli.training.data import train_speakers
 
     started = time.perf_counter()
     prepared = PreparedSet.open(cfg.data.prepared)
@@ -170,10 +168,7 @@ def rebuild_bundle(cfg: KndConfig) -> TrainResult:
     if not found:
         raise UsageError(f"{ckpt_dir}: no checkpoint to rebuild the bundle from")
     weights = _checkpoint(ckpt_dir, found[0])
-    cross_fit = cfg.train.cross_fit_speakers if cfg.train.calibrate else 0
-    holdouts = member_holdouts(
-        train_speakers(prepared), cfg.model.ensemble, cross_fit, cfg.train.seed
-    )
+    holdouts = _holdouts(cfg, train_speakers(prepared))
     epochs = cfg.train.trainer.max_epochs
     metrics = build_bundle(
         cfg, prepared, labels, weights, run_dir, epochs=epochs, resumed_from=None, holdouts=holdouts
@@ -186,6 +181,15 @@ def rebuild_bundle(cfg: KndConfig) -> TrainResult:
         seconds=time.perf_counter() - started,
         metrics=metrics,
     )
+
+
+def _holdouts(cfg: KndConfig, speakers: list[str]) -> list[list[str]]:
+    """Each member's left-out training speakers; they serve calibration only, so a run
+    that does not calibrate leaves nobody out."""
+    from kndcli.training.data import member_holdouts
+
+    cross_fit = cfg.train.cross_fit_speakers if cfg.train.calibrate else 0
+    return member_holdouts(speakers, cfg.model.ensemble, cross_fit, cfg.train.seed)
 
 
 def _attach_feature_cache(model: Any, cfg: KndConfig) -> Any:
