@@ -272,7 +272,7 @@ def run_fold(
     os.environ.pop("KND_RUN_NAME", None)
     started = time.perf_counter()
     if rebuild is not None:
-        result = rebuild_bundle(cfg)
+        result = rebuild_bundle(cfg, rebuild["epochs"])
         seconds = rebuild["train_seconds"]
     else:
         # Every fold trains from scratch: `knd train` would resume an old run of this name.

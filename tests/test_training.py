@@ -866,3 +866,26 @@ def test_cross_fitted_training_calibrates_on_each_members_left_out_speakers(
     assert calibration["after"]["nll"] <= calibration["before"]["nll"] + 1e-9
     # The Predictor applies it like a temperature fitted on validation speakers.
     assert Predictor(bundle).temperature == calibration["temperature"] != 1.0
+
+
+def test_rebuilding_a_bundle_from_its_weights_repeats_its_calibration(synth_prepared, tmp_path):
+    """`bench.accuracy_cv --rebuild`: what follows training, redone from the saved weights,
+    gives the same calibration as the run itself."""
+    from kndcli.training.train import rebuild_bundle, train
+
+    cfg = load_config(
+        overrides=tiny_overrides(
+            synth_prepared,
+            tmp_path,
+            "train.run_name=rb",
+            "model.ensemble=2",
+            "train.cross_fit_speakers=1",
+            "train.fit_splits=[train,val,test]",
+        )
+    )
+    first = load_bundle(train(cfg).run_dir).meta["calibration"]
+    again = rebuild_bundle(cfg, epochs=2)
+    second = load_bundle(again.run_dir).meta["calibration"]
+    assert again.epochs == 2 and again.best_checkpoint.endswith("averaged.ckpt")
+    assert second["fitted_on"] == first["fitted_on"]
+    assert second["temperature"] == pytest.approx(first["temperature"], rel=1e-6)

@@ -62,11 +62,6 @@ def build_bundle(
     """Write the bundle into run_dir, calibrate it, evaluate it on val and test, and add
     the drift reference. `holdouts`: each member's left-out speakers (cross-fitting)."""
     model = load_checkpoint_model(checkpoint, cfg, labels, prepared.sample_rate)
-    calibration = None
-    if cfg.train.calibrate and any(holdouts or []):
-        from kndcli.training.calibrate import fit_member_calibration
-
-        calibration = fit_member_calibration(model, prepared, cfg, labels, holdouts or [])
     clip = cfg.train.clip_seconds
     counts = {s: len(prepared.indices(s)) for s in ("train", "val", "test")}
     meta = BundleMeta(
@@ -99,7 +94,12 @@ def build_bundle(
     write_bundle(model, run_dir, meta, parity_batch(prepared, probe, length))
 
     predictor = Predictor(load_bundle(run_dir))
-    if calibration is None and cfg.train.calibrate and prepared.indices("val"):
+    calibration = None
+    if any(holdouts or []):  # empty unless the run calibrates (training/train.py)
+        from kndcli.training.calibrate import fit_member_calibration
+
+        calibration = fit_member_calibration(model, predictor, prepared, cfg, holdouts or [])
+    elif cfg.train.calibrate and prepared.indices("val"):
         from kndcli.training.calibrate import fit_calibration
 
         calibration = fit_calibration(predictor, prepared, cfg)

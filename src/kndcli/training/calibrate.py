@@ -2,7 +2,7 @@
 
 Two sources of such speakers: the validation split (`fit_calibration`, through the
 exported bundle), or, with `train.cross_fit_speakers`, each ensemble member's own
-left-out training speakers (`fit_member_calibration`, through the member's own outputs).
+left-out training speakers (`fit_member_calibration`, through the members' own outputs).
 Either way the temperature goes into the bundle and the Predictor applies it.
 """
 
@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from kndcli.audio import speech_bounds
 from kndcli.config import KndConfig
 from kndcli.data.store import PreparedSet
 from kndcli.inference.calibration import (
@@ -24,7 +23,6 @@ from kndcli.inference.calibration import (
     reliability,
 )
 from kndcli.inference.predictor import Predictor
-from kndcli.inference.windowing import make_windows
 from kndcli.training.data import training_conditions
 
 
@@ -93,35 +91,28 @@ def fit_calibration(predictor: Predictor, prepared: PreparedSet, cfg: KndConfig)
 
 def fit_member_calibration(
     model: torch.nn.Module,
+    predictor: Predictor,
     prepared: PreparedSet,
     cfg: KndConfig,
-    labels: list[str],
     holdouts: list[list[str]],
 ) -> dict[str, Any]:
     """Cross-fitted temperature scaling: one temperature for the ensemble's output.
 
     Each member scores only its own left-out speakers' clips (clean and once degraded),
-    cut into windows as the Predictor cuts them, and one temperature is fitted on all of
+    cut into the Predictor's windows, and one temperature is fitted on all of
     them. The Predictor applies it to the ensemble's averaged probabilities, as it
     applies a temperature fitted on validation speakers. Averaging members softens the
     output a little more on unseen speakers than one member's, so the ensemble stays
     slightly under-confident (docs/quality.md measures it); folding the temperature into
     each member before the average calibrated no better in cross-validation.
     """
-    sr = prepared.sample_rate
-    window = int(round(cfg.train.clip_seconds * sr))
-    hop = max(1, int(round(cfg.train.clip_seconds / 2 * sr)))
-    label_index = {label: i for i, label in enumerate(labels)}
+    label_index = {label: i for i, label in enumerate(predictor.labels)}
     member_of = {speaker: m for m, held in enumerate(holdouts) for speaker in held}
     indices = [i for i in prepared.indices("train") if prepared.rows[i]["speaker"] in member_of]
     probs, truths, copies = [], [], set()
-    model.eval()
     with torch.inference_mode():
         for index, copy, x in calibration_clips(prepared, indices, cfg):
-            if cfg.train.trim_silence:
-                start, stop = speech_bounds(x, sr)
-                x = x[start:stop]
-            windows, _ = make_windows(x, window, hop)
+            windows = predictor.prepare(x)[0]
             member = member_of[prepared.rows[index]["speaker"]]
             logits = model.member_logits(torch.from_numpy(windows))[member]
             probs.append(torch.softmax(logits.float(), dim=-1).numpy())

@@ -75,9 +75,7 @@ def _train(cfg: KndConfig) -> TrainResult | None:
     from kndcli.training.data import PreparedDataModule
     from kndcli.training.module import EmotionClassifier
 
-    prepared = PreparedSet.open(cfg.data.prepared)
-    if cfg.train.fit_splits != ["train"]:
-        prepared = prepared.fitting_on(cfg.train.fit_splits)
+    prepared = _fitted_set(cfg)
     labels = training_labels(cfg, prepared)
     run_name = cfg.train.run_name or time.strftime("run-%Y%m%d-%H%M%S")
     # DDP workers re-run this command and read it back (config.ENV_KEYS): same run dir.
@@ -149,17 +147,16 @@ def _train(cfg: KndConfig) -> TrainResult | None:
     )
 
 
-def rebuild_bundle(cfg: KndConfig) -> TrainResult:
+def rebuild_bundle(cfg: KndConfig, epochs: int) -> TrainResult:
     """Redo what follows training (calibration, export, evaluation) from the weights a
-    finished run saved (its averaged, else best or last checkpoint), without training:
-    for a change to those steps, measured on models already trained (bench.accuracy_cv)."""
+    finished run of `epochs` epochs saved (its averaged, else best or last checkpoint),
+    without training: for a change to those steps, measured on models already trained
+    (bench.accuracy_cv --rebuild)."""
     from kndcli.training.bundle import build_bundle
     from kndcli.training.data import train_speakers
 
     started = time.perf_counter()
-    prepared = PreparedSet.open(cfg.data.prepared)
-    if cfg.train.fit_splits != ["train"]:
-        prepared = prepared.fitting_on(cfg.train.fit_splits)
+    prepared = _fitted_set(cfg)
     labels = training_labels(cfg, prepared)
     run_dir = Path(cfg.train.output_dir) / cfg.train.run_name
     ckpt_dir = cfg.train.checkpoint_dir or str(run_dir / "checkpoints")
@@ -169,7 +166,6 @@ def rebuild_bundle(cfg: KndConfig) -> TrainResult:
         raise UsageError(f"{ckpt_dir}: no checkpoint to rebuild the bundle from")
     weights = _checkpoint(ckpt_dir, found[0])
     holdouts = _holdouts(cfg, train_speakers(prepared))
-    epochs = cfg.train.trainer.max_epochs
     metrics = build_bundle(
         cfg, prepared, labels, weights, run_dir, epochs=epochs, resumed_from=None, holdouts=holdouts
     )
@@ -181,6 +177,14 @@ def rebuild_bundle(cfg: KndConfig) -> TrainResult:
         seconds=time.perf_counter() - started,
         metrics=metrics,
     )
+
+
+def _fitted_set(cfg: KndConfig) -> PreparedSet:
+    """The prepared set with `train.fit_splits` relabelled as the train split."""
+    prepared = PreparedSet.open(cfg.data.prepared)
+    if cfg.train.fit_splits != ["train"]:
+        prepared = prepared.fitting_on(cfg.train.fit_splits)
+    return prepared
 
 
 def _holdouts(cfg: KndConfig, speakers: list[str]) -> list[list[str]]:
