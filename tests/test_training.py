@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from kndcli.cli.main import app
 from kndcli.config import InferenceConfig, load_config
 from kndcli.data.store import PreparedSet
+from kndcli.errors import ConfigError
 from kndcli.inference.bundle import BundleError, load_bundle
 from kndcli.inference.predictor import Predictor
 from kndcli.inference.windowing import center_fit
@@ -253,6 +254,51 @@ def test_vtlp_moves_formants_and_only_in_training():
     assert not torch.allclose(frontend(wave), frontend(wave))
 
 
+def test_pcen_smooths_like_the_first_order_filter_and_ignores_channel_gain():
+    import numpy as np
+    import scipy.signal
+    import torch
+
+    from kndcli.models.frontend import PCEN
+
+    pcen = PCEN(bands=3, hop_s=0.016)
+    energy = torch.rand(2, 3, 400, dtype=torch.float64).float() + 0.05
+    s = 1 - pcen.decay
+    iir = scipy.signal.lfilter([s], [1, -(1 - s)], energy.numpy(), axis=-1)
+    started = 1 - (1 - s) ** (np.arange(400) + 1)  # the weight a zero-state filter has seen
+    smoothed = pcen.smooth(energy).numpy()
+    assert np.abs(smoothed - iir / started).max() < 1e-3 * iir.max()
+
+    # A stationary noise floor over a 40 dB range of gains comes out within a fifth of its
+    # level (automatic gain control), where the log moves by 9.2; a burst stands out.
+    floor = torch.rand(1, 3, 400) + 0.5
+    burst = floor.clone()
+    burst[..., 300:320] *= 30
+    with torch.no_grad():
+        outs = [pcen(floor * g)[..., 200:].mean().item() for g in (1e-2, 1.0, 1e2)]
+        peak = pcen(burst)[..., 300:320].mean().item()
+    assert max(outs) - min(outs) < 0.2 * outs[1]
+    assert peak > 3 * outs[1]
+
+
+def test_a_pcen_model_trains_and_exports_with_parity(synth_prepared, tmp_path):
+    from kndcli.config import ModelConfig
+    from kndcli.models.frontend import LogMel
+    from kndcli.training.train import train
+
+    with pytest.raises(ConfigError, match="model.compression"):
+        LogMel(ModelConfig(compression="cube-root"), 16000)
+    cfg = load_config(
+        overrides=tiny_overrides(
+            synth_prepared, tmp_path, "train.run_name=pcen", "model.compression=pcen"
+        )
+    )
+    result = train(cfg)
+    meta = load_bundle(result.run_dir).meta
+    assert meta["model"]["compression"] == "pcen"
+    assert meta["onnx"]["parity_max_abs_diff"] < 1e-4
+
+
 def test_speaker_adversarial_head_trains_and_stays_out_of_the_bundle(synth_prepared, tmp_path):
     import csv
 
@@ -316,7 +362,6 @@ def test_weight_averaging_exports_the_averaged_model(synth_prepared, tmp_path):
     ],
 )
 def test_bad_training_options_are_config_errors(synth_prepared, tmp_path, override):
-    from kndcli.errors import ConfigError
     from kndcli.training.train import check_config
 
     cfg = load_config(overrides=tiny_overrides(synth_prepared, tmp_path, override))
@@ -325,7 +370,6 @@ def test_bad_training_options_are_config_errors(synth_prepared, tmp_path, overri
 
 
 def test_speaker_adversarial_with_an_ensemble_is_a_config_error(synth_prepared, tmp_path):
-    from kndcli.errors import ConfigError
     from kndcli.training.train import check_config
 
     extra = ("train.speaker_adversarial=0.5", "model.ensemble=2")
@@ -401,7 +445,6 @@ def test_training_without_a_validation_split_ships_the_averaged_weights(
 def test_early_stopping_without_a_validation_split_is_a_config_error(
     prepared_without_val, tmp_path
 ):
-    from kndcli.errors import ConfigError
     from kndcli.training.train import train
 
     cfg = load_config(
@@ -411,12 +454,15 @@ def test_early_stopping_without_a_validation_split_is_a_config_error(
         train(cfg)
 
 
-def test_ensemble_bundle_outputs_the_members_mean_probability(synth_prepared, tmp_path):
+def test_ensemble_bundle_outputs_the_members_geometric_mean(synth_prepared, tmp_path):
+    """The members' mean log-probability, so the bundle's temperature acts on the ensemble
+    exactly as on each member; bundles without `ensemble_mean` still average probabilities."""
     import onnxruntime as ort
     import torch
     from safetensors.torch import load_file
 
     from kndcli.config import ModelConfig
+    from kndcli.inference.calibration import apply_temperature
     from kndcli.models import build_model
     from kndcli.training.train import train
 
@@ -438,19 +484,30 @@ def test_ensemble_bundle_outputs_the_members_mean_probability(synth_prepared, tm
     clips = np.stack([center_fit(prepared.waveform(i), 24000) for i in test]).astype(np.float32)
     with torch.no_grad():
         mel = model.frontend(torch.from_numpy(clips))
-        expected = torch.stack([torch.softmax(m(mel), -1) for m in members]).mean(0).numpy()
+        logits = torch.stack([m(mel) for m in members])
     session = ort.InferenceSession(str(run_dir / "model.onnx"))
     onnx_probs = session.run(None, {session.get_inputs()[0].name: clips})[0]
-    assert np.allclose(onnx_probs, expected, atol=1e-4)
+    geometric = torch.softmax(torch.log_softmax(logits, -1).mean(0), -1).numpy()
+    assert np.allclose(onnx_probs, geometric, atol=1e-4)
+    cooled = torch.softmax(torch.log_softmax(logits / 0.7, -1).mean(0), -1).numpy()
+    assert np.allclose(apply_temperature(onnx_probs, 0.7), cooled, atol=1e-4)
+
+    del bundle.meta["model"]["ensemble_mean"]  # as written before the key existed
+    with torch.no_grad():
+        legacy = torch.softmax(bundle.torch_model()(torch.from_numpy(clips)), -1).numpy()
+    arithmetic = torch.softmax(logits, -1).mean(0).numpy()
+    assert np.allclose(legacy, arithmetic, atol=1e-5)
+    assert not np.allclose(legacy, geometric, atol=1e-3)
 
 
 def test_an_ensemble_of_zero_members_is_a_config_error():
     from kndcli.config import ModelConfig
-    from kndcli.errors import ConfigError
     from kndcli.models import build_model
 
     with pytest.raises(ConfigError, match="model.ensemble"):
         build_model(ModelConfig(ensemble=0), 8, 16000)
+    with pytest.raises(ConfigError, match="model.ensemble_mean"):
+        build_model(ModelConfig(ensemble_mean="median"), 8, 16000)
 
 
 def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):

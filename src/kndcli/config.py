@@ -101,6 +101,11 @@ class ModelConfig:
     # points of speaker-independent accuracy on RAVDESS, docs/quality.md);
     # "bin": each mel bin to zero mean, unit variance over the clip (removes channel colour).
     normalize: str = "global"
+    # How mel energies are compressed: "log", or "pcen" (per-channel energy normalisation,
+    # Wang et al. 2017: each band divided by its own smoothed recent energy, then root
+    # compressed; alpha, delta and r learnt per band). PCEN suppresses stationary noise and
+    # channel gain; measured on RAVDESS in docs/quality.md.
+    compression: str = "log"
     dropout: float = 0.3
     freq_masks: int = 2
     freq_mask_width: int = 8
@@ -114,6 +119,13 @@ class ModelConfig:
     # docs/quality.md) for about 1.7x the compute per step; with the degraded copies
     # rendered once (train.augment.conditions.variants) two fit 15 minutes on 2 cores.
     ensemble: int = 2
+    # How the members' outputs are combined: "log" (the normalised geometric mean of their
+    # probabilities, i.e. their mean log-probability), or "probability" (the arithmetic
+    # mean; bundles from before 2026-12-06). With "log", a temperature applied to the
+    # ensemble equals the same temperature applied to every member, so the temperature
+    # fitted on each member's own left-out speakers fits the output it is applied to
+    # (clean ECE 5.9 -> 5.3 % in speaker CV on the same weights, docs/quality.md).
+    ensemble_mean: str = "log"
     # model.name=ssl: a pretrained speech encoder (wav2vec2, HuBERT, WavLM, data2vec-audio,
     # Whisper's encoder) from a save_pretrained directory or a Hugging Face id already in
     # the local cache (nothing is downloaded). frozen: the encoder's hidden states are

@@ -163,8 +163,9 @@ class Bundle:
         from kndcli.config import ModelConfig
         from kndcli.models import build_model
 
-        # Bundles written before ensembles existed hold one backbone.
-        hyper = {"ensemble": 1, **self.meta["model"]}
+        # Bundles written before ensembles existed hold one backbone; those written before
+        # `ensemble_mean` existed averaged probabilities.
+        hyper = {"ensemble": 1, "ensemble_mean": "probability", **self.meta["model"]}
         model = build_model(
             ModelConfig(**hyper), len(self.labels), self.sample_rate, self.meta.get("encoder")
         )

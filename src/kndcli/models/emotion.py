@@ -7,36 +7,43 @@ import math
 import torch
 from torch import nn
 
+ENSEMBLE_MEANS = ("log", "probability")
 
-def mean_probability_logits(member_logits: torch.Tensor) -> torch.Tensor:
-    """(members, batch, classes) -> logits whose softmax is the members' mean probability.
 
-    Log-probabilities keep the "logits in, softmax for probabilities" contract that
+def combine_members(member_logits: torch.Tensor, mean: str = "log") -> torch.Tensor:
+    """(members, batch, classes) -> logits of the ensemble (`model.ensemble_mean`).
+
+    "log": the members' mean log-probability, whose softmax is the normalised geometric
+    mean of their probabilities; "probability": logits whose softmax is their arithmetic
+    mean. Log-probabilities keep the "logits in, softmax for probabilities" contract that
     export, metrics and losses rely on; one member's logits pass through unchanged.
     """
     if len(member_logits) == 1:
         return member_logits[0]
     log_probs = torch.log_softmax(member_logits, dim=-1)
+    if mean == "log":
+        return log_probs.mean(dim=0)
     return torch.logsumexp(log_probs, dim=0) - math.log(len(member_logits))
 
 
 class Ensemble(nn.Module):
-    """Several backbones over one log-mel; outputs the log of their mean probability.
+    """Several backbones over one log-mel, combined by `combine_members`.
 
-    Averaging the probabilities of independently initialised networks cancels part of
-    each one's speaker-specific mistakes (+1.6 points on RAVDESS folds, docs/quality.md).
+    Averaging independently initialised networks cancels part of each one's
+    speaker-specific mistakes (+1.6 points on RAVDESS folds, docs/quality.md).
     """
 
-    def __init__(self, members: list[nn.Module]) -> None:
+    def __init__(self, members: list[nn.Module], mean: str = "log") -> None:
         super().__init__()
         self.members = nn.ModuleList(members)
+        self.mean = mean
 
     def member_logits(self, mel: torch.Tensor) -> torch.Tensor:
         """(members, batch, classes): what training scores, one loss per member."""
         return torch.stack([member(mel) for member in self.members])
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
-        return mean_probability_logits(self.member_logits(mel))
+        return combine_members(self.member_logits(mel), self.mean)
 
 
 class EmotionModel(nn.Module):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -67,6 +68,10 @@ class LogMel(nn.Module):
         if cfg.normalize not in ("bin", "global"):
             raise ConfigError(f"key 'model.normalize': {cfg.normalize!r} is not 'bin' or 'global'")
         self.normalize = cfg.normalize
+        if cfg.compression not in ("log", "pcen"):
+            raise ConfigError(
+                f"key 'model.compression': {cfg.compression!r} is not 'log' or 'pcen'"
+            )
         win = round(cfg.win_ms * sample_rate / 1000)
         hop = round(cfg.hop_ms * sample_rate / 1000)
         n_fft = max(cfg.n_fft, win)
@@ -84,6 +89,7 @@ class LogMel(nn.Module):
         masks += [torchaudio.transforms.TimeMasking(cfg.time_mask_width)] * cfg.time_masks
         self.spec_augment = nn.Sequential(*masks)
         self.vtlp = cfg.vtlp
+        self.pcen = PCEN(cfg.n_mels, cfg.hop_ms / 1000) if cfg.compression == "pcen" else None
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
         return fp32_features(self._features, waveform)
@@ -93,7 +99,8 @@ class LogMel(nn.Module):
         if self.training and self.vtlp > 0:
             alpha = 1 + (torch.rand(len(power), device=power.device) * 2 - 1) * self.vtlp
             power = warp_frequencies(power, alpha)
-        mel = torch.log(torch.matmul(self.fbanks, power) + 1e-6)
+        energy = torch.matmul(self.fbanks, power)
+        mel = self.pcen(energy) if self.pcen is not None else torch.log(energy + 1e-6)
         dims = (-2, -1) if self.normalize == "global" else (-1,)
         mean = mel.mean(dim=dims, keepdim=True)
         std = mel.std(dim=dims, keepdim=True)
@@ -101,6 +108,56 @@ class LogMel(nn.Module):
         if self.training and len(self.spec_augment):
             mel = self.spec_augment(mel)
         return mel.unsqueeze(1)
+
+
+class PCEN(nn.Module):
+    """Per-channel energy normalisation (Wang et al., 2017), trainable per mel band.
+
+    pcen(E) = (E / (eps + M)^alpha + delta)^r - delta^r, where M is E smoothed over time
+    by a first-order filter with a `time_constant_s` time constant. Dividing by M is an
+    automatic gain control per band: a stationary noise floor or a channel's colouring
+    becomes a constant the root compresses away, where log only shifts it. alpha, delta
+    and r start at the values of Lostanlen et al. (2019) and are learnt as logarithms.
+
+    The filter is written as a causal convolution with the impulse response truncated at
+    0.1 % (export-friendly, no loop over frames), and each frame divides by the weight
+    its window actually covered, so the first frames are not under-smoothed zeros.
+    """
+
+    def __init__(
+        self,
+        bands: int,
+        hop_s: float,
+        time_constant_s: float = 0.4,
+        alpha: float = 0.98,
+        delta: float = 2.0,
+        r: float = 0.5,
+    ) -> None:
+        super().__init__()
+        frames = time_constant_s / hop_s
+        s = (math.sqrt(1 + 4 * frames**2) - 1) / (2 * frames**2)  # librosa.pcen's rule
+        taps = math.ceil(math.log(1e-3) / math.log(1 - s))
+        kernel = s * (1 - s) ** torch.arange(taps - 1, -1, -1, dtype=torch.float64)
+        self.register_buffer("kernel", kernel.float()[None, None, :], persistent=False)
+        self.decay = 1 - s
+        self.log_alpha = nn.Parameter(torch.full((bands, 1), math.log(alpha)))
+        self.log_delta = nn.Parameter(torch.full((bands, 1), math.log(delta)))
+        self.log_r = nn.Parameter(torch.full((bands, 1), math.log(r)))
+
+    def smooth(self, energy: torch.Tensor) -> torch.Tensor:
+        """(batch, bands, frames) -> the first-order smoother's output, per band."""
+        batch, bands, frames = energy.shape
+        taps = self.kernel.shape[-1]
+        x = nn.functional.pad(energy.reshape(batch * bands, 1, frames), (taps - 1, 0))
+        smoothed = nn.functional.conv1d(x, self.kernel).reshape(batch, bands, frames)
+        steps = torch.arange(frames, device=energy.device, dtype=energy.dtype).clamp(max=taps - 1)
+        return smoothed / (1 - self.decay ** (steps + 1))
+
+    def forward(self, energy: torch.Tensor) -> torch.Tensor:
+        alpha = self.log_alpha.exp().clamp(max=1.0)
+        delta, r = self.log_delta.exp(), self.log_r.exp()
+        gain = (self.smooth(energy) + 1e-6) ** alpha
+        return (energy / gain + delta) ** r - delta**r
 
 
 def warp_frequencies(power: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:

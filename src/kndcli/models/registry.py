@@ -36,7 +36,7 @@ def build_model(
     `encoder` is a bundle's recorded encoder (models/ssl.EncoderSpec as a dict): the
     architecture is rebuilt from it, without the pretrained directory.
     """
-    from kndcli.models.emotion import EmotionModel, Ensemble
+    from kndcli.models.emotion import ENSEMBLE_MEANS, EmotionModel, Ensemble
     from kndcli.models.frontend import LogMel
 
     names = available_models()
@@ -44,11 +44,15 @@ def build_model(
         raise ConfigError(f"model.name: unknown model {cfg.name!r} (available: {', '.join(names)})")
     if cfg.ensemble < 1:
         raise ConfigError(f"model.ensemble: {cfg.ensemble} must be at least 1")
+    if cfg.ensemble_mean not in ENSEMBLE_MEANS:
+        raise ConfigError(
+            f"model.ensemble_mean: {cfg.ensemble_mean!r} is not one of {', '.join(ENSEMBLE_MEANS)}"
+        )
     if cfg.name == ENCODER_MODEL:
         from kndcli.models.ssl import EncoderSpec, build_encoder_model
 
         spec = EncoderSpec(**encoder) if encoder else None
         return build_encoder_model(cfg, n_classes, sample_rate, spec)
     members = [BACKBONES[cfg.name](cfg, n_classes) for _ in range(cfg.ensemble)]
-    backbone = members[0] if len(members) == 1 else Ensemble(members)
+    backbone = members[0] if len(members) == 1 else Ensemble(members, cfg.ensemble_mean)
     return EmotionModel(LogMel(cfg, sample_rate), backbone)

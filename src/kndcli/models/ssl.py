@@ -529,5 +529,5 @@ def build_encoder_model(
     layers = len(frontend.transformer_layers()) + 1
     dim = int(spec.config.get("d_model") or spec.config["hidden_size"])
     heads = [EncoderHead(layers, dim, cfg, n_classes) for _ in range(cfg.ensemble)]
-    backbone = heads[0] if len(heads) == 1 else Ensemble(heads)
+    backbone = heads[0] if len(heads) == 1 else Ensemble(heads, cfg.ensemble_mean)
     return EncoderEmotionModel(frontend, backbone)

@@ -12,7 +12,7 @@ import torchmetrics as tm
 
 from kndcli.config import ModelConfig
 from kndcli.models import build_model
-from kndcli.models.emotion import mean_probability_logits
+from kndcli.models.emotion import combine_members
 
 
 class _ReverseGradient(torch.autograd.Function):
@@ -138,7 +138,7 @@ class EmotionClassifier(pl.LightningModule):
                 for m, logits in enumerate(member_logits)
             ]
         ).mean()
-        logits = mean_probability_logits(member_logits)
+        logits = combine_members(member_logits, self.hparams.model["ensemble_mean"])
         if self.speaker_head is not None and self._embedding is not None:
             loss = loss + self._speaker_loss(speaker, lam, perm)
         self.train_metrics.update(logits.detach(), y)
