@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import threading
@@ -250,5 +251,13 @@ def test_robustness_summary_pools_ece_over_folds_and_judges_the_reference_drop()
     summary = summarize_robustness(folds)
     white = summary["conditions"][1]
     assert white["drop"] == pytest.approx(0.6 - 0.55) and white["ece"] == 0.0
+
+    def expected_gap(n, p):  # E|hits/n - p| for a calibrated bin, by enumeration
+        chances = [math.comb(n, k) * p**k * (1 - p) ** (n - k) for k in range(n + 1)]
+        return sum(c * abs(k / n - p) for k, c in enumerate(chances))
+
+    # White is perfectly calibrated here, yet a calibrated model would measure this much.
+    floor = (10 * expected_gap(10, 0.5) + 30 * expected_gap(30, 0.8)) / 40
+    assert white["ece_if_calibrated"] == pytest.approx(floor) and floor > 0.05
     drop, clean_ece, worst_ece = summary["figures"]
     assert drop["met"] and not clean_ece["met"] and not worst_ece["met"]

@@ -55,6 +55,21 @@ def test_ece_is_zero_when_confidence_matches_accuracy_and_large_when_not():
     assert reliability(confidence, overconfident).ece == pytest.approx(0.2, abs=0.02)
 
 
+def test_calibrated_ece_is_what_a_calibrated_model_measures_at_that_clip_count():
+    """A calibrated model's ECE on 960 clips scatters around calibrated_ece(), not zero,
+    and shrinks with more clips; a miscalibrated model's stands far above it."""
+    rng = np.random.default_rng(3)
+    confidence = rng.uniform(0.3, 0.9, 960)
+    measured = [reliability(confidence, rng.uniform(size=960) < confidence).ece for _ in range(300)]
+    floor = reliability(confidence, confidence > 0.5).calibrated_ece()
+    assert 0.025 < floor < 0.05
+    assert np.mean(measured) == pytest.approx(floor, rel=0.1)
+    many = rng.uniform(0.3, 0.9, 96000)
+    assert reliability(many, many > 0.5).calibrated_ece() < floor / 5
+    overconfident = rng.uniform(size=960) < confidence - 0.15
+    assert reliability(confidence, overconfident).ece > 2 * floor
+
+
 def test_coverage_curve_answers_the_most_confident_first():
     confidence = [0.9, 0.2, 0.8, 0.4]
     correct = [True, False, True, False]

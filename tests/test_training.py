@@ -141,6 +141,8 @@ def test_evaluate_cli_matches_bundle_metrics(trained_run, synth_prepared):
     assert summary["accuracy"] == pytest.approx(expected["accuracy"])
     assert summary["per_speaker"].keys() == {"03"}
     assert np.array(summary["confusion"]).sum() == 60
+    # What chance alone puts into ECE on 60 clips: several points, never zero.
+    assert 0.02 < summary["calibration"]["ece_if_calibrated"] < 0.2
 
 
 def test_unknown_model_is_a_config_error(synth_prepared, tmp_path):

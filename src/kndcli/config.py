@@ -121,7 +121,7 @@ class ModelConfig:
     ensemble: int = 2
     # How the members' outputs are combined: "log" (the normalised geometric mean of their
     # probabilities, i.e. their mean log-probability), or "probability" (the arithmetic
-    # mean; bundles from before 2026-12-06). With "log", a temperature applied to the
+    # mean; bundles written before this key). With "log", a temperature applied to the
     # ensemble equals the same temperature applied to every member, so the temperature
     # fitted on each member's own left-out speakers fits the output it is applied to
     # (clean ECE 5.9 -> 5.3 % in speaker CV on the same weights, docs/quality.md).

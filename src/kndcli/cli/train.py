@@ -189,7 +189,8 @@ def print_evaluation(result) -> None:
     con.print(
         f"[bold]{result.split}[/]: {result.n_clips} clips  accuracy {result.accuracy:.1%}  "
         f"macro-F1 {result.macro_f1:.1%}  UAR {result.uar:.1%}  ECE {result.ece:.1%} "
-        f"(temperature {result.temperature:.2f})"
+        f"(temperature {result.temperature:.2f}; a calibrated model would measure about "
+        f"{result.reliability().calibrated_ece():.1%} on this many clips)"
     )
     if result.min_confidence > 0:
         chosen = result.summary()["selective"]

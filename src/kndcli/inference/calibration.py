@@ -84,6 +84,31 @@ class Reliability:
             / total
         )
 
+    def calibrated_ece(self) -> float:
+        """The ECE a perfectly calibrated model would show with these bins on average.
+
+        With few clips per bin, accuracy scatters around confidence by chance, so even an
+        exact calibrator measures an ECE above zero (about 3.7 % on 960 clips at 60 %
+        accuracy). Each bin's hits are Binomial(count, confidence); the expectation of
+        |hits / count - confidence| is summed exactly over the binomial distribution.
+        """
+        total = sum(self.count)
+        expected = 0.0
+        for n, c in zip(self.count, self.confidence, strict=True):
+            if n:
+                k = np.arange(n + 1)
+                expected += n * float(np.dot(_binomial_pmf(n, c), np.abs(k / n - c)))
+        return expected / total if total else 0.0
+
+
+def _binomial_pmf(n: int, p: float) -> np.ndarray:
+    """P(k hits of n) for k = 0..n, in log space so large n does not overflow."""
+    k = np.arange(n + 1)
+    p = min(max(p, _FLOOR), 1 - _FLOOR)
+    log_factorial = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, n + 1)))])
+    log_choose = log_factorial[n] - log_factorial[k] - log_factorial[n - k]
+    return np.exp(log_choose + k * np.log(p) + (n - k) * np.log1p(-p))
+
 
 def reliability(
     confidences: Sequence[float], correct: Sequence[bool], bins: int = ECE_BINS

@@ -81,6 +81,7 @@ class Evaluation:
             "confusion": self.confusion,
             "calibration": {
                 "temperature": self.temperature,
+                "ece_if_calibrated": bins.calibrated_ece(),
                 "bins": len(bins.count),
                 "bin_confidence": bins.confidence,
                 "bin_accuracy": bins.accuracy,

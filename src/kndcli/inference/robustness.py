@@ -94,6 +94,7 @@ def _row(condition: Condition, result: Evaluation, clean: Evaluation) -> dict[st
         "macro_f1": result.macro_f1,
         "uar": result.uar,
         "ece": result.ece,
+        "ece_if_calibrated": bins.calibrated_ece(),
         "drop": clean.accuracy - result.accuracy,
         # Per-bin sums, so ECE can be pooled exactly over folds or runs.
         "bins": {

@@ -100,11 +100,9 @@ def fit_member_calibration(
 
     Each member scores only its own left-out speakers' clips (clean and once degraded),
     cut into the Predictor's windows, and one temperature is fitted on all of
-    them. The Predictor applies it to the ensemble's averaged probabilities, as it
-    applies a temperature fitted on validation speakers. Averaging members softens the
-    output a little more on unseen speakers than one member's, so the ensemble stays
-    slightly under-confident (docs/quality.md measures it); folding the temperature into
-    each member before the average calibrated no better in cross-validation.
+    them. The Predictor applies it to the ensemble's output, as it applies a temperature
+    fitted on validation speakers; with `model.ensemble_mean=log` that is exactly the
+    temperature applied to every member, the thing it was fitted on (docs/quality.md).
     """
     label_index = {label: i for i, label in enumerate(predictor.labels)}
     member_of = {speaker: m for m, held in enumerate(holdouts) for speaker in held}
