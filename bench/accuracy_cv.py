@@ -198,6 +198,7 @@ def summarize_robustness(folds: list[dict]) -> dict:
     conditions = []
     for name, rows in by_name.items():
         accuracy = statistics.fmean(r["accuracy"] for r in rows)
+        bins = pooled_bins(rows)
         conditions.append(
             {
                 "condition": name,
@@ -209,8 +210,8 @@ def summarize_robustness(folds: list[dict]) -> dict:
                 "macro_f1": statistics.fmean(r["macro_f1"] for r in rows),
                 "uar": statistics.fmean(r["uar"] for r in rows),
                 "drop": clean - accuracy,
-                "ece": pooled_ece(rows),
-                "ece_if_calibrated": pooled_bins(rows).calibrated_ece(),
+                "ece": bins.ece,
+                "ece_if_calibrated": bins.calibrated_ece(),
             }
         )
     reference = [c for c in conditions if c["reference"]]

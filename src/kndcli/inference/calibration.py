@@ -93,21 +93,20 @@ class Reliability:
         |hits / count - confidence| is summed exactly over the binomial distribution.
         """
         total = sum(self.count)
-        expected = 0.0
-        for n, c in zip(self.count, self.confidence, strict=True):
-            if n:
-                k = np.arange(n + 1)
-                expected += n * float(np.dot(_binomial_pmf(n, c), np.abs(k / n - c)))
+        bins = zip(self.count, self.confidence, strict=True)
+        expected = sum(n * _expected_gap(n, c) for n, c in bins if n)
         return expected / total if total else 0.0
 
 
-def _binomial_pmf(n: int, p: float) -> np.ndarray:
-    """P(k hits of n) for k = 0..n, in log space so large n does not overflow."""
+def _expected_gap(n: int, p: float) -> float:
+    """E|k/n - p| for k ~ Binomial(n, p); the probabilities in log space so large n does
+    not overflow."""
     k = np.arange(n + 1)
-    p = min(max(p, _FLOOR), 1 - _FLOOR)
+    q = min(max(p, _FLOOR), 1 - _FLOOR)
     log_factorial = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, n + 1)))])
     log_choose = log_factorial[n] - log_factorial[k] - log_factorial[n - k]
-    return np.exp(log_choose + k * np.log(p) + (n - k) * np.log1p(-p))
+    pmf = np.exp(log_choose + k * np.log(q) + (n - k) * np.log1p(-q))
+    return float(np.dot(pmf, np.abs(k / n - p)))
 
 
 def reliability(
