@@ -22,7 +22,11 @@ from kndcli.perturb import (
     room_impulse_response,
     telephone,
 )
-from kndcli.perturb.multicondition import MultiCondition, check_conditions
+from kndcli.perturb.multicondition import (
+    MultiCondition,
+    check_conditions,
+    curriculum_snr_floor,
+)
 from kndcli.perturb.noise import active_power
 from kndcli.perturb.suite import CLEAN, Condition, ConditionRenderer, robustness_suite
 
@@ -173,6 +177,43 @@ def test_training_chain_is_deterministic_by_seed_and_degrades(tmp_path, speech):
     assert not np.allclose(a, speech)
 
 
+def test_snr_curriculum_floor_falls_from_the_top_of_the_range_to_its_bottom():
+    cfg = ConditionsConfig(snr_db=[0.0, 30.0], snr_curriculum=0.5)
+    assert [curriculum_snr_floor(cfg, epoch, 100) for epoch in (0, 25, 50, 99)] == [
+        30.0,
+        15.0,
+        0.0,
+        0.0,
+    ]
+    assert curriculum_snr_floor(ConditionsConfig(snr_curriculum=0.0), 0, 100) is None  # off
+
+
+def test_noise_is_never_mixed_below_the_curriculum_floor(tmp_path, speech):
+    chain = _chain(
+        tmp_path,
+        noise_prob=1.0,
+        noise_types=["white"],
+        reverb_prob=0.0,
+        telephone_prob=0.0,
+        lowpass_prob=0.0,
+        clipping_prob=0.0,
+        codec_prob=0.0,
+    )
+    snrs = []
+    for seed in range(12):
+        mixed, snr = chain.degrade(speech, np.random.default_rng(seed), "x", snr_floor=20.0)
+        added = (mixed - speech).astype(np.float64)
+        measured = 10 * np.log10(active_power(speech) / np.mean(added**2))
+        assert measured == pytest.approx(snr, abs=0.05)
+        snrs.append(snr)
+    assert min(snrs) >= 20.0
+    assert max(snrs) - min(snrs) > 3  # still a range, only its bottom raised
+    _, snr = chain.degrade(speech, np.random.default_rng(0), "x")
+    assert snr < 20.0  # seed 0 draws below the floor when there is none
+    quiet = _chain(tmp_path, noise_prob=0.0, reverb_prob=0.0)
+    assert quiet.degrade(speech, np.random.default_rng(0), "x")[1] == np.inf
+
+
 def test_disabled_chain_returns_the_clip(tmp_path, speech):
     chain = _chain(tmp_path, enabled=False)
     assert chain(speech, np.random.default_rng(0), "x") is speech
@@ -189,6 +230,7 @@ def test_disabled_chain_returns_the_clip(tmp_path, speech):
         ("train.augment.conditions.mp3_kbps=[4,64]", "mp3_kbps"),
         ("train.augment.conditions.variants=-1", "variants"),
         ("train.augment.conditions.variants=65", "variants"),
+        ("train.augment.conditions.snr_curriculum=1.5", "snr_curriculum"),
     ],
 )
 def test_out_of_range_training_conditions_are_config_errors(override, key):

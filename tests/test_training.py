@@ -718,6 +718,41 @@ def test_rendered_copies_are_degraded_once_and_drawn_every_epoch(synth_prepared)
     assert len(drawn) > 1  # and a different copy in different epochs
 
 
+def test_snr_curriculum_draws_only_copies_above_the_epochs_floor(synth_prepared):
+    module, prepared = _noisy_datamodule(
+        synth_prepared,
+        "train.augment.conditions.variants=6",
+        "train.augment.conditions.snr_db=[0,30]",
+        "train.augment.conditions.snr_curriculum=0.5",
+        "train.trainer.max_epochs=10",
+    )
+    rendered = module.rendered
+    dataset = module.dataset("train")
+    index = dataset.indices[0]
+    copies, snrs = rendered.copies[index], rendered.snrs[index]
+    floor = float(np.median(snrs))
+    mild = [c for c, snr in zip(copies, snrs, strict=True) if snr >= floor]
+    harsh = [c for c, snr in zip(copies, snrs, strict=True) if snr < floor]
+    assert mild and harsh
+    dataset.snr_floor = floor
+    for epoch in range(8):
+        dataset.epoch = epoch
+        window = dataset[0][0].numpy()
+        assert _found_in(window, mild) and not _found_in(window, harsh)
+    dataset.snr_floor = 31.0  # above every copy: the clean clip
+    assert _found_in(dataset[0][0].numpy(), [prepared.waveform(index)])
+
+    class Trainer:  # stands in for Lightning's: the DataModule reads only the epoch
+        current_epoch = 0
+
+    module.trainer = Trainer()
+    floors = []
+    for epoch in (0, 2, 5, 9):
+        module.trainer.current_epoch = epoch
+        floors.append(module.train_dataloader().dataset.snr_floor)
+    assert floors == [30.0, 18.0, 0.0, 0.0]
+
+
 def test_zero_variants_degrades_afresh_every_epoch(synth_prepared):
     module, prepared = _noisy_datamodule(synth_prepared, "train.augment.conditions.variants=0")
     assert module.rendered is None

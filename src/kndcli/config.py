@@ -157,6 +157,11 @@ class ConditionsConfig:
     noise_prob: float = 0.5
     noise_types: list[str] = field(default_factory=lambda: ["white", "pink", "brown", "babble"])
     snr_db: list[float] = field(default_factory=lambda: [0.0, 30.0])
+    # SNR curriculum: the lowest SNR training may draw falls linearly from the top of
+    # snr_db to its bottom over this fraction of train.trainer.max_epochs (0: the whole
+    # range from the first epoch). 0.4, chosen before measuring: clean accuracy 66.8 ->
+    # 69.1 % in speaker CV, higher under 22 of 27 conditions (docs/quality.md).
+    snr_curriculum: float = 0.4
     babble_talkers: list[int] = field(default_factory=lambda: [3, 8])
     reverb_prob: float = 0.3
     rt60_s: list[float] = field(default_factory=lambda: [0.2, 1.2])

@@ -65,12 +65,31 @@ class MultiCondition:
         return self._rooms
 
     def __call__(
-        self, x: np.ndarray, rng: np.random.Generator, speaker: str | None = None
+        self,
+        x: np.ndarray,
+        rng: np.random.Generator,
+        speaker: str | None = None,
+        snr_floor: float | None = None,
     ) -> np.ndarray:
         """One draw of the chain: room, noise, channel (telephone or low-pass), clipping, codec."""
+        return self.degrade(x, rng, speaker, snr_floor)[0]
+
+    def degrade(
+        self,
+        x: np.ndarray,
+        rng: np.random.Generator,
+        speaker: str | None = None,
+        snr_floor: float | None = None,
+    ) -> tuple[np.ndarray, float]:
+        """One draw of the chain and the SNR of its noise (inf: no noise was added).
+
+        `snr_floor` raises the bottom of the SNR range (the curriculum's floor of the
+        epoch); None draws from the whole configured range.
+        """
         cfg, sr = self.cfg, self.sample_rate
+        snr = np.inf
         if not cfg.enabled:
-            return x
+            return x, snr
         if cfg.reverb_prob > 0 and rng.random() < cfg.reverb_prob and cfg.rooms > 0:
             x = reverberate(x, self.rooms.draw(rng).samples)
         if cfg.noise_prob > 0 and self.noise_types and rng.random() < cfg.noise_prob:
@@ -80,7 +99,9 @@ class MultiCondition:
                 noise = self.babble(len(x), talkers, rng, exclude=speaker)
             else:
                 noise = _segment(self._noise[kind], len(x), rng)
-            x = mix_at_snr(x, noise, float(rng.uniform(*cfg.snr_db)))
+            low, high = cfg.snr_db
+            snr = float(rng.uniform(low if snr_floor is None else max(low, snr_floor), high))
+            x = mix_at_snr(x, noise, snr)
         if cfg.telephone_prob > 0 and rng.random() < cfg.telephone_prob:
             law = cfg.telephone_laws[int(rng.integers(len(cfg.telephone_laws)))]
             x = telephone(x, sr, law)
@@ -90,7 +111,21 @@ class MultiCondition:
             x = clip_peaks(x, float(rng.uniform(*cfg.clipping_drive_db)))
         if cfg.codec_prob > 0 and rng.random() < cfg.codec_prob:
             x, _ = codec_roundtrip(x, sr, "mp3", float(rng.uniform(*cfg.mp3_kbps)))
-        return x
+        return x, snr
+
+
+def curriculum_snr_floor(cfg: ConditionsConfig, epoch: int, max_epochs: int) -> float | None:
+    """The lowest SNR of noise training may draw in `epoch` (None: the whole range).
+
+    With `snr_curriculum` = f > 0 the floor falls linearly from the top of `snr_db` to its
+    bottom over the first f of `max_epochs`, so the model meets mild noise before hard
+    noise (Braun et al. 2017); afterwards every epoch draws from the whole range.
+    """
+    if cfg.snr_curriculum <= 0 or max_epochs <= 0:
+        return None
+    progress = min(1.0, epoch / (cfg.snr_curriculum * max_epochs))
+    low, high = cfg.snr_db
+    return high - progress * (high - low)
 
 
 def _segment(bank: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -119,6 +154,11 @@ def check_conditions(cfg: ConditionsConfig, key: str = "train.augment.conditions
     if cfg.telephone_prob > 0 and not cfg.telephone_laws:
         raise ConfigError(
             f"key '{key}.telephone_laws': empty while telephone_prob is {cfg.telephone_prob}"
+        )
+    if not 0 <= cfg.snr_curriculum <= 1:
+        raise ConfigError(
+            f"key '{key}.snr_curriculum': a fraction of training in [0, 1], "
+            f"got {cfg.snr_curriculum}"
         )
     if cfg.rooms < 0:
         raise ConfigError(f"key '{key}.rooms': a number of rooms >= 0, got {cfg.rooms}")

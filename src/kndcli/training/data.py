@@ -14,7 +14,7 @@ from kndcli.config import AugmentConfig, TrainConfig
 from kndcli.data.store import PreparedSet
 from kndcli.inference.robustness import babble_source
 from kndcli.inference.windowing import center_fit, repeat_fit
-from kndcli.perturb.multicondition import MultiCondition
+from kndcli.perturb.multicondition import MultiCondition, curriculum_snr_floor
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +25,9 @@ class WaveformDataset(Dataset):
     The speaker index numbers `speakers` (the training speakers); others get -1.
 
     Training: a degraded copy (`rendered`: drawn from copies rendered once; `conditions`:
-    degraded afresh), speed perturbation, random crop and gain. Evaluation: the centre
-    crop, as the Predictor does for one window.
+    degraded afresh; no noise below `snr_floor`, the SNR curriculum's floor of the
+    epoch), speed perturbation, random crop and gain. Evaluation: the centre crop, as the
+    Predictor does for one window.
     """
 
     def __init__(
@@ -56,6 +57,7 @@ class WaveformDataset(Dataset):
         self.trim = trim_silence
         self.seed = seed
         self.epoch = 0
+        self.snr_floor: float | None = None
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -88,7 +90,7 @@ class WaveformDataset(Dataset):
         """
         aug = self.augment
         if self.rendered is not None:
-            x = self.rendered.draw(index, rng)
+            x = self.rendered.draw(index, rng, self.snr_floor)
         else:
             x = self.prepared.waveform(index)
         if aug.speeds:
@@ -97,7 +99,7 @@ class WaveformDataset(Dataset):
                 positions = np.arange(0, len(x) - 1, speed)
                 x = np.interp(positions, np.arange(len(x)), x).astype(np.float32)
         if self.conditions is not None:
-            x = self.conditions(x, rng, speaker)
+            x = self.conditions(x, rng, speaker, self.snr_floor)
         if self.trim:
             start, stop = speech_bounds(x, self.prepared.sample_rate)
             x = x[start:stop]
@@ -154,20 +156,33 @@ class RenderedConditions:
             )
             variants = affordable
         self.variants = variants
+        self.prepared = prepared
         self.copies: dict[int, list[np.ndarray]] = {}
+        self.snrs: dict[int, list[float]] = {}  # each copy's noise SNR (inf: no noise)
         for index in indices:
             clean = prepared.waveform(index)
             speaker = prepared.rows[index]["speaker"]
-            self.copies[index] = [
-                chain(
+            drawn = [
+                chain.degrade(
                     clean, np.random.default_rng((seed, index, k, _RENDER_STREAM)), speaker
-                ).astype(np.float16)
+                )
                 for k in range(variants)
             ]
+            self.copies[index] = [x.astype(np.float16) for x, _ in drawn]
+            self.snrs[index] = [snr for _, snr in drawn]
 
-    def draw(self, index: int, rng: np.random.Generator) -> np.ndarray:
-        """One of clip `index`'s copies, as float32."""
-        copies = self.copies[index]
+    def draw(
+        self, index: int, rng: np.random.Generator, snr_floor: float | None = None
+    ) -> np.ndarray:
+        """One of clip `index`'s copies whose noise is not below `snr_floor`, as float32;
+        the clean clip when none is (with 8 copies and noise_prob 0.5, at most 1 in 256)."""
+        copies = [
+            copy
+            for copy, snr in zip(self.copies[index], self.snrs[index], strict=True)
+            if snr_floor is None or snr >= snr_floor
+        ]
+        if not copies:
+            return self.prepared.waveform(index)
         return copies[int(rng.integers(len(copies)))].astype(np.float32)
 
 
@@ -268,6 +283,9 @@ class PreparedDataModule(pl.LightningDataModule):
         ds = self.dataset(split)
         if split == "train" and self.trainer is not None:
             ds.epoch = self.trainer.current_epoch
+            ds.snr_floor = curriculum_snr_floor(
+                self.cfg.augment.conditions, ds.epoch, self.cfg.trainer.max_epochs
+            )
         return DataLoader(
             ds,
             batch_size=self.cfg.batch_size,
