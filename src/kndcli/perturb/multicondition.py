@@ -65,14 +65,10 @@ class MultiCondition:
         return self._rooms
 
     def __call__(
-        self,
-        x: np.ndarray,
-        rng: np.random.Generator,
-        speaker: str | None = None,
-        snr_floor: float | None = None,
+        self, x: np.ndarray, rng: np.random.Generator, speaker: str | None = None
     ) -> np.ndarray:
         """One draw of the chain: room, noise, channel (telephone or low-pass), clipping, codec."""
-        return self.degrade(x, rng, speaker, snr_floor)[0]
+        return self.degrade(x, rng, speaker)[0]
 
     def degrade(
         self,

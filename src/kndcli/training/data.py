@@ -89,9 +89,8 @@ class WaveformDataset(Dataset):
         trims the noisy or reverberant clip it is given, so training sees the same cut.
         """
         aug = self.augment
-        if self.rendered is not None:
-            x = self.rendered.draw(index, rng, self.snr_floor)
-        else:
+        x = self.rendered.draw(index, rng, self.snr_floor) if self.rendered else None
+        if x is None:
             x = self.prepared.waveform(index)
         if aug.speeds:
             speed = float(rng.choice(aug.speeds))
@@ -99,7 +98,7 @@ class WaveformDataset(Dataset):
                 positions = np.arange(0, len(x) - 1, speed)
                 x = np.interp(positions, np.arange(len(x)), x).astype(np.float32)
         if self.conditions is not None:
-            x = self.conditions(x, rng, speaker, self.snr_floor)
+            x = self.conditions.degrade(x, rng, speaker, self.snr_floor)[0]
         if self.trim:
             start, stop = speech_bounds(x, self.prepared.sample_rate)
             x = x[start:stop]
@@ -156,7 +155,6 @@ class RenderedConditions:
             )
             variants = affordable
         self.variants = variants
-        self.prepared = prepared
         self.copies: dict[int, list[np.ndarray]] = {}
         self.snrs: dict[int, list[float]] = {}  # each copy's noise SNR (inf: no noise)
         for index in indices:
@@ -173,16 +171,17 @@ class RenderedConditions:
 
     def draw(
         self, index: int, rng: np.random.Generator, snr_floor: float | None = None
-    ) -> np.ndarray:
+    ) -> np.ndarray | None:
         """One of clip `index`'s copies whose noise is not below `snr_floor`, as float32;
-        the clean clip when none is (with 8 copies and noise_prob 0.5, at most 1 in 256)."""
+        None when none is, and the clean clip is used (8 copies, noise_prob 0.5: at most
+        1 clip in 256)."""
         copies = [
             copy
             for copy, snr in zip(self.copies[index], self.snrs[index], strict=True)
             if snr_floor is None or snr >= snr_floor
         ]
         if not copies:
-            return self.prepared.waveform(index)
+            return None
         return copies[int(rng.integers(len(copies)))].astype(np.float32)
 
 
