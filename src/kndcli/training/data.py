@@ -89,7 +89,7 @@ class WaveformDataset(Dataset):
         trims the noisy or reverberant clip it is given, so training sees the same cut.
         """
         aug = self.augment
-        x = self.rendered.draw(index, rng, self.snr_floor) if self.rendered else None
+        x = self.rendered.draw(index, rng, self.snr_floor) if self.rendered is not None else None
         if x is None:
             x = self.prepared.waveform(index)
         if aug.speeds:
