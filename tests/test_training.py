@@ -256,6 +256,23 @@ def test_vtlp_moves_formants_and_only_in_training():
     assert not torch.allclose(frontend(wave), frontend(wave))
 
 
+def test_spec_augment_masks_each_clip_of_a_batch_on_its_own_and_only_in_training():
+    import torch
+
+    from kndcli.config import ModelConfig
+    from kndcli.models.frontend import LogMel
+
+    frontend = LogMel(ModelConfig(freq_masks=1, time_masks=1), 16000)
+    wave = torch.randn(8, 48000)
+    torch.manual_seed(0)
+    masked = frontend.train()(wave)[:, 0] == 0  # (clips, mels, frames)
+    bands = [tuple(m.all(dim=1).nonzero().flatten().tolist()) for m in masked]
+    frames = [tuple(m.all(dim=0).nonzero().flatten().tolist()) for m in masked]
+    assert len(set(bands)) > 4 and len(set(frames)) > 4  # not one mask for the batch
+    assert max(len(b) for b in bands) <= 8 and max(len(f) for f in frames) <= 12
+    assert not (frontend.eval()(wave) == 0).any()
+
+
 def test_pcen_smooths_like_the_first_order_filter_and_ignores_channel_gain():
     import numpy as np
     import scipy.signal

@@ -84,9 +84,12 @@ class LogMel(nn.Module):
             sample_rate=sample_rate,
         )
         self.register_buffer("fbanks", fbanks.T.contiguous(), persistent=False)
+        # iid_masks: each clip draws its own bands and frames. Without it torchaudio puts
+        # one mask on the whole batch, so every clip of a step loses the same band.
+        t = torchaudio.transforms
         masks: list[nn.Module] = []
-        masks += [torchaudio.transforms.FrequencyMasking(cfg.freq_mask_width)] * cfg.freq_masks
-        masks += [torchaudio.transforms.TimeMasking(cfg.time_mask_width)] * cfg.time_masks
+        masks += [t.FrequencyMasking(cfg.freq_mask_width, iid_masks=True)] * cfg.freq_masks
+        masks += [t.TimeMasking(cfg.time_mask_width, iid_masks=True)] * cfg.time_masks
         self.spec_augment = nn.Sequential(*masks)
         self.vtlp = cfg.vtlp
         self.pcen = PCEN(cfg.n_mels, cfg.hop_ms / 1000) if cfg.compression == "pcen" else None
