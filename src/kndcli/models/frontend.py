@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 import torchaudio
 from torch import nn
+from torchaudio.transforms import FrequencyMasking, TimeMasking
 
 from kndcli.config import ModelConfig
 from kndcli.errors import ConfigError
@@ -86,10 +87,9 @@ class LogMel(nn.Module):
         self.register_buffer("fbanks", fbanks.T.contiguous(), persistent=False)
         # iid_masks: each clip draws its own bands and frames. Without it torchaudio puts
         # one mask on the whole batch, so every clip of a step loses the same band.
-        t = torchaudio.transforms
         masks: list[nn.Module] = []
-        masks += [t.FrequencyMasking(cfg.freq_mask_width, iid_masks=True)] * cfg.freq_masks
-        masks += [t.TimeMasking(cfg.time_mask_width, iid_masks=True)] * cfg.time_masks
+        masks += [FrequencyMasking(cfg.freq_mask_width, iid_masks=True)] * cfg.freq_masks
+        masks += [TimeMasking(cfg.time_mask_width, iid_masks=True)] * cfg.time_masks
         self.spec_augment = nn.Sequential(*masks)
         self.vtlp = cfg.vtlp
         self.pcen = PCEN(cfg.n_mels, cfg.hop_ms / 1000) if cfg.compression == "pcen" else None
