@@ -4,6 +4,7 @@ loopback fake that records what it sends."""
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import os
 import re
@@ -20,7 +21,7 @@ from kndcli.cli import options as opt
 from kndcli.cli.cloud import Project, forwarded_overrides
 from kndcli.cli.main import app
 from kndcli.cloud import jobs
-from kndcli.config import CloudConfig, parse_duration
+from kndcli.config import CloudConfig, load_config, parse_duration
 from kndcli.errors import ConfigError, KndError, UsageError
 
 JOBS = r"/v1/projects/p1/locations/europe-west4/customJobs"
@@ -569,6 +570,34 @@ def test_cloud_predict_runs_sharded_replicas_of_the_serving_image(fake: FakeGoog
     assert workers["containerSpec"]["args"] == container["args"]
     # Replicas are independent (no DDP): one restarting does not restart the others.
     assert "restartJobOnWorkerRestart" not in call.body["jobSpec"]["scheduling"]
+
+
+def test_cloud_predict_replicas_score_with_the_config_files_keys(
+    fake: FakeGoogle, tmp_path
+) -> None:
+    """A replica cannot read this machine's --config file: its scoring keys travel as
+    --set, so every replica answers "uncertain" where `knd predict -c` here would."""
+    _created(fake)
+    config = tmp_path / "scoring.yaml"
+    config.write_text(
+        "inference:\n  min_confidence: 0.7\n  window_s: 2.0\n  backend: onnx\n"
+        "audio:\n  formats: [WAV, FLAC]\ncloud:\n  replicas: 2\n"
+    )
+    args = [
+        "cloud", "predict", "gs://calls/2026", "--out", "gs://r/run-1", "-c", str(config),
+        "--project", "p1", "--region", "europe-west4", "--serve-image", "img",
+        "-m", "gs://knd-models/exp1", "--set", "inference.hop_s=0.5",
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    [call] = fake.calls("POST", JOBS)
+    container_args = call.body["jobSpec"]["workerPoolSpecs"][0]["containerSpec"]["args"]
+    sets = [v for k, v in itertools.pairwise(container_args) if k == "--set"]
+    assert not any(s.startswith(("cloud.", "inference.model", "inference.backend")) for s in sets)
+    replica = load_config(overrides=sets)  # what each replica resolves
+    assert replica.inference.min_confidence == 0.7
+    assert replica.inference.window_s == 2.0 and replica.inference.hop_s == 0.5
+    assert replica.audio.formats == ["WAV", "FLAC"]
 
 
 def test_cloud_predict_refuses_what_a_job_cannot_reach(fake: FakeGoogle) -> None:

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from gcp_fake import FakeGoogle, error_body
 from kndcli.cli.main import app
 from kndcli.cloud import services
-from kndcli.config import CloudConfig, load_config
+from kndcli.config import ENV_KEYS, CloudConfig, load_config
 from kndcli.errors import ConfigError, KndError, UsageError
 
 NAME = "projects/p1/locations/europe-west1/services/emotions"
@@ -245,6 +245,42 @@ def test_config_log_sink_used_only_when_durable() -> None:
     names = [e["name"] for e in container["env"]]
     assert "KND_LOG_SINK" not in names and "KND_MODEL" not in names
     assert container["resources"]["cpu_idle"] is True  # nothing to upload between requests
+
+
+def test_min_confidence_reaches_the_service_through_its_environment() -> None:
+    """The image runs plain `knd serve`: the threshold travels as KND_MIN_CONFIDENCE, a
+    config key of ENV_KEYS, so the deployed service answers "uncertain" as serve does here."""
+    sets = ["cloud.serve_image=img", "serve.log_sink=gs://logs/knd"]
+    cfg = load_config(overrides=[*sets, "inference.min_confidence=0.6"])
+    cfg.cloud.project = "p"
+    container = services.build_service(services.service_options(cfg))["template"]["containers"][0]
+    [value] = [e["value"] for e in container["env"] if e["name"] == "KND_MIN_CONFIDENCE"]
+    served = load_config(environ={"KND_MIN_CONFIDENCE": value})  # what the instance loads
+    assert served.inference.min_confidence == 0.6
+    cfg = load_config(overrides=sets)
+    cfg.cloud.project = "p"
+    container = services.build_service(services.service_options(cfg))["template"]["containers"][0]
+    assert "KND_MIN_CONFIDENCE" not in [e["name"] for e in container["env"]]
+
+
+def test_the_instance_loads_every_variable_deploy_sets_as_typed_config() -> None:
+    """With --ephemeral-log the image's CMD passes no --set, so `knd serve` loads its
+    config from the environment alone: each value must arrive as its key's type (a float
+    timeout read as the text "118" stopped the service at start-up)."""
+    cfg = load_config(overrides=["cloud.serve_image=img", "inference.min_confidence=0.25"])
+    cfg.cloud.project = "p"
+    opts = services.service_options(cfg, ephemeral_log=True)
+    container = services.build_service(opts)["template"]["containers"][0]
+    environ = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    assert set(environ) & set(ENV_KEYS) == {
+        "KND_ALLOW_NO_TOKEN", "KND_REQUEST_TIMEOUT_S", "KND_SHUTDOWN_TIMEOUT_S",
+        "KND_MIN_CONFIDENCE",
+    }  # fmt: skip
+    served = load_config(environ=environ)
+    assert served.serve.request_timeout_s == float(cfg.cloud.request_timeout_s - 2)
+    assert served.serve.shutdown_timeout_s == services.CLOUD_RUN_SHUTDOWN_S
+    assert served.serve.allow_no_token is True
+    assert served.inference.min_confidence == 0.25
 
 
 def test_a_local_log_sink_is_refused() -> None:

@@ -136,6 +136,29 @@ def test_windows_are_scored_like_predict_and_logged(server: StreamServer, record
     assert len(logged) >= len(windows)
 
 
+def test_below_min_confidence_windows_and_summary_answer_uncertain(
+    tiny_bundle: Path, recording: Path, tmp_path: Path
+):
+    """The threshold read from the environment alone, as a Cloud Run instance started by
+    `knd cloud deploy` reads it (KND_MIN_CONFIDENCE, no --set): every window and the
+    stream's summary answer "uncertain", and the probabilities still come."""
+    port = free_port()
+    args = ["--model", str(tiny_bundle), "--port", str(port)]
+    env = {"KND_API_TOKEN": TOKEN, "KND_MIN_CONFIDENCE": "0.99"}
+    with knd_serve(args, env, tmp_path) as proc:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, proc)
+        seen: list[dict] = []
+        stream_audio(
+            stream_url(url), chunks(pcm16(recording)), sample_rate=16000, speed=0,
+            token=TOKEN, on_event=seen.append,
+        )  # fmt: skip
+    _, *windows, summary = seen
+    assert windows and {w["label"] for w in windows} == {"uncertain"}
+    assert summary["label"] == "uncertain"
+    assert sum(summary["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+
+
 def test_events_arrive_while_the_audio_is_still_coming(server: StreamServer, recording: Path):
     began = time.perf_counter()
     arrivals: list[tuple[float, dict]] = []

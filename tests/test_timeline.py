@@ -70,6 +70,18 @@ def test_spans_tile_each_segment_and_merge_equal_answers(tiny_bundle, recording)
     assert timeline.label == max(timeline.probabilities, key=timeline.probabilities.get)
 
 
+def test_below_min_confidence_spans_and_the_file_answer_uncertain(tiny_bundle, recording):
+    path, _ = recording
+    bundle = load_bundle(tiny_bundle)
+    sure = score_recording(Predictor(bundle), path, TimelineConfig(), AudioConfig())
+    unsure = score_recording(
+        Predictor(bundle, min_confidence=0.99), path, TimelineConfig(), AudioConfig()
+    )
+    assert sure.label != "uncertain" and unsure.label == "uncertain"
+    assert {s.label for s in unsure.spans} == {"uncertain"}
+    assert unsure.probabilities == sure.probabilities  # the answer changes, not the scores
+
+
 def test_knd_predict_timeline_outputs(tiny_bundle, recording, tmp_path) -> None:
     path, _ = recording
     out = tmp_path / "tl"

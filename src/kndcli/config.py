@@ -280,7 +280,8 @@ class InferenceConfig:
 
 @dataclass
 class TimelineConfig:
-    """`knd predict --timeline`: long recordings scored by speech segments (docs/predict.md).
+    """`knd predict --timeline`: long recordings scored by speech segments (README.md,
+    "Long recordings").
 
     The file is decoded block by block, so memory stays bounded whatever its length;
     these limits replace `audio.max_duration_s` and `audio.max_file_mb` on this path only.
@@ -448,6 +449,7 @@ ENV_KEYS: dict[str, str] = {
     "KND_ALLOW_NO_TOKEN": "serve.allow_no_token",  # set by `knd cloud deploy` (IAM guards)
     "KND_REQUEST_TIMEOUT_S": "serve.request_timeout_s",  # set by `knd cloud deploy`
     "KND_SHUTDOWN_TIMEOUT_S": "serve.shutdown_timeout_s",  # set by `knd cloud deploy`
+    "KND_MIN_CONFIDENCE": "inference.min_confidence",  # set by `knd cloud deploy`
     "AIP_MODEL_DIR": "train.model_dir",  # Vertex AI, with a base output directory
     "AIP_CHECKPOINT_DIR": "train.checkpoint_dir",
 }
@@ -530,8 +532,8 @@ def _nested(values: dict[str, Any]) -> Any:
 
 
 def _from_text(cfg: KndConfig, key: str, name: str, text: str) -> Any:
-    """An environment variable's text as the type of the key it sets (str, int or bool:
-    the kinds ENV_KEYS holds), without omegaconf."""
+    """An environment variable's text as the type of the key it sets (str, int, float or
+    bool: the kinds ENV_KEYS holds), without omegaconf."""
     current: Any = cfg
     for part in key.split("."):
         current = getattr(current, part)
@@ -539,9 +541,9 @@ def _from_text(cfg: KndConfig, key: str, name: str, text: str) -> Any:
         if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
             raise ConfigError(f"environment {name}: key '{key}': {text!r} is not true or false")
         return text.lower() in ("true", "1", "yes")
-    if isinstance(current, int):
+    if isinstance(current, int | float):
         try:
-            return int(text)
+            return type(current)(text)
         except ValueError:
             raise ConfigError(
                 f"environment {name}: key '{key}': {text!r} is not a number"
@@ -759,6 +761,7 @@ def _check_cloud(c: CloudConfig) -> None:
 def check_config(cfg: KndConfig) -> None:
     """Value checks the types cannot express; each error names its key."""
     _check_trainer(cfg.train.trainer)
+    _check_augment(cfg.train.augment)
     inf = cfg.inference
     _require(inf.backend in BACKENDS, "inference.backend", inf.backend, "onnx or torch")
     check_min_confidence(inf.min_confidence)
@@ -770,6 +773,15 @@ def check_config(cfg: KndConfig) -> None:
     check_serve(cfg.serve)
     _check_cloud(cfg.cloud)
     _check_encoder(cfg.model)
+
+
+def _check_augment(a: AugmentConfig) -> None:
+    """The waveform augmentations; the degradation chain is checked by `perturb`."""
+    key = "train.augment"
+    _require(a.gain_db >= 0, f"{key}.gain_db", a.gain_db, "0 (off) or the +- range in dB")
+    _require(a.mixup_alpha >= 0, f"{key}.mixup_alpha", a.mixup_alpha, "0 (off) or more")
+    for speed in a.speeds:
+        _require(0.5 <= speed <= 2.0, f"{key}.speeds", speed, "speeds from 0.5 to 2.0")
 
 
 ENCODER_MODES = ("frozen", "partial", "full")

@@ -9,12 +9,15 @@ imported inside the command bodies only.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from kndcli.cli import options as opt
 from kndcli.errors import UsageError
+
+if TYPE_CHECKING:
+    from kndcli.config import KndConfig
 
 app = typer.Typer(help="Train on Vertex AI, serve on Cloud Run.", no_args_is_help=True)
 
@@ -115,6 +118,26 @@ def forwarded_overrides(ctx: typer.Context) -> list[str]:
         value = ctx.params.get(param.name or "")
         if key and value is not None and not key.startswith("cloud."):
             overrides.append(f"{key}={_dotlist_value(value)}")
+    return overrides
+
+
+def scoring_overrides(cfg: KndConfig) -> list[str]:
+    """`key=value` for each `inference.*` and `audio.*` key the resolved configuration
+    changes from the defaults, config files included: a job's replicas see neither this
+    machine's files nor its environment, and would otherwise score with other windows,
+    limits or `min_confidence` than `knd predict` here. The model travels as --model."""
+    from dataclasses import fields
+
+    from kndcli.config import KndConfig
+
+    defaults = KndConfig()
+    overrides = []
+    for section in ("inference", "audio"):
+        ours, theirs = getattr(cfg, section), getattr(defaults, section)
+        for f in fields(ours):
+            value = getattr(ours, f.name)
+            if f"{section}.{f.name}" != "inference.model" and value != getattr(theirs, f.name):
+                overrides.append(f"{section}.{f.name}={json.dumps(value)}")
     return overrides
 
 
@@ -253,6 +276,7 @@ def predict(
 
     Each replica runs `knd predict SOURCES --shard auto --out OUT`: a disjoint share of the
     files, written in resumable parts, so a rerun after preemption skips finished parts.
+    The inference and audio keys of --config files and --set travel with it.
     """
     from kndcli.cloud import jobs
 
@@ -282,7 +306,7 @@ def predict(
         display_name=display_name or "knd-predict",
         labels=jobs.parse_pairs(label, "--label"),
         env=jobs.parse_pairs(env, "--env"),
-        overrides=list(sets or []),
+        overrides=[*scoring_overrides(cfg), *(sets or [])],
     )
     _submit(opts, dry_run=dry_run, wait=wait, poll=poll, as_json=as_json)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
 import traceback
 from typing import Annotated
@@ -64,6 +65,26 @@ app.add_typer(drift.app, name="drift")
 app.add_typer(cloud.app, name="cloud")
 app.add_typer(config_cmd.app, name="config")
 app.command("demo")(demo.demo)
+
+
+def _one_line_paragraphs(group: typer.Typer) -> None:
+    """Give every command a help text whose paragraphs are single lines.
+
+    In rich markup mode Typer joins the wrapped lines of a docstring's first paragraph
+    only; later paragraphs kept the source's line breaks and printed them mid-sentence.
+    Joined here, every paragraph is wrapped to the terminal like the first.
+    """
+    for info in group.registered_commands:
+        doc = info.help or (info.callback.__doc__ if info.callback else None)
+        if doc:
+            paragraphs = inspect.cleandoc(doc).split("\n\n")
+            info.help = "\n\n".join(" ".join(p.split()) for p in paragraphs)
+    for sub in group.registered_groups:
+        if sub.typer_instance is not None:
+            _one_line_paragraphs(sub.typer_instance)
+
+
+_one_line_paragraphs(app)
 
 
 def main() -> None:

@@ -105,12 +105,30 @@ def load(
         params.get("sets"),
         {**(values or {}), **flags},
     )
+    _check_perturbations(cfg)
     if params.get("print_config"):
         from kndcli.config import to_yaml
 
         typer.echo(to_yaml(cfg), nl=False)
         raise typer.Exit(0)
     return cfg
+
+
+def _check_perturbations(cfg: KndConfig) -> None:
+    """The degradation ranges, checked by the layer that knows them (perturb imports config,
+    not the other way round) so that every command and --print-config refuse a bad one
+    before any work starts. Defaults are valid, so unchanged sections cost `knd predict`
+    no import."""
+    from kndcli.config import ConditionsConfig, RobustnessConfig
+
+    if cfg.train.augment.conditions != ConditionsConfig():
+        from kndcli.perturb.multicondition import check_conditions
+
+        check_conditions(cfg.train.augment.conditions)
+    if cfg.robustness != RobustnessConfig():
+        from kndcli.perturb.suite import check_robustness
+
+        check_robustness(cfg.robustness)
 
 
 def chosen_prepared(ctx: typer.Context, cfg: KndConfig) -> str | None:

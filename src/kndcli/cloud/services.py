@@ -43,6 +43,8 @@ class ServiceOptions:
     cloud: CloudConfig
     model: str = ""
     log_sink: str = ""
+    # inference.min_confidence: the service answers "uncertain" below it (0: never).
+    min_confidence: float = 0.0
     token_secret: str = ""
     env: dict[str, str] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
@@ -63,12 +65,14 @@ def service_options(
     allow_unauthenticated: bool | None = None,
     ephemeral_log: bool = False,
 ) -> ServiceOptions:
-    """The service for a resolved configuration: `cloud:`, `inference.model`, `serve.log_sink`."""
+    """The service for a resolved configuration: `cloud:`, `inference.model`,
+    `inference.min_confidence` and `serve.log_sink`."""
     return ServiceOptions(
         ephemeral_log=ephemeral_log,
         cloud=cfg.cloud,
         model=deployed_model(cfg.inference.model),
         log_sink=deployed_log_sink(cfg.serve.log_sink),
+        min_confidence=cfg.inference.min_confidence,
         token_secret=token_secret or "",
         env=dict(env or {}),
         labels=dict(labels or {}),
@@ -212,6 +216,10 @@ def build_service(opts: ServiceOptions) -> dict[str, Any]:
         # Verbatim: the prediction log writes gs:// objects itself (JSON lines through gcsfs);
         # SQLite on a mounted bucket would lose its locking.
         env.append({"name": "KND_LOG_SINK", "value": opts.log_sink})
+    if opts.min_confidence > 0:
+        # A config key the app reads from its environment (config.ENV_KEYS), so the
+        # service answers "uncertain" exactly where `knd serve` here would.
+        env.append({"name": "KND_MIN_CONFIDENCE", "value": repr(opts.min_confidence)})
     if opts.token_secret:
         secret, _, version = opts.token_secret.partition(":")
         env.append(

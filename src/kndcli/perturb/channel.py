@@ -111,6 +111,8 @@ def _fit(x: np.ndarray, n: int) -> np.ndarray:
 
 
 def apply_gain(samples: np.ndarray, gain_db: float) -> np.ndarray:
+    """A louder or quieter recording (training draws it per clip, `train.augment.gain_db`);
+    no clipping, so a clip that leaves [-1, 1] keeps its shape for the normaliser."""
     return (samples * np.float32(10 ** (gain_db / 20))).astype(np.float32)
 
 

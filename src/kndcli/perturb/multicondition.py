@@ -11,7 +11,7 @@ from kndcli.errors import ConfigError
 from kndcli.perturb.channel import TELEPHONE_LAWS, clip_peaks, lowpass, telephone
 from kndcli.perturb.codec import codec_roundtrip
 from kndcli.perturb.noise import NOISE_COLORS, BabbleSource, colored_noise, mix_at_snr
-from kndcli.perturb.room import RoomBank, reverberate
+from kndcli.perturb.room import RT60_RANGE_S, RoomBank, reverberate
 
 NOISE_TYPES = (*NOISE_COLORS, "babble")
 _NOISE_BANK_S = 30
@@ -22,7 +22,7 @@ MAX_VARIANTS = 64
 _RANGES = {
     "snr_db": (-10.0, 60.0),
     "babble_talkers": (1, 32),
-    "rt60_s": (0.05, 3.0),
+    "rt60_s": RT60_RANGE_S,
     "mp3_kbps": (8.0, 160.0),
     "lowpass_hz": (500.0, 8000.0),
     "clipping_drive_db": (0.0, 40.0),

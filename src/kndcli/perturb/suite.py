@@ -12,7 +12,7 @@ from kndcli.errors import ConfigError
 from kndcli.perturb.channel import TELEPHONE_LAWS, clip_peaks, lowpass, telephone
 from kndcli.perturb.codec import codec_roundtrip
 from kndcli.perturb.noise import BabbleSource, colored_noise, mix_at_snr
-from kndcli.perturb.room import RoomBank, reverberate
+from kndcli.perturb.room import RT60_RANGE_S, RoomBank, reverberate
 
 # family -> (RobustnessConfig field, unit, bounds of a level)
 FAMILIES: dict[str, tuple[str, str, tuple[float, float] | None]] = {
@@ -20,7 +20,7 @@ FAMILIES: dict[str, tuple[str, str, tuple[float, float] | None]] = {
     "pink": ("pink_snr_db", "dB SNR", (-10.0, 60.0)),
     "brown": ("brown_snr_db", "dB SNR", (-10.0, 60.0)),
     "babble": ("babble_snr_db", "dB SNR", (-10.0, 60.0)),
-    "reverb": ("rt60_s", "s RT60", (0.05, 3.0)),
+    "reverb": ("rt60_s", "s RT60", RT60_RANGE_S),
     "telephone": ("telephone", "", None),
     "mp3": ("mp3_kbps", "kbit/s", (8.0, 160.0)),
     "opus": ("opus_kbps", "kbit/s", (6.0, 256.0)),
@@ -92,6 +92,8 @@ def check_robustness(cfg: RobustnessConfig) -> None:
         raise ConfigError(
             f"key 'robustness.rooms_per_level': at least 1, got {cfg.rooms_per_level}"
         )
+    if cfg.seed < 0:
+        raise ConfigError(f"key 'robustness.seed': 0 or more, got {cfg.seed}")
 
 
 class ConditionRenderer:

@@ -14,6 +14,7 @@ from kndcli.config import AugmentConfig, TrainConfig
 from kndcli.data.store import PreparedSet
 from kndcli.inference.robustness import babble_source
 from kndcli.inference.windowing import center_fit, repeat_fit
+from kndcli.perturb.channel import apply_gain
 from kndcli.perturb.multicondition import MultiCondition, curriculum_snr_floor
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ class WaveformDataset(Dataset):
             x = x[start:stop]
         x = _random_fit(x, self.length, rng) if aug.random_crop else center_fit(x, self.length)
         if aug.gain_db > 0:
-            x = x * np.float32(10 ** (rng.uniform(-aug.gain_db, aug.gain_db) / 20))
+            x = apply_gain(x, rng.uniform(-aug.gain_db, aug.gain_db))
         return x
 
 
