@@ -36,7 +36,7 @@ WORKDIR /home/knd
 EXPOSE 8080
 # A shell so $PORT, $KND_MODEL and $KND_LOG_SINK (set by `knd cloud deploy`) expand; exec so
 # uvicorn gets the signals. KND_MODEL and KND_LOG_SINK are this image's variables, not config
-# keys: this CMD passes them as --model and --set serve.log_sink. The other variables deploy
-# sets (PORT, KND_MIN_CONFIDENCE, the timeouts: config.ENV_KEYS) and KND_API_TOKEN are read
-# by knd itself.
+# keys: this CMD passes them as --model and --set serve.log_sink. PORT (from Cloud Run) and
+# the variables deploy sets for config keys (KND_ALLOW_NO_TOKEN, KND_MIN_CONFIDENCE, the
+# timeouts: config.ENV_KEYS), like KND_API_TOKEN, are read by knd itself.
 CMD ["sh", "-c", "exec knd serve --model \"$KND_MODEL\" --host 0.0.0.0 --port \"$PORT\" ${KND_LOG_SINK:+--set \"serve.log_sink=$KND_LOG_SINK\"}"]

@@ -580,7 +580,7 @@ def test_cloud_predict_replicas_score_with_the_config_files_keys(
     _created(fake)
     config = tmp_path / "scoring.yaml"
     config.write_text(
-        "inference:\n  min_confidence: 0.7\n  window_s: 2.0\n  backend: onnx\n"
+        "inference:\n  min_confidence: 0.7\n  window_s: 2.0\n  backend: torch\n  workers: 2\n"
         "audio:\n  formats: [WAV, FLAC]\ncloud:\n  replicas: 2\n"
     )
     args = [
@@ -593,7 +593,10 @@ def test_cloud_predict_replicas_score_with_the_config_files_keys(
     [call] = fake.calls("POST", JOBS)
     container_args = call.body["jobSpec"]["workerPoolSpecs"][0]["containerSpec"]["args"]
     sets = [v for k, v in itertools.pairwise(container_args) if k == "--set"]
+    # Not the model (it travels as --model), nor how this machine runs it: the serving
+    # image has no torch, and a replica sizes its own workers.
     assert not any(s.startswith(("cloud.", "inference.model", "inference.backend")) for s in sets)
+    assert not any(s.startswith("inference.workers") for s in sets)
     replica = load_config(overrides=sets)  # what each replica resolves
     assert replica.inference.min_confidence == 0.7
     assert replica.inference.window_s == 2.0 and replica.inference.hop_s == 0.5

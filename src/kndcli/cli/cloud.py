@@ -121,23 +121,29 @@ def forwarded_overrides(ctx: typer.Context) -> list[str]:
     return overrides
 
 
+# What decides a replica's answers; the backend, batch size and workers are left to the
+# serving image and the replica's own CPUs (the image has no torch backend).
+_SCORING_KEYS = ("inference.window_s", "inference.hop_s", "inference.min_confidence")
+
+
 def scoring_overrides(cfg: KndConfig) -> list[str]:
-    """`key=value` for each `inference.*` and `audio.*` key the resolved configuration
-    changes from the defaults, config files included: a job's replicas see neither this
-    machine's files nor its environment, and would otherwise score with other windows,
-    limits or `min_confidence` than `knd predict` here. The model travels as --model."""
-    from dataclasses import fields
+    """`key=value` for each key of `_SCORING_KEYS` and `audio.*` that the resolved
+    configuration changes from the defaults, config files included: a job's replicas see
+    neither this machine's files nor its environment, and would otherwise score with other
+    windows, limits or `min_confidence` than `knd predict` here. The model travels as
+    --model."""
+    from dataclasses import asdict
 
     from kndcli.config import KndConfig
 
-    defaults = KndConfig()
+    ours, defaults = asdict(cfg), asdict(KndConfig())
+    keys = [*_SCORING_KEYS, *(f"audio.{name}" for name in ours["audio"])]
     overrides = []
-    for section in ("inference", "audio"):
-        ours, theirs = getattr(cfg, section), getattr(defaults, section)
-        for f in fields(ours):
-            value = getattr(ours, f.name)
-            if f"{section}.{f.name}" != "inference.model" and value != getattr(theirs, f.name):
-                overrides.append(f"{section}.{f.name}={json.dumps(value)}")
+    for key in keys:
+        section, name = key.split(".")
+        value = ours[section][name]
+        if value != defaults[section][name]:
+            overrides.append(f"{key}={json.dumps(value)}")
     return overrides
 
 
@@ -276,7 +282,8 @@ def predict(
 
     Each replica runs `knd predict SOURCES --shard auto --out OUT`: a disjoint share of the
     files, written in resumable parts, so a rerun after preemption skips finished parts.
-    The inference and audio keys of --config files and --set travel with it.
+    The window, hop, min_confidence and audio keys of --config files and --set travel
+    with it.
     """
     from kndcli.cloud import jobs
 
