@@ -143,7 +143,7 @@ def scoring_overrides(cfg: KndConfig) -> list[str]:
         section, name = key.split(".")
         value = ours[section][name]
         if value != defaults[section][name]:
-            overrides.append(f"{key}={json.dumps(value)}")
+            overrides.append(f"{key}={_dotlist_value(value)}")
     return overrides
 
 
