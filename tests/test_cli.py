@@ -165,6 +165,20 @@ def test_gpu_accelerator_without_a_gpu_is_a_config_error(synth_prepared, tmp_pat
     assert not any(tmp_path.iterdir()), "nothing is written before the config is checked"
 
 
+def test_a_training_lowpass_above_the_clips_nyquist_is_refused_before_writing(
+    synth_prepared, tmp_path
+):
+    proc = knd(
+        "train", "--prepared", synth_prepared, "--set", f"train.output_dir={tmp_path}",
+        "--set", "train.augment.conditions.lowpass_hz=[2000,8000]",
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "train.augment.conditions.lowpass_hz': 8000 Hz is not below 8000 Hz" in proc.stderr
+    assert f"the prepared set {synth_prepared}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not any(tmp_path.iterdir()), "nothing is written before the config is checked"
+
+
 def test_two_output_formats_and_unknown_formats_exit_2(tiny_bundle, wav_factory):
     clip = wav_factory("c.wav", seconds=1.0)
     both = knd("predict", "-m", tiny_bundle, "--json", "--csv", clip)

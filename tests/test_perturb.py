@@ -191,6 +191,30 @@ def test_training_chain_is_deterministic_by_seed_and_degrades(tmp_path, speech):
     assert not np.allclose(a, speech)
 
 
+def test_training_codecs_are_drawn_from_the_configured_list(tmp_path, speech):
+    """Each coded clip is an exact MP3 or Opus round trip at a bitrate from that codec's
+    range; MP3 alone (the default) uses the random draws it used before Opus existed."""
+    only = {"noise_prob": 0.0, "reverb_prob": 0.0, "telephone_prob": 0.0}
+    only |= {"lowpass_prob": 0.0, "clipping_prob": 0.0, "codec_prob": 1.0}
+    mp3 = _chain(tmp_path, **only)
+    draws = np.random.default_rng(5)
+    draws.random()
+    expected = codec_roundtrip(speech, SR, "mp3", draws.uniform(16.0, 64.0))[0]
+    np.testing.assert_array_equal(mp3(speech, np.random.default_rng(5), "x"), expected)
+
+    both = _chain(tmp_path, codecs=["mp3", "opus"], opus_kbps=[8.0, 12.0], **only)
+    chosen = []
+    for seed in range(8):
+        draws = np.random.default_rng(seed)
+        draws.random()
+        codec = ["mp3", "opus"][int(draws.integers(2))]
+        kbps = draws.uniform(*(both.cfg.mp3_kbps if codec == "mp3" else both.cfg.opus_kbps))
+        expected = codec_roundtrip(speech, SR, codec, kbps)[0]
+        np.testing.assert_array_equal(both(speech, np.random.default_rng(seed), "x"), expected)
+        chosen.append(codec)
+    assert set(chosen) == {"mp3", "opus"}
+
+
 def test_snr_curriculum_floor_falls_from_the_top_of_the_range_to_its_bottom():
     cfg = ConditionsConfig(snr_db=[0.0, 30.0], snr_curriculum=0.5)
     assert [curriculum_snr_floor(cfg, epoch, 100) for epoch in (0, 25, 50, 99)] == [
@@ -243,6 +267,9 @@ def test_disabled_chain_returns_the_clip(tmp_path, speech):
         ("train.augment.conditions.noise_types=[white,violet]", "noise_types"),
         ("train.augment.conditions.telephone_laws=[g729]", "telephone_laws"),
         ("train.augment.conditions.mp3_kbps=[4,64]", "mp3_kbps"),
+        ("train.augment.conditions.codecs=[mp3,aac]", "codecs"),
+        ("train.augment.conditions.codecs=[]", "codecs"),
+        ("train.augment.conditions.opus_kbps=[2,16]", "opus_kbps"),
         ("train.augment.conditions.variants=-1", "variants"),
         ("train.augment.conditions.variants=65", "variants"),
         ("train.augment.conditions.snr_curriculum=1.5", "snr_curriculum"),

@@ -169,7 +169,10 @@ class ConditionsConfig:
     telephone_prob: float = 0.1
     telephone_laws: list[str] = field(default_factory=lambda: ["mulaw", "alaw", "gsm"])
     codec_prob: float = 0.03
+    # The codecs a coded clip is drawn from (mp3, opus), each at a bitrate from its range.
+    codecs: list[str] = field(default_factory=lambda: ["mp3"])
     mp3_kbps: list[float] = field(default_factory=lambda: [16.0, 64.0])
+    opus_kbps: list[float] = field(default_factory=lambda: [8.0, 32.0])
     lowpass_prob: float = 0.1
     lowpass_hz: list[float] = field(default_factory=lambda: [2000.0, 6000.0])
     clipping_prob: float = 0.05

@@ -65,6 +65,13 @@ def robustness_report(
         if condition.family == "babble" and babble is None:
             skipped.append(f"{condition.name}: no clips of speakers outside split '{split}'")
             continue
+        nyquist = prepared.sample_rate / 2
+        if condition.family == "lowpass" and float(condition.level) >= nyquist:
+            skipped.append(
+                f"{condition.name}: the {prepared.sample_rate} Hz clips hold nothing above "
+                f"{nyquist:g} Hz, so it would change nothing"
+            )
+            continue
         if progress is not None:
             progress(condition.name)
         result = evaluate_predictor(

@@ -6,6 +6,7 @@ import io
 
 import numpy as np
 
+from kndcli.errors import ConfigError
 from kndcli.perturb.noise import fft_size
 
 TELEPHONE_LAWS = ("mulaw", "alaw", "gsm")
@@ -49,6 +50,18 @@ def _edge(freqs: np.ndarray, start: float, stop: float) -> np.ndarray:
 def lowpass(samples: np.ndarray, sample_rate: int, cutoff_hz: float) -> np.ndarray:
     """A cheap microphone or a narrow-band stream: nothing above `cutoff_hz`."""
     return band_limit(samples, sample_rate, 0.0, cutoff_hz, transition_hz=cutoff_hz / 8)
+
+
+def check_cutoffs(cutoffs_hz: list[float], sample_rate: int, key: str, source: str) -> None:
+    """Refuse a low-pass at or above the Nyquist frequency of the clips it degrades: it
+    changes nothing, so training under its name would be clean audio in disguise."""
+    nyquist = sample_rate / 2
+    for hz in cutoffs_hz:
+        if hz >= nyquist:
+            raise ConfigError(
+                f"key '{key}': {hz:g} Hz is not below {nyquist:g} Hz, the highest frequency "
+                f"of {source} ({sample_rate} Hz); a low-pass there changes nothing"
+            )
 
 
 def telephone(samples: np.ndarray, sample_rate: int, law: str = "mulaw") -> np.ndarray:

@@ -9,7 +9,7 @@ import numpy as np
 from kndcli.config import ConditionsConfig
 from kndcli.errors import ConfigError
 from kndcli.perturb.channel import TELEPHONE_LAWS, clip_peaks, lowpass, telephone
-from kndcli.perturb.codec import codec_roundtrip
+from kndcli.perturb.codec import CODECS, codec_roundtrip
 from kndcli.perturb.noise import NOISE_COLORS, BabbleSource, colored_noise, mix_at_snr
 from kndcli.perturb.room import RT60_RANGE_S, RoomBank, reverberate
 
@@ -24,6 +24,7 @@ _RANGES = {
     "babble_talkers": (1, 32),
     "rt60_s": RT60_RANGE_S,
     "mp3_kbps": (8.0, 160.0),
+    "opus_kbps": (6.0, 256.0),
     "lowpass_hz": (500.0, 8000.0),
     "clipping_drive_db": (0.0, 40.0),
 }
@@ -106,7 +107,12 @@ class MultiCondition:
         if cfg.clipping_prob > 0 and rng.random() < cfg.clipping_prob:
             x = clip_peaks(x, float(rng.uniform(*cfg.clipping_drive_db)))
         if cfg.codec_prob > 0 and rng.random() < cfg.codec_prob:
-            x, _ = codec_roundtrip(x, sr, "mp3", float(rng.uniform(*cfg.mp3_kbps)))
+            codec = cfg.codecs[0]
+            # One codec draws nothing for its choice: MP3 alone degrades as before Opus.
+            if len(cfg.codecs) > 1:
+                codec = cfg.codecs[int(rng.integers(len(cfg.codecs)))]
+            kbps = cfg.mp3_kbps if codec == "mp3" else cfg.opus_kbps
+            x, _ = codec_roundtrip(x, sr, codec, float(rng.uniform(*kbps)))
         return x, snr
 
 
@@ -131,7 +137,8 @@ def _segment(bank: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def check_conditions(cfg: ConditionsConfig, key: str = "train.augment.conditions") -> None:
-    """Every probability in [0, 1], every range a [low, high] pair inside its bounds."""
+    """Every probability in [0, 1], every range a [low, high] pair inside its bounds (the
+    low-pass against the clips' rate is checked by training, which knows that rate)."""
     for f in fields(cfg):
         value = getattr(cfg, f.name)
         name = f"{key}.{f.name}"
@@ -145,8 +152,11 @@ def check_conditions(cfg: ConditionsConfig, key: str = "train.augment.conditions
                 )
     _check_choices(cfg.noise_types, NOISE_TYPES, f"{key}.noise_types")
     _check_choices(cfg.telephone_laws, TELEPHONE_LAWS, f"{key}.telephone_laws")
+    _check_choices(cfg.codecs, CODECS, f"{key}.codecs")
     if cfg.noise_prob > 0 and not cfg.noise_types:
         raise ConfigError(f"key '{key}.noise_types': empty while noise_prob is {cfg.noise_prob}")
+    if cfg.codec_prob > 0 and not cfg.codecs:
+        raise ConfigError(f"key '{key}.codecs': empty while codec_prob is {cfg.codec_prob}")
     if cfg.telephone_prob > 0 and not cfg.telephone_laws:
         raise ConfigError(
             f"key '{key}.telephone_laws': empty while telephone_prob is {cfg.telephone_prob}"

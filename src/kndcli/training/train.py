@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kndcli.config import KndConfig, TrainerConfig, to_yaml
+from kndcli.config import ConditionsConfig, KndConfig, TrainerConfig, to_yaml
 from kndcli.data.store import PreparedSet
 from kndcli.errors import ConfigError, KndError, UsageError
 from kndcli.inference.bundle import BUNDLE_JSON
@@ -76,6 +76,7 @@ def _train(cfg: KndConfig) -> TrainResult | None:
     from kndcli.training.module import EmotionClassifier
 
     prepared = _fitted_set(cfg)
+    _check_lowpass(cfg.train.augment.conditions, prepared)
     labels = training_labels(cfg, prepared)
     run_name = cfg.train.run_name or time.strftime("run-%Y%m%d-%H%M%S")
     # DDP workers re-run this command and read it back (config.ENV_KEYS): same run dir.
@@ -157,6 +158,7 @@ def rebuild_bundle(cfg: KndConfig, epochs: int) -> TrainResult:
 
     started = time.perf_counter()
     prepared = _fitted_set(cfg)
+    _check_lowpass(cfg.train.augment.conditions, prepared)
     labels = training_labels(cfg, prepared)
     run_dir = Path(cfg.train.output_dir) / cfg.train.run_name
     ckpt_dir = cfg.train.checkpoint_dir or str(run_dir / "checkpoints")
@@ -185,6 +187,17 @@ def _fitted_set(cfg: KndConfig) -> PreparedSet:
     if cfg.train.fit_splits != ["train"]:
         prepared = prepared.fitting_on(cfg.train.fit_splits)
     return prepared
+
+
+def _check_lowpass(conditions: ConditionsConfig, prepared: PreparedSet) -> None:
+    """The low-pass range against the rate its clips are degraded at, the prepared set's,
+    known only here and checked before the run folder is written."""
+    if conditions.enabled and conditions.lowpass_prob > 0:
+        from kndcli.perturb.channel import check_cutoffs
+
+        key = "train.augment.conditions.lowpass_hz"
+        source = f"the prepared set {prepared.root}"
+        check_cutoffs(conditions.lowpass_hz, prepared.sample_rate, key, source)
 
 
 def _holdouts(cfg: KndConfig, speakers: list[str]) -> list[list[str]]:
