@@ -173,6 +173,20 @@ def test_room_bank_is_cached_as_plain_arrays(tmp_path):
         assert a.rt60 == b.rt60
 
 
+def test_a_room_bank_is_a_function_of_its_seed_alone(tmp_path):
+    """Two builds without a shared cache, the second after other code has drawn from
+    pyroomacoustics' own generator, give the same rooms: a robustness table does not
+    depend on which machine, process or cache rendered it."""
+    import pyroomacoustics as pra
+
+    first = RoomBank((0.3, 0.5), 2, SR, seed=3, cache=tmp_path / "a")
+    pra.random.seed(12345)
+    pra.random.get_rng().uniform(size=7)
+    second = RoomBank((0.3, 0.5), 2, SR, seed=3, cache=tmp_path / "b")
+    for a, b in zip(first.rooms, second.rooms, strict=True):
+        np.testing.assert_array_equal(a.samples, b.samples)
+
+
 def _chain(tmp_path, **changes) -> MultiCondition:
     cfg = ConditionsConfig(**changes)
     rooms = RoomBank((0.3, 0.6), 2, SR, cache=tmp_path)

@@ -66,7 +66,9 @@ def room_impulse_response(
         )
         room.add_source(source)
         room.add_microphone(mic)
-        np.random.seed(int(rng.integers(1 << 31)))  # pyroomacoustics' random ISM uses it
+        # The random image-source displacement draws from pyroomacoustics' own generator:
+        # seeded from ours, so a room is a function of the bank's seed, not of the process.
+        pra.random.seed(int(rng.integers(1 << 31)))
         room.compute_rir()
         h = np.asarray(room.rir[0][0], np.float64)
         measured = float(pra.experimental.measure_rt60(h, fs=sample_rate))
@@ -137,7 +139,7 @@ class RoomBank:
         self.rooms = self._load() or self._build()
 
     def _key(self) -> str:
-        spec = [self.rt60_range, self.count, self.sample_rate, self.seed, 3]
+        spec = [self.rt60_range, self.count, self.sample_rate, self.seed, 4]
         return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
 
     def _path(self) -> Path:
