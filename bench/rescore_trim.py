@@ -1,0 +1,110 @@
+"""Re-score a trained bundle under the robustness suite with two silence trims.
+
+The bundle's own energy trim (`audio.speech_bounds`) and a WebRTC-VAD trim (the
+timeline's segmenter) are applied to the same rendered clips of a prepared set's test
+split, so the two columns differ by the trim alone. docs/quality.md ("Noisy clips keep
+their silence", 2026-12-07) reports what it measured; `--families reverb --trims energy`
+re-scores only the reverberant rows, as that section's room comparison did.
+
+    uv run python -m bench.rescore_trim RUN_DIR PREPARED_DIR OUT.json [--families ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from kndcli.audio import speech_bounds
+from kndcli.config import RobustnessConfig, TimelineConfig
+from kndcli.data.store import PreparedSet
+from kndcli.inference.calibration import apply_temperature, reliability
+from kndcli.inference.predictor import Predictor
+from kndcli.inference.robustness import babble_source
+from kndcli.inference.speech import SpeechSegmenter
+from kndcli.inference.windowing import make_windows
+from kndcli.perturb.suite import ConditionRenderer, robustness_suite
+
+# The VAD trim: 0.3 s of speech counts, 0.3 s of silence ends a segment, 0.1 s padding.
+VAD = TimelineConfig(vad_mode=2, min_silence_s=0.3, min_speech_s=0.3, pad_s=0.1)
+
+
+def vad_bounds(samples: np.ndarray, sample_rate: int) -> tuple[int, int]:
+    """From the first speech segment's start to the last one's end (the whole clip if none)."""
+    segmenter = SpeechSegmenter(sample_rate, VAD)
+    segments = segmenter.push(samples.astype(np.float32)) + segmenter.finish()
+    if not segments:
+        return 0, len(samples)
+    return max(0, int(segments[0][0] * sample_rate)), min(
+        len(samples), int(segments[-1][1] * sample_rate)
+    )
+
+
+TRIMS: dict[str, Callable[[np.ndarray, int], tuple[int, int]]] = {
+    "energy": speech_bounds,
+    "vad": vad_bounds,
+}
+
+
+def rescore(bundle: str, prepared_dir: str, families: list[str], trims: list[str]) -> list[dict]:
+    predictor = Predictor.from_config(bundle)
+    prepared = PreparedSet.open(prepared_dir)
+    rate = prepared.sample_rate
+    indices = prepared.indices("test")
+    scored = {prepared.rows[i]["speaker"] for i in indices}
+    others = [i for i, row in enumerate(prepared.rows) if row["speaker"] not in scored]
+    cfg = RobustnessConfig()
+    render = ConditionRenderer(cfg, rate, babble_source(prepared, others))
+    label_index = {label: i for i, label in enumerate(predictor.labels)}
+    truths = np.array([label_index[prepared.rows[i]["label"]] for i in indices])
+    rows = []
+    for condition in robustness_suite(cfg):
+        if families and condition.family not in families:
+            continue
+        clips = [
+            render(
+                prepared.waveform(i),
+                condition,
+                condition.rng(cfg.seed, i),
+                prepared.rows[i]["speaker"],
+            )
+            for i in indices
+        ]
+        row: dict = {"condition": condition.name}
+        for name in trims:
+            windows = []
+            for x in clips:
+                start, stop = TRIMS[name](x, rate)
+                windows.append(make_windows(x[start:stop], predictor.window, predictor.hop)[0])
+            probs = predictor.score_batches(windows)
+            clip = np.stack(
+                [apply_temperature(p, predictor.temperature).mean(axis=0) for p in probs]
+            )
+            correct = clip.argmax(axis=1) == truths
+            row[name] = {
+                "accuracy": float(correct.mean()),
+                "ece": float(reliability(clip.max(axis=1), correct).ece),
+                "windows_per_clip": float(np.mean([len(w) for w in windows])),
+            }
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("bundle")
+    parser.add_argument("prepared")
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--families", nargs="*", default=[], help="default: every family")
+    parser.add_argument("--trims", nargs="*", default=list(TRIMS), choices=list(TRIMS))
+    args = parser.parse_args()
+    rows = rescore(args.bundle, args.prepared, args.families, args.trims)
+    args.out.write_text(json.dumps({"bundle": args.bundle, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
