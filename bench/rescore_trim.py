@@ -1,10 +1,12 @@
 """Re-score a trained bundle under the robustness suite with two silence trims.
 
-The bundle's own energy trim (`audio.speech_bounds`) and a WebRTC-VAD trim (the
-timeline's segmenter) are applied to the same rendered clips of a prepared set's test
-split, so the two columns differ by the trim alone. docs/quality.md ("Noisy clips keep
-their silence", 2026-12-07) reports what it measured; `--families reverb --trims energy`
-re-scores only the reverberant rows, as that section's room comparison did.
+The bundle's own trim (the Predictor's, `audio.speech_bounds` when the bundle trims) and
+a WebRTC-VAD trim (the timeline's segmenter) are applied to the same rendered clips of a
+prepared set's test split, so the two columns differ by the trim alone. The suite is the
+default `robustness:` section, and conditions the report would skip are skipped the same
+way. docs/quality.md ("Noisy clips keep their silence", 2026-12-07) reports what it
+measured; `--families reverb --trims bundle` re-scores only the reverberant rows, as that
+section's room comparison did.
 
     uv run python -m bench.rescore_trim RUN_DIR PREPARED_DIR OUT.json [--families ...]
 """
@@ -13,17 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from kndcli.audio import speech_bounds
 from kndcli.config import RobustnessConfig, TimelineConfig
 from kndcli.data.store import PreparedSet
 from kndcli.inference.calibration import apply_temperature, reliability
+from kndcli.inference.evaluate import split_indices
 from kndcli.inference.predictor import Predictor
-from kndcli.inference.robustness import babble_source
+from kndcli.inference.robustness import babble_source, skip_reason
 from kndcli.inference.speech import SpeechSegmenter
 from kndcli.inference.windowing import make_windows
 from kndcli.perturb.suite import ConditionRenderer, robustness_suite
@@ -43,26 +44,35 @@ def vad_bounds(samples: np.ndarray, sample_rate: int) -> tuple[int, int]:
     )
 
 
-TRIMS: dict[str, Callable[[np.ndarray, int], tuple[int, int]]] = {
-    "energy": speech_bounds,
-    "vad": vad_bounds,
-}
+def _windows(predictor: Predictor, trim: str, samples: np.ndarray) -> np.ndarray:
+    if trim == "bundle":
+        return predictor.prepare(samples)[0]
+    start, stop = vad_bounds(samples, predictor.sample_rate)
+    return make_windows(samples[start:stop], predictor.window, predictor.hop)[0]
+
+
+TRIMS = ("bundle", "vad")
 
 
 def rescore(bundle: str, prepared_dir: str, families: list[str], trims: list[str]) -> list[dict]:
     predictor = Predictor.from_config(bundle)
     prepared = PreparedSet.open(prepared_dir)
     rate = prepared.sample_rate
-    indices = prepared.indices("test")
+    indices = split_indices(predictor, prepared, "test")
     scored = {prepared.rows[i]["speaker"] for i in indices}
     others = [i for i, row in enumerate(prepared.rows) if row["speaker"] not in scored]
     cfg = RobustnessConfig()
-    render = ConditionRenderer(cfg, rate, babble_source(prepared, others))
+    babble = babble_source(prepared, others)
+    render = ConditionRenderer(cfg, rate, babble)
     label_index = {label: i for i, label in enumerate(predictor.labels)}
     truths = np.array([label_index[prepared.rows[i]["label"]] for i in indices])
     rows = []
     for condition in robustness_suite(cfg):
         if families and condition.family not in families:
+            continue
+        reason = skip_reason(condition, rate, babble, "test")
+        if reason is not None:
+            print(f"skipped {reason}", flush=True)
             continue
         clips = [
             render(
@@ -75,10 +85,7 @@ def rescore(bundle: str, prepared_dir: str, families: list[str], trims: list[str
         ]
         row: dict = {"condition": condition.name}
         for name in trims:
-            windows = []
-            for x in clips:
-                start, stop = TRIMS[name](x, rate)
-                windows.append(make_windows(x[start:stop], predictor.window, predictor.hop)[0])
+            windows = [_windows(predictor, name, x) for x in clips]
             probs = predictor.score_batches(windows)
             clip = np.stack(
                 [apply_temperature(p, predictor.temperature).mean(axis=0) for p in probs]
@@ -100,7 +107,7 @@ def main() -> None:
     parser.add_argument("prepared")
     parser.add_argument("out", type=Path)
     parser.add_argument("--families", nargs="*", default=[], help="default: every family")
-    parser.add_argument("--trims", nargs="*", default=list(TRIMS), choices=list(TRIMS))
+    parser.add_argument("--trims", nargs="*", default=list(TRIMS), choices=TRIMS)
     args = parser.parse_args()
     rows = rescore(args.bundle, args.prepared, args.families, args.trims)
     args.out.write_text(json.dumps({"bundle": args.bundle, "rows": rows}, indent=1))

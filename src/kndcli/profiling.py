@@ -308,12 +308,18 @@ def profile_train(
     from kndcli.data.store import PreparedSet
     from kndcli.training.data import PreparedDataModule
     from kndcli.training.module import EmotionClassifier
-    from kndcli.training.train import check_config, resolve_precision, training_labels
+    from kndcli.training.train import (
+        check_config,
+        check_lowpass,
+        resolve_precision,
+        training_labels,
+    )
 
     if steps < 1:
         raise KndError(f"--steps must be at least 1, got {steps}")
     check_config(cfg)
     prepared = PreparedSet.open(cfg.data.prepared)
+    check_lowpass(cfg.train.augment.conditions, prepared)
     labels = training_labels(cfg, prepared)
     torch.manual_seed(cfg.train.seed)
     cuda = torch.cuda.is_available()

@@ -62,15 +62,9 @@ def robustness_report(
     skipped: list[str] = []
     clean: Evaluation | None = None
     for condition in robustness_suite(cfg):
-        if condition.family == "babble" and babble is None:
-            skipped.append(f"{condition.name}: no clips of speakers outside split '{split}'")
-            continue
-        nyquist = prepared.sample_rate / 2
-        if condition.family == "lowpass" and float(condition.level) >= nyquist:
-            skipped.append(
-                f"{condition.name}: the {prepared.sample_rate} Hz clips hold nothing above "
-                f"{nyquist:g} Hz, so it would change nothing"
-            )
+        reason = skip_reason(condition, prepared.sample_rate, babble, split)
+        if reason is not None:
+            skipped.append(reason)
             continue
         if progress is not None:
             progress(condition.name)
@@ -80,6 +74,22 @@ def robustness_report(
         clean = clean or result
         rows.append(_row(condition, result, clean))
     return RobustnessReport(split, cfg.seed, len(indices), rows, skipped)
+
+
+def skip_reason(
+    condition: Condition, sample_rate: int, babble: BabbleSource | None, split: str
+) -> str | None:
+    """Why `condition` cannot be scored on these clips, or None when it can: babble needs
+    other speakers, and a low-pass at or above the Nyquist frequency changes nothing."""
+    if condition.family == "babble" and babble is None:
+        return f"{condition.name}: no clips of speakers outside split '{split}'"
+    nyquist = sample_rate / 2
+    if condition.family == "lowpass" and float(condition.level) >= nyquist:
+        return (
+            f"{condition.name}: the {sample_rate} Hz clips hold nothing above "
+            f"{nyquist:g} Hz, so it would change nothing"
+        )
+    return None
 
 
 def _transform(render: ConditionRenderer, condition: Condition, seed: int):

@@ -76,7 +76,7 @@ def _train(cfg: KndConfig) -> TrainResult | None:
     from kndcli.training.module import EmotionClassifier
 
     prepared = _fitted_set(cfg)
-    _check_lowpass(cfg.train.augment.conditions, prepared)
+    check_lowpass(cfg.train.augment.conditions, prepared)
     labels = training_labels(cfg, prepared)
     run_name = cfg.train.run_name or time.strftime("run-%Y%m%d-%H%M%S")
     # DDP workers re-run this command and read it back (config.ENV_KEYS): same run dir.
@@ -158,7 +158,6 @@ def rebuild_bundle(cfg: KndConfig, epochs: int) -> TrainResult:
 
     started = time.perf_counter()
     prepared = _fitted_set(cfg)
-    _check_lowpass(cfg.train.augment.conditions, prepared)
     labels = training_labels(cfg, prepared)
     run_dir = Path(cfg.train.output_dir) / cfg.train.run_name
     ckpt_dir = cfg.train.checkpoint_dir or str(run_dir / "checkpoints")
@@ -189,7 +188,7 @@ def _fitted_set(cfg: KndConfig) -> PreparedSet:
     return prepared
 
 
-def _check_lowpass(conditions: ConditionsConfig, prepared: PreparedSet) -> None:
+def check_lowpass(conditions: ConditionsConfig, prepared: PreparedSet) -> None:
     """The low-pass range against the rate its clips are degraded at, the prepared set's,
     known only here and checked before the run folder is written."""
     if conditions.enabled and conditions.lowpass_prob > 0:
