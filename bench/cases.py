@@ -162,6 +162,7 @@ def untrained_bundle(
     model: Any = None,
     name: str = "bench-untrained",
     clips: list[Any] | None = None,
+    trim_method: str = "energy",
 ) -> Path:
     """A complete bundle with random weights (ONNX, safetensors, drift reference): the cost
     of a real one without training. The benchmarks use the default model; the tests a
@@ -194,6 +195,7 @@ def untrained_bundle(
         window_seconds=seconds,
         hop_seconds=seconds / 2,
         trim_silence=True,
+        trim_method=trim_method,
         model=cfg,
         encoder=encoder_record(network),
     )

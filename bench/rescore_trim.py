@@ -1,8 +1,9 @@
 """Re-score a trained bundle under the robustness suite with two silence trims.
 
-The bundle's own trim (the Predictor's, `audio.speech_bounds` when the bundle trims) and
-a WebRTC-VAD trim (the timeline's segmenter) are applied to the same rendered clips of a
-prepared set's test split, so the two columns differ by the trim alone. The suite is the
+The bundle's own trim (the Predictor's: the one the bundle was trained with) and the
+WebRTC-VAD trim (`inference.speech.vad_bounds`, what `train.trim_method=vad` trains with)
+are applied to the same rendered clips of a prepared set's test split, so the two columns
+differ by the trim alone. The suite is the
 default `robustness:` section, and conditions the report would skip are skipped the same
 way. docs/quality.md ("Noisy clips keep their silence", 2026-12-07) reports what it
 measured; `--families reverb --trims bundle` re-scores only the reverberant rows, as that
@@ -19,29 +20,15 @@ from pathlib import Path
 
 import numpy as np
 
-from kndcli.config import RobustnessConfig, TimelineConfig
+from kndcli.config import RobustnessConfig
 from kndcli.data.store import PreparedSet
 from kndcli.inference.calibration import apply_temperature, reliability
 from kndcli.inference.evaluate import split_indices
 from kndcli.inference.predictor import Predictor
 from kndcli.inference.robustness import babble_source, skip_reason
-from kndcli.inference.speech import SpeechSegmenter
+from kndcli.inference.speech import vad_bounds
 from kndcli.inference.windowing import make_windows
 from kndcli.perturb.suite import ConditionRenderer, robustness_suite
-
-# The VAD trim: 0.3 s of speech counts, 0.3 s of silence ends a segment, 0.1 s padding.
-VAD = TimelineConfig(vad_mode=2, min_silence_s=0.3, min_speech_s=0.3, pad_s=0.1)
-
-
-def vad_bounds(samples: np.ndarray, sample_rate: int) -> tuple[int, int]:
-    """From the first speech segment's start to the last one's end (the whole clip if none)."""
-    segmenter = SpeechSegmenter(sample_rate, VAD)
-    segments = segmenter.push(samples.astype(np.float32)) + segmenter.finish()
-    if not segments:
-        return 0, len(samples)
-    return max(0, int(segments[0][0] * sample_rate)), min(
-        len(samples), int(segments[-1][1] * sample_rate)
-    )
 
 
 def _windows(predictor: Predictor, trim: str, samples: np.ndarray) -> np.ndarray:

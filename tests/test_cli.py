@@ -127,6 +127,7 @@ def test_the_typos_of_the_issue_are_usage_errors(tiny_bundle, wav_factory):
         (["config", "show", "--set", "train.lr=fast"], "train.lr"),
         (["config", "show", "--set", "train.nope=1"], "train.nope"),
         (["train", "--set", "train.trainer.precision=fp64"], "train.trainer.precision"),
+        (["train", "--set", "train.trim_method=silero"], "train.trim_method"),
         (["serve", "--port", "70000"], "serve.port"),
         (["predict", "--min-confidence", "1.5", "x.wav"], "inference.min_confidence"),
         (["config", "show", "--set", "cloud.memory=2GB"], "cloud.memory"),

@@ -74,6 +74,7 @@ def test_train_writes_a_complete_bundle(trained_run):
     ]
     assert meta["sample_rate"] == 16000 and meta["clip_seconds"] == 1.5
     assert meta["model"]["name"] == "cnn" and meta["model"]["channels"] == 8
+    assert meta["trim_silence"] is True and meta["trim_method"] == "energy"
     assert set(meta["files"]) == {"model.onnx", "weights.safetensors", "reference.parquet"}
     assert meta["onnx"]["parity_max_abs_diff"] < 1e-4
     assert meta["versions"]["torch"].startswith("2.11")

@@ -200,6 +200,7 @@ class AugmentConfig:
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 BACKENDS = ("onnx", "torch")
+TRIM_METHODS = ("energy", "vad")
 
 
 @dataclass
@@ -226,6 +227,10 @@ class TrainConfig:
     num_workers: int = 0
     clip_seconds: float = 3.0
     trim_silence: bool = True
+    # How the silence is found: "energy" keeps what lies within 40 dB of the loudest frame
+    # (which keeps the silence of a noisy clip: noise fills it); "vad" keeps the span of
+    # WebRTC VAD's speech segments. Written to the bundle, so the Predictor trims alike.
+    trim_method: str = "energy"
     lr: float = 1e-3
     weight_decay: float = 1e-3
     label_smoothing: float = 0.1
@@ -765,6 +770,12 @@ def check_config(cfg: KndConfig) -> None:
     """Value checks the types cannot express; each error names its key."""
     _check_trainer(cfg.train.trainer)
     _check_augment(cfg.train.augment)
+    _require(
+        cfg.train.trim_method in TRIM_METHODS,
+        "train.trim_method",
+        cfg.train.trim_method,
+        " or ".join(TRIM_METHODS),
+    )
     inf = cfg.inference
     _require(inf.backend in BACKENDS, "inference.backend", inf.backend, "onnx or torch")
     check_min_confidence(inf.min_confidence)

@@ -14,12 +14,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kndcli.config import TRIM_METHODS
 from kndcli.errors import KndError, UsageError
 
 if TYPE_CHECKING:
     from kndcli.config import ModelConfig, TrainConfig
 
-SCHEMA_VERSION = 1
+# Version 2 marks a bundle that a knd of version 1 must refuse rather than misread: one
+# trimmed by the VAD (`trim_method`), which such a knd would trim by energy, unlike the
+# model learnt. Every other bundle is still written as version 1, which any knd reads.
+SCHEMA_VERSIONS = (1, 2)
 BUNDLE_JSON = "bundle.json"
 ONNX_FILE = "model.onnx"
 # The weights of a graph too large for one protobuf (2 GB: Whisper-large's encoder), beside
@@ -79,6 +83,7 @@ class BundleMeta:
     clip_seconds: float
     model: ModelConfig
     trim_silence: bool
+    trim_method: str = "energy"
     window_seconds: float | None = None
     hop_seconds: float | None = None
     hyperparameters: TrainConfig | None = None
@@ -97,6 +102,7 @@ class BundleMeta:
             "window_seconds": self.window_seconds,
             "hop_seconds": self.hop_seconds,
             "trim_silence": self.trim_silence,
+            "trim_method": self.trim_method,
             "model": asdict(self.model),
             "encoder": self.encoder,
             "hyperparameters": _asdict_or_none(self.hyperparameters),
@@ -138,6 +144,11 @@ class Bundle:
     @property
     def trim_silence(self) -> bool:
         return bool(self.meta.get("trim_silence", False))
+
+    @property
+    def trim_method(self) -> str:
+        """`train.trim_method` of the run; bundles written before it existed trimmed by energy."""
+        return str(self.meta.get("trim_method", "energy"))
 
     @property
     def temperature(self) -> float:
@@ -192,14 +203,21 @@ def load_bundle(root: str | os.PathLike, *, verify: bool = True) -> Bundle:
         meta = json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise BundleError(f"{meta_path}: unreadable bundle.json ({exc})") from None
-    if meta.get("schema_version") != SCHEMA_VERSION:
+    if meta.get("schema_version") not in SCHEMA_VERSIONS:
         raise BundleError(
-            f"{meta_path}: schema_version {meta.get('schema_version')!r} is not "
-            f"{SCHEMA_VERSION}; re-export the bundle with this knd version"
+            f"{meta_path}: schema_version {meta.get('schema_version')!r} is not one this "
+            f"knd reads ({', '.join(map(str, SCHEMA_VERSIONS))}); use the knd version "
+            "that wrote the bundle, or re-export it with this one"
         )
     for key in ("labels", "sample_rate", "clip_seconds", "files"):
         if key not in meta:
             raise BundleError(f"{meta_path}: missing field '{key}'")
+    if meta.get("trim_method", "energy") not in TRIM_METHODS:
+        raise BundleError(
+            f"{meta_path}: trim_method {meta['trim_method']!r} is not "
+            f"{' or '.join(TRIM_METHODS)}, the trims this knd knows; use the knd version "
+            "that wrote the bundle"
+        )
     if verify:
         for name, expected in meta["files"].items():
             path = root / name
@@ -214,9 +232,14 @@ def load_bundle(root: str | os.PathLike, *, verify: bool = True) -> Bundle:
     return Bundle(root=root, meta=meta)
 
 
+def schema_version(meta: dict[str, Any]) -> int:
+    """The lowest version whose readers handle this bundle (`SCHEMA_VERSIONS`)."""
+    return 1 if meta.get("trim_method", "energy") == "energy" else 2
+
+
 def write_bundle_json(root: Path, meta: dict[str, Any], files: list[str]) -> Path:
     """Hash `files` into `meta` and write bundle.json atomically."""
-    meta = {**meta, "schema_version": SCHEMA_VERSION}
+    meta = {**meta, "schema_version": schema_version(meta)}
     meta["files"] = {name: sha256_file(root / name) for name in files}
     tmp = root / (BUNDLE_JSON + ".tmp")
     tmp.write_text(json.dumps(meta, indent=2, sort_keys=False, default=str))

@@ -17,12 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from kndcli.audio import Audio, AudioError, AudioSource, audio_features, decode, speech_bounds
+from kndcli.audio import Audio, AudioError, AudioSource, audio_features, decode
 from kndcli.config import AudioConfig, InferenceConfig, check_min_confidence
 from kndcli.cpus import usable_cpus
 from kndcli.errors import UsageError
 from kndcli.inference.bundle import ONNX_FILE, Bundle, load_bundle
 from kndcli.inference.calibration import apply_temperature
+from kndcli.inference.speech import trim_bounds
 from kndcli.inference.windowing import make_windows
 from kndcli.timing import Stage, time_forward, untimed
 
@@ -206,7 +207,7 @@ class Predictor:
         """Trim as in training, then cut into model windows: (windows, starts, trim offset)."""
         offset = 0
         if self.bundle.trim_silence:
-            offset, stop = speech_bounds(samples, self.sample_rate)
+            offset, stop = trim_bounds(samples, self.sample_rate, self.bundle.trim_method)
             samples = samples[offset:stop]
         windows, starts = make_windows(samples, self.window, self.hop)
         return windows, starts, offset

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from kndcli.audio import speech_bounds
 from kndcli.config import TimelineConfig
 
 VAD_RATES = (8000, 16000, 32000, 48000)
@@ -91,3 +92,32 @@ class SpeechSegmenter:
         end = end_frame * FRAME_S + self.cfg.pad_s
         self.closed_until = end
         return [(begin, end)]
+
+
+# The VAD trim's rules: 0.3 s of speech counts, 0.3 s of non-speech ends a segment, 0.1 s
+# of padding (the energy trim's margin).
+_TRIM_VAD = TimelineConfig(vad_mode=2, min_silence_s=0.3, min_speech_s=0.3, pad_s=0.1)
+
+
+def vad_bounds(samples: np.ndarray, sample_rate: int) -> tuple[int, int]:
+    """From the first speech segment's start to the last one's end (the whole clip if none).
+
+    Unlike the energy trim, this holds under noise: mixed in at 30 dB SNR or lower, the
+    leading and trailing silence of a clip is noise within 40 dB of its peak, which the
+    energy trim keeps (docs/quality.md, "Noisy clips keep their silence").
+    """
+    segmenter = SpeechSegmenter(sample_rate, _TRIM_VAD)
+    segments = segmenter.push(samples.astype(np.float32)) + segmenter.finish()
+    if not segments:
+        return 0, len(samples)
+    start = max(0, int(segments[0][0] * sample_rate))
+    return start, max(start, min(len(samples), int(segments[-1][1] * sample_rate)))
+
+
+def trim_bounds(samples: np.ndarray, sample_rate: int, method: str) -> tuple[int, int]:
+    """The speech span `train.trim_method` keeps: training and the Predictor both call it."""
+    if method == "vad":
+        return vad_bounds(samples, sample_rate)
+    if method == "energy":
+        return speech_bounds(samples, sample_rate)
+    raise ValueError(f"unknown trim method {method!r}: energy or vad")

@@ -72,6 +72,7 @@ def build_bundle(
         window_seconds=clip,
         hop_seconds=clip / 2,
         trim_silence=cfg.train.trim_silence,
+        trim_method=cfg.train.trim_method,
         model=cfg.model,
         encoder=encoder_record(model),
         hyperparameters=cfg.train,

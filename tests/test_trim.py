@@ -1,0 +1,154 @@
+"""The silence trim under noise: the WebRTC-VAD trim (`train.trim_method=vad`) finds the
+speech of a noisy clip where the energy trim keeps it whole, and a run trained with it
+trims with it in the Predictor (docs/quality.md, "Noisy clips keep their silence")."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from tests.conftest import ravdess_clips, tone
+from tests.test_training import _noisy_datamodule
+
+from kndcli.audio import decode, speech_bounds
+from kndcli.config import AudioConfig
+from kndcli.data.store import PreparedSet
+from kndcli.inference.bundle import BundleError, load_bundle
+from kndcli.inference.predictor import Predictor
+from kndcli.inference.speech import vad_bounds
+from kndcli.inference.windowing import center_fit
+from kndcli.perturb.noise import colored_noise, mix_at_snr
+
+RATE = 16000
+
+
+def overlap_over_union(a: tuple[int, int], b: tuple[int, int]) -> float:
+    inter = max(0, min(a[1], b[1]) - max(a[0], b[0]))
+    return inter / (max(a[1], b[1]) - min(a[0], b[0]))
+
+
+def noisy(x: np.ndarray, snr: float, seed: int) -> np.ndarray:
+    return mix_at_snr(x, colored_noise(len(x), "white", np.random.default_rng(seed)), snr)
+
+
+def test_the_vad_trim_finds_the_speech_that_noise_hides_from_the_energy_trim(ravdess_root):
+    """Six real clips with white noise at 20 and 10 dB SNR; the clean clip's energy trim
+    is the speech span to find."""
+    overlaps = []
+    for k, path in enumerate(ravdess_clips(ravdess_root, [2])[::10]):
+        clean = decode(path, audio=AudioConfig(), sample_rate=RATE).samples
+        speech = speech_bounds(clean, RATE)
+        assert speech[1] - speech[0] < 0.8 * len(clean)  # a second of silence around it
+        for snr in (20.0, 10.0):
+            x = noisy(clean, snr, seed=k)
+            assert speech_bounds(x, RATE) == (0, len(x)), path.name  # noise fills the silence
+            start, stop = vad_bounds(x, RATE)
+            assert stop - start < 0.8 * len(x), (path.name, snr)
+            overlaps.append(overlap_over_union(speech, (start, stop)))
+    assert min(overlaps) > 0.6 and np.mean(overlaps) > 0.75, overlaps
+
+
+def test_vad_bounds_are_in_the_clip_s_own_samples_at_any_rate(ravdess_root):
+    """At 22.05 kHz (resampled for the VAD, which takes 8/16/32/48 kHz) the span is the
+    one found at 16 kHz, within a VAD frame, in 22.05 kHz samples."""
+    path = ravdess_clips(ravdess_root, [2])[0]
+    spans = {}
+    for rate in (16000, 22050):
+        x = noisy(decode(path, audio=AudioConfig(), sample_rate=rate).samples, 10.0, seed=1)
+        spans[rate] = np.array(vad_bounds(x, rate)) / rate
+    assert spans[16000][0] > 0.5
+    np.testing.assert_allclose(spans[22050], spans[16000], atol=0.035)
+
+
+def test_vad_bounds_keeps_a_clip_without_speech_whole():
+    silence = np.zeros(RATE, np.float32)
+    assert vad_bounds(silence, RATE) == (0, RATE)
+
+
+def test_training_cuts_each_rendered_copy_at_its_vad_span_found_once(synth_prepared):
+    """Trim on, one rendered copy at 0 dB SNR, no speed or gain: a training item is the
+    centre of that copy's VAD span, and the span is looked up, not found again, in the
+    next epoch."""
+    module, prepared = _noisy_datamodule(
+        synth_prepared,
+        "train.trim_silence=true",
+        "train.trim_method=vad",
+        "train.augment.random_crop=false",
+        "train.augment.conditions.variants=1",
+    )
+    dataset = module.dataset("train")
+    index = dataset.indices[0]
+    copy = module.rendered.copies[index][0].astype(np.float32)
+    start, stop = vad_bounds(copy, prepared.sample_rate)
+    assert stop - start < 0.8 * len(copy)  # the trim cut something
+    expected = center_fit(copy[start:stop], dataset.length)
+    np.testing.assert_array_equal(dataset[0][0].numpy(), expected)
+    assert module.spans.spans[(index, 0)] == (start, stop)
+
+    module.spans.spans[(index, 0)] = (0, len(copy))  # a looked-up span is used as is
+    later = module.dataset("train")
+    later.epoch = 1
+    np.testing.assert_array_equal(later[0][0].numpy(), center_fit(copy, dataset.length))
+
+
+def test_the_predictor_trims_as_its_bundle_says(synth_prepared, tiny_bundle, tmp_path):
+    """A bundle trained with the VAD trim is written as schema version 2 (a knd that
+    knows only the energy trim refuses it) and its Predictor cuts a noisy clip at the
+    speech; a bundle from before `trim_method` existed trims by energy, which keeps it."""
+    from bench.cases import untrained_bundle
+
+    from kndcli.config import ModelConfig
+
+    prepared = PreparedSet.open(synth_prepared)
+    x = noisy(prepared.waveform(prepared.indices("test")[0]), 10.0, seed=0)
+    rng = np.random.default_rng(0)
+    window = [tone(2.0, freq=f) + 0.01 * rng.standard_normal(2 * RATE) for f in (150, 250)] * 2
+    vad = untrained_bundle(
+        tmp_path / "vad", model=ModelConfig(channels=8), clips=window, trim_method="vad"
+    )
+    meta = json.loads((vad / "bundle.json").read_text())
+    assert (meta["schema_version"], meta["trim_method"]) == (2, "vad")
+    start = vad_bounds(x, RATE)[0]
+    assert start > 0.2 * RATE
+    assert Predictor(load_bundle(vad)).prepare(x)[2] == start
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_bundle, old)
+    meta = json.loads((old / "bundle.json").read_text())
+    assert meta["schema_version"] == 1
+    del meta["trim_method"]
+    (old / "bundle.json").write_text(json.dumps(meta))
+    assert Predictor(load_bundle(old)).prepare(x)[2] == speech_bounds(x, RATE)[0] == 0
+
+
+def test_the_energy_trim_cuts_the_sped_copy_as_before(synth_prepared):
+    """The default trim is found on the sped-up copy, the cut earlier runs trained on."""
+    module, prepared = _noisy_datamodule(
+        synth_prepared,
+        "train.trim_silence=true",
+        "train.augment.speeds=[1.1]",
+        "train.augment.random_crop=false",
+        "train.augment.conditions.variants=1",
+    )
+    dataset = module.dataset("train")
+    copy = module.rendered.copies[dataset.indices[0]][0].astype(np.float32)
+    sped = np.interp(np.arange(0, len(copy) - 1, 1.1), np.arange(len(copy)), copy)
+    start, stop = speech_bounds(sped.astype(np.float32), prepared.sample_rate)
+    expected = center_fit(sped[start:stop].astype(np.float32), dataset.length)
+    np.testing.assert_array_equal(dataset[0][0].numpy(), expected)
+    assert not module.spans.spans  # nothing looked up
+
+
+def test_a_bundle_with_an_unknown_trim_method_is_refused(tiny_bundle, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_bundle, copy)
+    meta_path = copy / "bundle.json"
+    meta = json.loads(meta_path.read_text())
+    meta["trim_method"] = "silero"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(
+        BundleError, match=r"bundle.json: trim_method 'silero' is not energy or vad"
+    ):
+        load_bundle(copy)
