@@ -207,7 +207,7 @@ def load_bundle(root: str | os.PathLike, *, verify: bool = True) -> Bundle:
         raise BundleError(
             f"{meta_path}: schema_version {meta.get('schema_version')!r} is not one this "
             f"knd reads ({', '.join(map(str, SCHEMA_VERSIONS))}); use the knd version "
-            "that wrote the bundle, or re-export it with this one"
+            "that wrote the bundle"
         )
     for key in ("labels", "sample_rate", "clip_seconds", "files"):
         if key not in meta:

@@ -124,7 +124,7 @@ class TrimSpans:
     The VAD trim costs about 2 ms per 16 kHz clip, 1.5 s of each epoch on RAVDESS's 720
     training clips (a tenth of the epoch on two cores) if found afresh, so training looks
     each rendered copy's span up (`per_copy`), filled before the first epoch
-    (`fill`), so loader workers inherit it. The energy trim costs a tenth of that and is
+    (`fill`), so loader workers inherit it. The energy trim costs a fraction of that and is
     found on the sped clip, as it always was. Keys are (clip index, copy number or CLEAN).
     """
 
