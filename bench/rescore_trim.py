@@ -3,11 +3,10 @@
 The bundle's own trim (the Predictor's: the one the bundle was trained with) and the
 WebRTC-VAD trim (`inference.speech.vad_bounds`, what `train.trim_method=vad` trains with)
 are applied to the same rendered clips of a prepared set's test split, so the two columns
-differ by the trim alone. The suite is the
-default `robustness:` section, and conditions the report would skip are skipped the same
-way. docs/quality.md ("Noisy clips keep their silence", 2026-12-07) reports what it
-measured; `--families reverb --trims bundle` re-scores only the reverberant rows, as that
-section's room comparison did.
+differ by the trim alone. The suite is the default `robustness:` section, and conditions
+the report would skip are skipped the same way. docs/quality.md ("Noisy clips keep their
+silence", 2026-12-07) reports what it measured; `--families reverb --trims bundle`
+re-scores only the reverberant rows, as that section's room comparison did.
 
     uv run python -m bench.rescore_trim RUN_DIR PREPARED_DIR OUT.json [--families ...]
 """
@@ -22,11 +21,11 @@ import numpy as np
 
 from kndcli.config import RobustnessConfig
 from kndcli.data.store import PreparedSet
-from kndcli.inference.calibration import apply_temperature, reliability
+from kndcli.inference.calibration import clip_probabilities, reliability
 from kndcli.inference.evaluate import split_indices
 from kndcli.inference.predictor import Predictor
 from kndcli.inference.robustness import babble_source, skip_reason
-from kndcli.inference.speech import vad_bounds
+from kndcli.inference.speech import trim_bounds
 from kndcli.inference.windowing import make_windows
 from kndcli.perturb.suite import ConditionRenderer, robustness_suite
 
@@ -34,7 +33,7 @@ from kndcli.perturb.suite import ConditionRenderer, robustness_suite
 def _windows(predictor: Predictor, trim: str, samples: np.ndarray) -> np.ndarray:
     if trim == "bundle":
         return predictor.prepare(samples)[0]
-    start, stop = vad_bounds(samples, predictor.sample_rate)
+    start, stop = trim_bounds(samples, predictor.sample_rate, "vad")
     return make_windows(samples[start:stop], predictor.window, predictor.hop)[0]
 
 
@@ -74,9 +73,7 @@ def rescore(bundle: str, prepared_dir: str, families: list[str], trims: list[str
         for name in trims:
             windows = [_windows(predictor, name, x) for x in clips]
             probs = predictor.score_batches(windows)
-            clip = np.stack(
-                [apply_temperature(p, predictor.temperature).mean(axis=0) for p in probs]
-            )
+            clip = clip_probabilities(probs, predictor.temperature)
             correct = clip.argmax(axis=1) == truths
             row[name] = {
                 "accuracy": float(correct.mean()),

@@ -147,8 +147,7 @@ class Bundle:
 
     @property
     def trim_method(self) -> str:
-        """`train.trim_method` of the run; bundles written before it existed trimmed by energy."""
-        return str(self.meta.get("trim_method", "energy"))
+        return trim_method_of(self.meta)
 
     @property
     def temperature(self) -> float:
@@ -212,7 +211,7 @@ def load_bundle(root: str | os.PathLike, *, verify: bool = True) -> Bundle:
     for key in ("labels", "sample_rate", "clip_seconds", "files"):
         if key not in meta:
             raise BundleError(f"{meta_path}: missing field '{key}'")
-    if meta.get("trim_method", "energy") not in TRIM_METHODS:
+    if trim_method_of(meta) not in TRIM_METHODS:
         raise BundleError(
             f"{meta_path}: trim_method {meta['trim_method']!r} is not "
             f"{' or '.join(TRIM_METHODS)}, the trims this knd knows; use the knd version "
@@ -232,9 +231,14 @@ def load_bundle(root: str | os.PathLike, *, verify: bool = True) -> Bundle:
     return Bundle(root=root, meta=meta)
 
 
+def trim_method_of(meta: dict[str, Any]) -> str:
+    """`train.trim_method` of the run; bundles written before it existed trimmed by energy."""
+    return str(meta.get("trim_method", "energy"))
+
+
 def schema_version(meta: dict[str, Any]) -> int:
     """The lowest version whose readers handle this bundle (`SCHEMA_VERSIONS`)."""
-    return 1 if meta.get("trim_method", "energy") == "energy" else 2
+    return 1 if trim_method_of(meta) == "energy" else 2
 
 
 def write_bundle_json(root: Path, meta: dict[str, Any], files: list[str]) -> Path:
