@@ -15,7 +15,7 @@ from tests.test_training import _noisy_datamodule
 from kndcli.audio import decode, speech_bounds
 from kndcli.config import AudioConfig
 from kndcli.data.store import PreparedSet
-from kndcli.inference.bundle import BundleError, load_bundle
+from kndcli.inference.bundle import BundleError, load_bundle, schema_version
 from kndcli.inference.predictor import Predictor
 from kndcli.inference.speech import vad_bounds
 from kndcli.inference.windowing import center_fit
@@ -176,3 +176,11 @@ def test_a_bundle_of_a_later_schema_is_refused(tiny_bundle, tmp_path):
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(BundleError, match=r"schema_version 3 is not one this knd reads \(1, 2\)"):
         load_bundle(copy)
+
+
+def test_only_a_bundle_that_trims_by_the_vad_needs_version_2():
+    """A VAD run with `train.trim_silence: false` trims nothing, so a knd that knows only
+    schema version 1 reads its bundle correctly and must not be refused it."""
+    assert schema_version({"trim_silence": True, "trim_method": "vad"}) == 2
+    assert schema_version({"trim_silence": False, "trim_method": "vad"}) == 1
+    assert schema_version({"trim_silence": True}) == 1

@@ -237,8 +237,10 @@ def trim_method_of(meta: dict[str, Any]) -> str:
 
 
 def schema_version(meta: dict[str, Any]) -> int:
-    """The lowest version whose readers handle this bundle (`SCHEMA_VERSIONS`)."""
-    return 1 if trim_method_of(meta) == "energy" else 2
+    """The lowest version whose readers handle this bundle (`SCHEMA_VERSIONS`): 2 only for
+    a bundle that trims by the VAD, since a version-1 reader would trim it by energy."""
+    vad = meta.get("trim_silence", False) and trim_method_of(meta) == "vad"
+    return 2 if vad else 1
 
 
 def write_bundle_json(root: Path, meta: dict[str, Any], files: list[str]) -> Path:
