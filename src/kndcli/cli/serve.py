@@ -38,7 +38,8 @@ def serve(
     sets: opt.Sets = None,
     print_config: opt.PrintConfig = False,
 ) -> None:
-    """Serve a bundle over HTTP: /predict, /predict/batch, /health, /ready, /metrics, /docs."""
+    """Serve a bundle over HTTP: /predict, /predict/batch, /stream (WebSocket), /health,
+    /ready, /metrics, /docs."""
     from kndcli.inference.bundle import load_bundle, resolve_model
     from kndcli.serving.app import run_server
     from kndcli.serving.settings import ServeSettings
