@@ -20,6 +20,7 @@ from kndcli.inference.predictor import Predictor
 from kndcli.inference.speech import vad_bounds
 from kndcli.inference.windowing import center_fit
 from kndcli.perturb.noise import colored_noise, mix_at_snr
+from kndcli.training.data import _stretch
 
 RATE = 16000
 
@@ -139,16 +140,12 @@ def test_the_energy_trim_cuts_the_sped_copy_as_before(synth_prepared):
     )
     dataset = module.dataset("train")
     copy = module.rendered.copies[dataset.indices[0]][0].astype(np.float32)
-
-    def sped(x: np.ndarray) -> np.ndarray:
-        return np.interp(np.arange(0, len(x) - 1, 1.1), np.arange(len(x)), x).astype(np.float32)
-
-    fast = sped(copy)
+    fast = _stretch(copy, 1.1)
     start, stop = speech_bounds(fast, prepared.sample_rate)
     assert stop - start < 0.8 * len(fast)  # the trim cut the silence
     expected = center_fit(fast[start:stop], dataset.length)
     start, stop = speech_bounds(copy, prepared.sample_rate)
-    trimmed_first = center_fit(sped(copy[start:stop]), dataset.length)
+    trimmed_first = center_fit(_stretch(copy[start:stop], 1.1), dataset.length)
     assert not np.array_equal(expected, trimmed_first)
     np.testing.assert_array_equal(dataset[0][0].numpy(), expected)
     assert not module.spans.spans  # nothing looked up
