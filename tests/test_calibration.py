@@ -141,3 +141,56 @@ def test_bundle_without_calibration_is_uncalibrated(tiny_bundle):
     meta = json.loads((tiny_bundle / BUNDLE_JSON).read_text())
     assert "calibration" not in meta
     assert load_bundle(tiny_bundle).temperature == 1.0
+
+
+def test_a_clip_shorter_than_a_window_has_its_window_end_with_it(tiny_bundle, wav_factory):
+    clip = wav_factory("short.wav", seconds=1.2, freq=200)
+    predictor = Predictor.from_config(tiny_bundle)
+    assert predictor.window / predictor.sample_rate > 1.2
+    result = next(predictor.predict_paths([clip], timeline=True))
+    assert len(result.windows) == 1
+    assert result.windows[0]["end"] == pytest.approx(1.2, abs=0.01)
+
+
+def test_a_saved_evaluation_prints_the_calibrated_ece_it_recorded(capsys):
+    """`knd demo` prints its figures from test_metrics.json, which keeps no per-clip
+    results: the ECE a calibrated model would measure must come from the file."""
+    from kndcli.cli.train import print_evaluation
+    from kndcli.inference.evaluate import Evaluation
+    from kndcli.inference.predictor import Prediction
+
+    rng = np.random.default_rng(4)
+    labels = ["angry", "calm"]
+    truths = [labels[i] for i in rng.integers(0, 2, 200)]
+    predictions = [
+        Prediction(
+            source=f"{i}.wav",
+            label="angry",
+            confidence=c,
+            probabilities={"angry": c, "calm": 1 - c},
+        )
+        for i, c in enumerate(rng.uniform(0.5, 1.0, 200))
+    ]
+    result = Evaluation(
+        split="test",
+        labels=labels,
+        n_clips=200,
+        accuracy=0.5,
+        macro_f1=0.4,
+        uar=0.5,
+        per_class={},
+        per_speaker={},
+        confusion=[[0, 0], [0, 0]],
+        ece=0.25,
+        min_confidence=0.8,
+        predictions=predictions,
+        truths=truths,
+    )
+    summary = result.summary()
+    floor = summary["calibration"]["ece_if_calibrated"]
+    coverage = summary["selective"]["coverage"]
+    assert floor > 0.01 and 0 < coverage < 1
+    print_evaluation(json.loads(json.dumps(summary)))
+    out = capsys.readouterr().out
+    assert f"would measure about {floor:.1%}" in out
+    assert f"answers {coverage:.0%} of clips" in out

@@ -90,4 +90,6 @@ def test_demo_command_as_a_newcomer_runs_it(tmp_path):
     bundle = tmp_path / "knd-demo" / "models" / "demo"
     metrics = json.loads((bundle / "eval" / "test_metrics.json").read_text())
     assert metrics["accuracy"] > 0.3  # well above the 12.5 % of chance on a held-out speaker
+    calibrated = metrics["calibration"]["ece_if_calibrated"]
+    assert calibrated > 0 and f"would measure about {calibrated:.1%}" in proc.stdout
     assert Path(bundle / "model.onnx").is_file()

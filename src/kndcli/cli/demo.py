@@ -23,13 +23,11 @@ def demo(
     """Synthesize, prepare, train, evaluate and predict, offline, in minutes on a CPU."""
     from kndcli.cli.train import print_evaluation
     from kndcli.demo import run_demo
-    from kndcli.inference.evaluate import Evaluation
 
     con = console()
     started = time.perf_counter()
     result = run_demo(out, actors=actors, seed=seed, overrides=sets, say=con.print)
-    m = result.metrics
-    print_evaluation(Evaluation.from_summary(m))
+    print_evaluation(result.metrics)
     p = result.prediction
     top = sorted(p["probabilities"].items(), key=lambda kv: -kv[1])[:3]
     con.print(

@@ -75,8 +75,9 @@ def evaluate(
         bool,
         typer.Option(
             "--robustness",
-            help="Also score the split under every condition of the robustness: config "
-            "section (noise, babble, rooms, telephone, codecs, low-pass, clipping).",
+            help="Score the split under every condition of the robustness: config section "
+            "(noise, babble, rooms, telephone, codecs, low-pass, clipping) instead of the "
+            "per-class report: writes robustness.json and robustness.png.",
         ),
     ] = False,
     out: Annotated[
@@ -106,10 +107,11 @@ def evaluate(
         return
     result = evaluate_predictor(predictor, data, split)
     written = save_evaluation(result, out_dir)
+    summary = result.summary()
     if json_out:
-        typer.echo(json.dumps(result.summary()))
+        typer.echo(json.dumps(summary))
         return
-    print_evaluation(result)
+    print_evaluation(summary)
     console().print("wrote " + ", ".join(str(p) for p in written))
 
 
@@ -181,25 +183,32 @@ def print_robustness(report) -> None:
         console().print(f"skipped {note}")
 
 
-def print_evaluation(result) -> None:
-    """A rich table per class and per speaker, with the headline figures above."""
+def print_evaluation(summary: dict) -> None:
+    """A rich table per class and per speaker, with the headline figures above.
+
+    Takes the summary (`Evaluation.summary()`, or a saved `<split>_metrics.json`) rather
+    than the Evaluation, so figures that need the per-clip results, such as the ECE a
+    calibrated model would measure, print the same from a file as from a fresh run.
+    """
     from rich.table import Table
 
     con = console()
+    calibration = summary["calibration"]
     con.print(
-        f"[bold]{result.split}[/]: {result.n_clips} clips  accuracy {result.accuracy:.1%}  "
-        f"macro-F1 {result.macro_f1:.1%}  UAR {result.uar:.1%}  ECE {result.ece:.1%} "
-        f"(temperature {result.temperature:.2f}; a calibrated model would measure about "
-        f"{result.reliability().calibrated_ece():.1%} on this many clips)"
+        f"[bold]{summary['split']}[/]: {summary['n_clips']} clips  "
+        f"accuracy {summary['accuracy']:.1%}  macro-F1 {summary['macro_f1']:.1%}  "
+        f"UAR {summary['uar']:.1%}  ECE {summary['ece']:.1%} "
+        f"(temperature {calibration['temperature']:.2f}; a calibrated model would measure "
+        f"about {calibration['ece_if_calibrated']:.1%} on this many clips)"
     )
-    if result.min_confidence > 0:
-        chosen = result.summary()["selective"]
+    chosen = summary["selective"]
+    if chosen["threshold"] > 0:
         con.print(
-            f"min_confidence {result.min_confidence:.2f}: answers {chosen['coverage']:.0%} of "
+            f"min_confidence {chosen['threshold']:.2f}: answers {chosen['coverage']:.0%} of "
             f"clips, {chosen['accuracy']:.1%} of them right; the rest are 'uncertain'"
         )
     table = Table("class", "precision", "recall", "F1", "support")
-    for label, m in result.per_class.items():
+    for label, m in summary["per_class"].items():
         table.add_row(
             label,
             f"{m['precision']:.2f}",
@@ -209,6 +218,6 @@ def print_evaluation(result) -> None:
         )
     con.print(table)
     speakers = Table("speaker", "accuracy")
-    for speaker, acc in result.per_speaker.items():
+    for speaker, acc in summary["per_speaker"].items():
         speakers.add_row(speaker, f"{acc:.1%}")
     con.print(speakers)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +34,6 @@ class Evaluation:
     min_confidence: float = 0.0
     predictions: list[Prediction] = field(default_factory=list, repr=False)
     truths: list[str] = field(default_factory=list, repr=False)
-
-    @classmethod
-    def from_summary(cls, summary: dict[str, Any]) -> Evaluation:
-        """The headline figures back from a `<split>_metrics.json` (no per-clip results)."""
-        names = {f.name for f in fields(cls)} - {"predictions", "truths"}
-        known = {k: v for k, v in summary.items() if k in names}
-        known["temperature"] = (summary.get("calibration") or {}).get("temperature", 1.0)
-        known["min_confidence"] = (summary.get("selective") or {}).get("threshold", 0.0)
-        return cls(**known)
 
     @property
     def confidences(self) -> list[float]:

@@ -266,7 +266,11 @@ class Predictor:
             windows = [
                 {
                     "start": round((offset + s) / self.sample_rate, 3),
-                    "end": round((offset + s + self.window) / self.sample_rate, 3),
+                    # A clip shorter than a window is repeated to fill it; the window
+                    # still ends where the clip does.
+                    "end": round(
+                        min((offset + s + self.window) / self.sample_rate, audio.duration), 3
+                    ),
                     "label": self.answer(p),
                     "confidence": round(float(p.max()), 6),
                 }
