@@ -148,9 +148,11 @@ class ConditionsConfig:
     """Multi-condition training: what real recordings do to speech, drawn per clip.
 
     Each degradation is applied to a clip with its probability, independently of the
-    others, in the order a recording meets them (room, noise, channel, codec), with its
-    parameters drawn uniformly from the [low, high] ranges. `enabled: false` trains on
-    clean audio only.
+    others, in the order a recording meets them (room, noise, channel, clipping, codec),
+    with its parameters drawn uniformly from the [low, high] ranges. The two channels
+    exclude each other: the low-pass is drawn only for clips that did not go through the
+    telephone, which is band-limited already, so its share of all clips is
+    (1 - telephone_prob) x lowpass_prob. `enabled: false` trains on clean audio only.
     """
 
     enabled: bool = True

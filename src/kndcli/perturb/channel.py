@@ -21,15 +21,17 @@ def band_limit(
     high_hz: float | None = None,
     transition_hz: float = 100.0,
 ) -> np.ndarray:
-    """Zero-phase band-pass: unity inside [low, high], raised-cosine edges, zero outside.
+    """Zero-phase band-pass: unity inside the band, zero outside, with raised-cosine
+    edges `transition_hz` wide centred on `low_hz` and `high_hz` (half amplitude there).
 
     Done on the clip's spectrum (numpy only): exact band edges, no phase distortion and
-    no filter design to get wrong.
+    no filter design to get wrong. The clip is zero-padded by several lengths of the
+    filter's impulse response, so the end of the clip does not wrap onto its start.
     """
     n = len(samples)
     if n == 0:
         return samples.astype(np.float32, copy=True)
-    size = fft_size(n)
+    size = fft_size(n + 8 * int(np.ceil(sample_rate / transition_hz)))
     spectrum = np.fft.rfft(np.asarray(samples, np.float64), size)
     freqs = np.fft.rfftfreq(size, 1 / sample_rate)
     gain = np.ones_like(freqs)

@@ -16,6 +16,10 @@ _FORMATS = {
     "opus": ("OGG", "OPUS"),
 }
 _OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
+# LAME's encoder delay (576 samples) plus the MP3 decoder's (529). libsndfile's decoder
+# removes them itself only when the stream carries LAME's gapless header (then the decoded
+# stream is exactly as long as the input); otherwise the sound starts this much late.
+_MP3_DELAY = 1105
 
 
 def codec_roundtrip(
@@ -23,8 +27,9 @@ def codec_roundtrip(
 ) -> tuple[np.ndarray, float]:
     """Samples after encoding at about `kbps` and decoding, and the bitrate achieved.
 
-    The decoded stream is trimmed or padded back to the input's length (MP3 adds encoder
-    delay and padding); Opus, which only runs at a few rates, is resampled around.
+    The decoded stream is aligned with the input (MP3's encoder and decoder delay is cut
+    from its start) and trimmed or padded back to the input's length; Opus, which only
+    runs at a few rates, is resampled around.
     """
     import soundfile as sf
     import soxr
@@ -47,6 +52,8 @@ def codec_roundtrip(
     decoded, _ = sf.read(buffer, dtype="float32")
     if decoded.ndim > 1:
         decoded = decoded.mean(axis=1)
+    if codec == "mp3" and len(decoded) > len(x):
+        decoded = decoded[min(_MP3_DELAY, len(decoded) - len(x)) :]
     if rate != sample_rate:
         decoded = soxr.resample(decoded, rate, sample_rate)
     n = len(samples)

@@ -10,7 +10,13 @@ from kndcli.config import ConditionsConfig
 from kndcli.errors import ConfigError
 from kndcli.perturb.channel import TELEPHONE_LAWS, clip_peaks, lowpass, telephone
 from kndcli.perturb.codec import CODECS, codec_roundtrip
-from kndcli.perturb.noise import NOISE_COLORS, BabbleSource, colored_noise, mix_at_snr
+from kndcli.perturb.noise import (
+    NOISE_COLORS,
+    BabbleSource,
+    colored_noise,
+    fft_size,
+    mix_at_snr,
+)
 from kndcli.perturb.room import RT60_RANGE_S, RoomBank, reverberate
 
 NOISE_TYPES = (*NOISE_COLORS, "babble")
@@ -51,10 +57,12 @@ class MultiCondition:
         self.noise_types = [t for t in cfg.noise_types if t != "babble" or babble is not None]
         self._rooms = rooms
         # Segments of a fixed stretch of each colour: shaping noise per clip cost more CPU
-        # than the training step it feeds.
+        # than the training step it feeds. The stretch is one whole FFT frame, so the
+        # shaped noise is periodic and a segment that wraps around its end has no step.
         bank_rng = np.random.default_rng(0)
+        bank_size = fft_size(_NOISE_BANK_S * sample_rate)
         self._noise = {
-            color: colored_noise(_NOISE_BANK_S * sample_rate, color, bank_rng)
+            color: colored_noise(bank_size, color, bank_rng)
             for color in NOISE_COLORS
             if color in self.noise_types
         }
@@ -87,7 +95,7 @@ class MultiCondition:
         snr = np.inf
         if not cfg.enabled:
             return x, snr
-        if cfg.reverb_prob > 0 and rng.random() < cfg.reverb_prob and cfg.rooms > 0:
+        if cfg.reverb_prob > 0 and rng.random() < cfg.reverb_prob:
             x = reverberate(x, self.rooms.draw(rng).samples)
         if cfg.noise_prob > 0 and self.noise_types and rng.random() < cfg.noise_prob:
             kind = self.noise_types[int(rng.integers(len(self.noise_types)))]
@@ -168,6 +176,8 @@ def check_conditions(cfg: ConditionsConfig, key: str = "train.augment.conditions
         )
     if cfg.rooms < 0:
         raise ConfigError(f"key '{key}.rooms': a number of rooms >= 0, got {cfg.rooms}")
+    if cfg.reverb_prob > 0 and cfg.rooms == 0:
+        raise ConfigError(f"key '{key}.rooms': 0 while reverb_prob is {cfg.reverb_prob}")
     if not 0 <= cfg.variants <= MAX_VARIANTS:
         raise ConfigError(
             f"key '{key}.variants': a number of rendered copies in [0, {MAX_VARIANTS}] "
