@@ -919,6 +919,21 @@ def test_each_member_leaves_out_its_own_speakers(caplog):
     assert "train.cross_fit_speakers=2" in caplog.text and "at least 8" in caplog.text
 
 
+def test_a_single_model_leaves_speakers_out_only_without_a_validation_split(caplog):
+    """No other member learns a single model's left-out speakers: they are lost to it, so
+    it calibrates on the val split when there is one, and names them when there is not."""
+    from kndcli.training.data import member_holdouts
+
+    speakers = [f"{i:02d}" for i in range(1, 13)]
+    assert member_holdouts(speakers, members=1, per_member=2, seed=42, has_val=True) == [[]]
+    assert caplog.text == ""
+    (held,) = member_holdouts(speakers, members=1, per_member=2, seed=42, has_val=False)
+    assert len(held) == 2
+    assert f"speakers {', '.join(held)} are left out of training" in caplog.text
+    # Two members learn every speaker between them, validation split or not.
+    assert all(member_holdouts(speakers, members=2, per_member=2, seed=42, has_val=True))
+
+
 @pytest.mark.parametrize("mixup", [False, True])
 def test_a_left_out_speakers_labels_never_reach_its_member(mixup):
     import torch

@@ -255,9 +255,13 @@ class TrainConfig:
     # Cross-fitted calibration: each ensemble member leaves this many training speakers
     # out of its loss (a different set per member), and the temperature is fitted on
     # every member's own left-out speakers. Calibration then needs no validation split,
-    # and every training speaker is learnt by some member (+3.3 points in speaker
-    # cross-validation, docs/quality.md). 0, or a train split with fewer than
-    # members x this + 2 speakers: fit on the val split instead.
+    # and with two or more members every training speaker is learnt by some member (+3.3
+    # points in speaker cross-validation, docs/quality.md). 0, or a train split with fewer
+    # than members x this + 2 speakers: fit on the val split instead. A single model
+    # (model.ensemble=1) fits on the val split when there is one, and otherwise leaves
+    # these speakers unlearnt, with a warning naming them. Members that share trainable
+    # parameters (an SSL encoder in partial or full mode, or model.compression=pcen) each
+    # still hear their left-out speakers' labels through the others' losses.
     cross_fit_speakers: int = 2
     # Where else the bundle goes (a gs:// URL) and where checkpoints live; Vertex AI sets
     # them through AIP_MODEL_DIR and AIP_CHECKPOINT_DIR (ENV_KEYS). Empty: the run directory.

@@ -241,7 +241,7 @@ def train_speakers(prepared: PreparedSet) -> list[str]:
 
 
 def member_holdouts(
-    speakers: list[str], members: int, per_member: int, seed: int
+    speakers: list[str], members: int, per_member: int, seed: int, has_val: bool = False
 ) -> list[list[str]]:
     """Disjoint sets of `per_member` training speakers, one per ensemble member, drawn by
     seed: member m learns from every speaker but its own set, on which the temperature is
@@ -250,9 +250,12 @@ def member_holdouts(
     Empty sets when cross-fitting is off, or when the train split is too small for it
     (fewer than two speakers would be learnt by every member): then calibration falls back
     to the validation split, with a warning, so the default still trains on small sets.
+    A single model has no other member to learn its left-out speakers: with a validation
+    split to calibrate on it leaves nobody out; without one it still does (calibration
+    needs unseen speakers), and says which speakers it does not learn.
     """
     none: list[list[str]] = [[] for _ in range(members)]
-    if per_member <= 0:
+    if per_member <= 0 or (members == 1 and has_val):
         return none
     need = members * per_member + 2
     if len(speakers) < need:
@@ -268,7 +271,16 @@ def member_holdouts(
         )
         return none
     order = np.random.default_rng((seed, 0xC0F1)).permutation(sorted(speakers))
-    return [sorted(order[m * per_member : (m + 1) * per_member].tolist()) for m in range(members)]
+    held = [sorted(order[m * per_member : (m + 1) * per_member].tolist()) for m in range(members)]
+    if members == 1:
+        log.warning(
+            "train.cross_fit_speakers=%d with one model and no validation split: speakers %s "
+            "are left out of training to fit the temperature on; keep a validation split, or "
+            "set train.cross_fit_speakers=0 to learn from them uncalibrated",
+            per_member,
+            ", ".join(held[0]),
+        )
+    return held
 
 
 def training_conditions(prepared: PreparedSet, cfg: TrainConfig) -> MultiCondition | None:

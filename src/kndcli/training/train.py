@@ -92,7 +92,7 @@ def _train(cfg: KndConfig) -> TrainResult | None:
 
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
     datamodule = PreparedDataModule(prepared, labels, cfg.train)
-    holdouts = _holdouts(cfg, datamodule.speakers)
+    holdouts = _holdouts(cfg, prepared)
     index = {speaker: i for i, speaker in enumerate(datamodule.speakers)}
     module = EmotionClassifier.from_config(
         cfg,
@@ -154,7 +154,6 @@ def rebuild_bundle(cfg: KndConfig, epochs: int) -> TrainResult:
     without training: for a change to those steps, measured on models already trained
     (bench.accuracy_cv --rebuild)."""
     from kndcli.training.bundle import build_bundle
-    from kndcli.training.data import train_speakers
 
     started = time.perf_counter()
     prepared = _fitted_set(cfg)
@@ -166,7 +165,7 @@ def rebuild_bundle(cfg: KndConfig, epochs: int) -> TrainResult:
     if not found:
         raise UsageError(f"{ckpt_dir}: no checkpoint to rebuild the bundle from")
     weights = _checkpoint(ckpt_dir, found[0])
-    holdouts = _holdouts(cfg, train_speakers(prepared))
+    holdouts = _holdouts(cfg, prepared)
     metrics = build_bundle(
         cfg, prepared, labels, weights, run_dir, epochs=epochs, resumed_from=None, holdouts=holdouts
     )
@@ -199,13 +198,16 @@ def check_lowpass(conditions: ConditionsConfig, prepared: PreparedSet) -> None:
         check_cutoffs(conditions.lowpass_hz, prepared.sample_rate, key, source)
 
 
-def _holdouts(cfg: KndConfig, speakers: list[str]) -> list[list[str]]:
+def _holdouts(cfg: KndConfig, prepared: PreparedSet) -> list[list[str]]:
     """Each member's left-out training speakers; they serve calibration only, so a run
     that does not calibrate leaves nobody out."""
-    from kndcli.training.data import member_holdouts
+    from kndcli.training.data import member_holdouts, train_speakers
 
     cross_fit = cfg.train.cross_fit_speakers if cfg.train.calibrate else 0
-    return member_holdouts(speakers, cfg.model.ensemble, cross_fit, cfg.train.seed)
+    has_val = bool(prepared.indices("val"))
+    return member_holdouts(
+        train_speakers(prepared), cfg.model.ensemble, cross_fit, cfg.train.seed, has_val
+    )
 
 
 def _attach_feature_cache(model: Any, cfg: KndConfig) -> Any:
