@@ -165,6 +165,22 @@ def test_listing_finds_audio_under_local_and_gs_prefixes(bucket, tmp_path: Path)
     )
 
 
+def test_an_object_over_the_size_limit_is_refused_without_being_downloaded(bucket) -> None:
+    """The ranged read stops one byte past audio.max_file_mb: the file is an error row,
+    and a file under the limit reads whole."""
+    from kndcli.audio import AudioError
+    from kndcli.inference.archive import source_reader
+
+    small, big = b"s" * 1000, b"b" * 30_000
+    bucket.pipe_file("archive/ok.wav", small)
+    bucket.pipe_file("archive/huge.wav", big)
+    read = source_reader(["gs://archive/ok.wav", "gs://archive/huge.wav"], max_file_mb=0.01)
+    assert read("gs://archive/ok.wav") == small
+    with pytest.raises(AudioError, match=r"over the 0.01 MB limit \(audio.max_file_mb\)"):
+        read("gs://archive/huge.wav")
+    assert read("local/clip.wav") == "local/clip.wav"
+
+
 def test_shard_needs_out() -> None:
     done = subprocess.run(
         [KND, "predict", "x.wav", "--shard", "0/2"],

@@ -242,6 +242,22 @@ def test_idle_big_messages_and_too_many_streams_are_closed(server: StreamServer)
         assert code == 1013 and "serve.max_streams" in reason
 
 
+def test_empty_messages_do_not_keep_a_stream_open(server: StreamServer) -> None:
+    """Empty messages add no audio, so they would hold a slot for ever without reaching
+    serve.stream_max_s: only audio resets serve.stream_idle_s (1 s here)."""
+    with connect(server.ws, additional_headers=AUTH) as ws:
+        start(ws)
+        ws.recv(timeout=5)  # ready
+        began = time.perf_counter()
+        with contextlib.suppress(ConnectionClosed):
+            while time.perf_counter() - began < 6:
+                ws.send(b"")
+                time.sleep(0.2)
+        code, reason, _ = close_of(ws)
+    assert code == 4408 and reason == "no audio for 1 s (serve.stream_idle_s)"
+    assert time.perf_counter() - began < 3
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -299,3 +315,22 @@ def test_no_stream_route_without_the_token_on_a_private_server(server: StreamSer
         start(ws)
         code, reason, events = close_of(ws)
     assert code == 1008 and "bearer token" in reason and events == []
+
+
+def test_a_close_the_client_never_takes_gives_the_stream_slot_back(monkeypatch) -> None:
+    """A client that stopped reading leaves the socket unwritable, so the close frame can
+    wait for ever (uvicorn waits for the socket to drain first). Filling loopback buffers
+    to that point takes far more events than a bounded test sends, so a socket whose close
+    never returns stands in for it: the close gives up and the session ends."""
+    import asyncio
+
+    from kndcli.serving import stream
+
+    class Unwritable:
+        async def close(self, code: int, reason: str) -> None:
+            await asyncio.Event().wait()
+
+    monkeypatch.setattr(stream, "CLOSE_TIMEOUT_S", 0.2)
+    began = time.perf_counter()
+    asyncio.run(stream._close(Unwritable(), stream.CLOSE_IDLE, "events not read"))
+    assert time.perf_counter() - began < 2

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kndcli.audio import AUDIO_EXTENSIONS, find_audio_files
+from kndcli.audio import AUDIO_EXTENSIONS, AudioError, find_audio_files
 from kndcli.config import AudioConfig, InferenceConfig
 from kndcli.errors import KndError, UsageError
 
@@ -133,18 +133,29 @@ def _is_audio(name: str) -> bool:
     return name.lower().endswith(AUDIO_EXTENSIONS)
 
 
-def source_reader(sources: list[str]) -> Callable[[str], Any]:
-    """What `Predictor.predict_paths(read=...)` opens: bytes for gs://, the path otherwise."""
+def source_reader(sources: list[str], max_file_mb: float) -> Callable[[str], Any]:
+    """What `Predictor.predict_paths(read=...)` opens: bytes for gs://, the path otherwise.
+
+    An object is fetched with a ranged read that stops one byte past `max_file_mb`, so an
+    hour-long WAV in the bucket is refused (that file only) without being held in memory;
+    a local file's size is checked before it is opened by the decoder itself.
+    """
     fs = None
     if any(s.startswith("gs://") for s in sources):
         from kndcli.gcs import gcs_filesystem
 
         fs = gcs_filesystem("reading audio from gs://")
+    limit = int(max_file_mb * 1e6)
 
     def read(source: str) -> Any:
-        if source.startswith("gs://"):
-            return fs.cat_file(source[5:])
-        return source
+        if not source.startswith("gs://"):
+            return source
+        data = fs.cat_file(source[5:], start=0, end=limit + 1)
+        if len(data) > limit:
+            raise AudioError(
+                source, f"file is over the {max_file_mb:g} MB limit (audio.max_file_mb)"
+            )
+        return data
 
     return read
 
@@ -181,7 +192,7 @@ def score_shard(
     mine = [s for s in sources if shard.owns(s)]
     _check_plan(store, shard, mine, part_size)
     parts = [mine[i : i + part_size] for i in range(0, len(mine), part_size)]
-    read = source_reader(mine)
+    read = source_reader(mine, predictor.audio.max_file_mb)
     summary = ShardSummary(shard.tag, out, len(mine), len(parts), 0, 0, 0)
     for number, files in enumerate(parts):
         name = f"part-{shard.tag}-{number:05d}.jsonl"

@@ -45,9 +45,13 @@ CLOSE_NORMAL = 1000
 CLOSE_BAD_DATA = 1003  # a start message or audio the server cannot take
 CLOSE_POLICY = 1008  # missing or wrong bearer token
 CLOSE_TRY_LATER = 1013  # too many streams, model not loaded, scoring unavailable
-CLOSE_IDLE = 4408  # no message for serve.stream_idle_s
+CLOSE_IDLE = 4408  # no audio (or events not read) for serve.stream_idle_s
 CLOSE_TOO_LONG = 4413  # more than serve.stream_max_s of audio
 
+# How long a close may wait for the client to take the close frame. A client that has
+# stopped reading leaves the socket unwritable, and the close would wait for ever,
+# holding one of serve.max_streams until the server restarts.
+CLOSE_TIMEOUT_S = 5.0
 ENCODINGS = {"pcm16": np.dtype("<i2"), "float32": np.dtype("<f4")}
 
 
@@ -204,16 +208,20 @@ async def stream(websocket: WebSocket) -> None:
 
 
 async def _close(websocket: WebSocket, code: int, reason: str) -> None:
-    with contextlib.suppress(RuntimeError, WebSocketDisconnect):  # closed by the client
-        await websocket.close(code=code, reason=reason[:120])
+    """Close with a code and reason; a client gone or not reading is given up on."""
+    with contextlib.suppress(RuntimeError, WebSocketDisconnect, TimeoutError):
+        await asyncio.wait_for(websocket.close(code=code, reason=reason[:120]), CLOSE_TIMEOUT_S)
 
 
-async def _receive(websocket: WebSocket, idle_s: float) -> dict[str, Any]:
+async def _receive(
+    websocket: WebSocket, wait_s: float, idle_s: float, what: str = "message"
+) -> dict[str, Any]:
+    """The next message, waiting at most `wait_s` (what is left of `idle_s`)."""
     try:
-        message = await asyncio.wait_for(websocket.receive(), idle_s)
+        message = await asyncio.wait_for(websocket.receive(), max(0.0, wait_s))
     except TimeoutError:
         raise StreamRefused(
-            CLOSE_IDLE, f"no message for {idle_s:g} s (serve.stream_idle_s)"
+            CLOSE_IDLE, f"no {what} for {idle_s:g} s (serve.stream_idle_s)"
         ) from None
     if message["type"] == "websocket.disconnect":
         raise WebSocketDisconnect(message.get("code", 1000))
@@ -233,7 +241,8 @@ async def _send(websocket: WebSocket, event: dict[str, Any], settings: Any) -> N
 
 
 async def _session(websocket: WebSocket, service: Any, settings: Any) -> None:
-    first = await _receive(websocket, settings.stream_idle_s)
+    idle_s = settings.stream_idle_s
+    first = await _receive(websocket, idle_s, idle_s)
     if first.get("text") is None:
         raise StreamRefused(CLOSE_BAD_DATA, 'the first message must be {"type": "start", ...}')
     audio = settings.audio
@@ -254,9 +263,15 @@ async def _session(websocket: WebSocket, service: Any, settings: Any) -> None:
             "model_version": service.model_version,
         }
     )
+    # Only audio keeps a stream open: empty messages would hold a slot without ever
+    # reaching serve.stream_max_s.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + idle_s
     while True:
-        message = await _receive(websocket, settings.stream_idle_s)
+        message = await _receive(websocket, deadline - loop.time(), idle_s, "audio")
         if message.get("bytes") is not None:
+            if message["bytes"]:
+                deadline = loop.time() + idle_s
             ready = windows.feed(message["bytes"])
             if windows.seconds > settings.stream_max_s:
                 raise StreamRefused(
