@@ -1021,3 +1021,21 @@ def test_rebuilding_a_bundle_from_its_weights_repeats_its_calibration(synth_prep
     assert again.epochs == 2 and again.best_checkpoint.endswith("averaged.ckpt")
     assert second["fitted_on"] == first["fitted_on"]
     assert second["temperature"] == pytest.approx(first["temperature"], rel=1e-6)
+
+
+def test_training_without_a_second_speaker_says_it_has_no_babble(synth_prepared, caplog):
+    from kndcli.config import TrainConfig
+    from kndcli.data.store import PreparedSet
+    from kndcli.training.data import training_conditions
+
+    full = PreparedSet.open(synth_prepared)
+    kept = [r for r in full.rows if r["split"] != "train" or r["speaker"] == "01"]
+    one_speaker = PreparedSet(root=full.root, info=full.info, rows=kept, source=full.source)
+    cfg = TrainConfig()
+    cfg.augment.conditions.reverb_prob = 0.0  # no room bank to build for this test
+    chain = training_conditions(one_speaker, cfg)
+    assert "babble" not in chain.noise_types
+    assert "no babble, which needs at least two training speakers" in caplog.text
+    caplog.clear()
+    assert "babble" in training_conditions(full, cfg).noise_types
+    assert caplog.text == ""

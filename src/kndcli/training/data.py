@@ -289,6 +289,11 @@ def training_conditions(prepared: PreparedSet, cfg: TrainConfig) -> MultiConditi
     if not conditions.enabled:
         return None
     babble = babble_source(prepared, prepared.indices("train"), min_speakers=2)
+    if babble is None and "babble" in conditions.noise_types and conditions.noise_prob > 0:
+        log.warning(
+            "train.augment.conditions.noise_types: no babble, which needs at least two "
+            "training speakers (a clip's babble never holds its own voice)"
+        )
     chain = MultiCondition(conditions, prepared.sample_rate, babble=babble)
     if conditions.reverb_prob > 0:
         _ = chain.rooms  # build (or load) the room bank now, not in the first batch
