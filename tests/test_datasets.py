@@ -316,3 +316,16 @@ def test_shared_ravdess_subset(ravdess_root: Path) -> None:
     assert all(labels[label] == 16 * 8 for label in LABELS if label != "neutral")
     assert Counter(c.gender for c in clips) == {"male": 480, "female": 480}
     assert {c.path.suffix for c in clips} == {".wav", ".flac"}
+
+
+def test_linked_actor_folders_are_found_once_and_a_loop_ends(tmp_path: Path) -> None:
+    """A data set put together from links to another disk: every linked speaker is
+    catalogued, and a link back up the tree neither loops nor duplicates clips."""
+    elsewhere = tmp_path / "disk2" / "Actor_02"
+    touch(elsewhere.parent, "Actor_02/03-01-05-02-02-02-02.wav")
+    root = tmp_path / "raw"
+    touch(root, "Actor_01/03-01-05-02-02-02-01.wav")
+    (root / "Actor_02").symlink_to(elsewhere, target_is_directory=True)
+    (root / "Actor_01" / "up").symlink_to(root, target_is_directory=True)
+    clips = catalog("ravdess", root).clips
+    assert sorted(c.speaker for c in clips) == ["01", "02"]

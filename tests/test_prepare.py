@@ -95,6 +95,16 @@ def test_changed_sample_rate_reprocesses_everything(two_actor_copy, tmp_path):
     assert PreparedSet.open(tmp_path / "prep").sample_rate == 8000
 
 
+def test_a_tighter_audio_limit_on_a_rerun_applies_to_every_clip(two_actor_copy, tmp_path):
+    """A rerun must prepare what a fresh folder would: clips admitted under the old
+    limits are not reused once a limit they break is set."""
+    prepare_dataset(_cfg(two_actor_copy, tmp_path / "prep"))
+    tight = _cfg(two_actor_copy, tmp_path / "prep", "audio.max_file_mb=0.001")
+    result = prepare_dataset(tight)
+    assert result.n_reused == 0 and result.n_clips == 0
+    assert "audio.max_file_mb" in result.failures[0]
+
+
 def test_cli_prepare_and_split_report(ravdess_two_actors, tmp_path):
     out = tmp_path / "prep"
     result = runner.invoke(

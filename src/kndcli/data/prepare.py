@@ -7,7 +7,7 @@ import multiprocessing as mp
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +77,11 @@ def prepare_dataset(
         "sample_rate": audio.sample_rate,
         "dtype": data.store_dtype,
         "max_duration_s": audio.max_duration_s,
+        # Every other limit a clip was admitted under: a rerun with a tighter one must
+        # refuse what it would refuse in a fresh folder, not reuse it.
+        "audio_limits": {
+            k: v for k, v in asdict(audio).items() if k not in ("sample_rate", "max_duration_s")
+        },
     }
     previous = _previous(out, settings)
     stats = [_stat(clip.path) for clip in found.clips]

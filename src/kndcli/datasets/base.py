@@ -68,10 +68,20 @@ def check_root(root: Path, dataset: str) -> Path:
 
 
 def walk_files(root: Path, extensions: Iterable[str]) -> list[Path]:
-    """Files under root with one of the extensions (any case), sorted, hidden entries skipped."""
+    """Files under root with one of the extensions (any case), sorted, hidden entries skipped.
+
+    Linked folders are followed (a data set assembled from links to another disk is
+    common), each real folder once, so a link back up the tree is not a loop.
+    """
     wanted = {e.lower() for e in extensions}
     found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
         # Hidden folders (.git, .knd tmp dirs) hold no clips; sorting keeps the walk stable.
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
