@@ -80,6 +80,8 @@ def test_override_without_equals():
         (["--set", "train.nope=1"], "unknown key 'train.nope'"),
         (["--set", "train.batch_size=big"], "key 'train.batch_size'"),
         (["--config", "missing.yaml"], "missing.yaml: config file not found"),
+        (["--set", "data.workers=-1"], "key 'data.workers'"),
+        (["--set", "train.num_workers=-2"], "key 'train.num_workers'"),
     ],
 )
 def test_cli_config_errors_are_one_line_exit_2(args, message):

@@ -788,6 +788,11 @@ def check_config(cfg: KndConfig) -> None:
     _require(inf.window_s >= 0, "inference.window_s", inf.window_s, "0 or seconds")
     _require(inf.hop_s >= 0, "inference.hop_s", inf.hop_s, "0 or seconds")
     _require(inf.batch_size >= 1, "inference.batch_size", inf.batch_size, "at least 1")
+    automatic = "0 (one per core) or a number of workers"
+    _require(cfg.data.workers >= 0, "data.workers", cfg.data.workers, automatic)
+    _require(inf.workers >= 0, "inference.workers", inf.workers, automatic)
+    loaders = cfg.train.num_workers
+    _require(loaders >= 0, "train.num_workers", loaders, "0 (load in the training process) or more")
     check_audio(cfg.audio)
     check_timeline(cfg.timeline)
     check_serve(cfg.serve)
