@@ -469,3 +469,16 @@ def test_a_frozen_encoder_runs_in_fp32_under_mixed_precision(encoders) -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = model.frontend(x)
     assert mixed.dtype == torch.float32 and torch.equal(plain, mixed)
+
+
+
+@pytest.mark.parametrize("name", ["/x/../../../escaped.txt", "/..", "/a/..\\..\\b", "/"])
+def test_a_bucket_object_named_to_escape_the_copy_is_refused(name):
+    """Whoever can write to the bucket names its objects: one whose name climbs out of
+    the encoder prefix must not be written outside the local copy. (The GCS emulator
+    drops the connection on such names, so the name check is tested on its own.)"""
+    from kndcli.models.ssl import _inside_folder
+
+    with pytest.raises(ConfigError, match="points outside the encoder's folder"):
+        _inside_folder(name, "gs://weights/enc")
+    assert str(_inside_folder("/sub/./model.safetensors", "gs://w/e")) == "sub/model.safetensors"

@@ -22,7 +22,7 @@ import json
 import re
 import uuid
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -138,7 +138,7 @@ def _copy_from_bucket(source: str) -> Path:
     local.parent.mkdir(parents=True, exist_ok=True)
     building = local.parent / f".{local.name}.{uuid.uuid4().hex}"
     for name in files:
-        target = building / name[len(root) :].lstrip("/")
+        target = building / _inside_folder(name[len(root) :], source)
         target.parent.mkdir(parents=True, exist_ok=True)
         fs.get(name, str(target))
     (building / ".complete").write_text(stamp)
@@ -148,6 +148,18 @@ def _copy_from_bucket(source: str) -> Path:
     except OSError:  # another process put the same copy in place first
         shutil.rmtree(building, ignore_errors=True)
     return local
+
+
+def _inside_folder(relative: str, source: str) -> PurePosixPath:
+    """An object's path below the encoder prefix, refused if it would land outside the
+    local copy: object names are whatever whoever can write to the bucket chose."""
+    parts = [p for p in relative.replace("\\", "/").split("/") if p not in ("", ".")]
+    if not parts or ".." in parts:
+        raise ConfigError(
+            f"key 'model.encoder': {source} holds an object named {relative!r}, which "
+            "points outside the encoder's folder"
+        )
+    return PurePosixPath(*parts)
 
 
 def encoder_spec(source: str, directory: Path) -> EncoderSpec:
