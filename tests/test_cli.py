@@ -414,3 +414,20 @@ def test_a_corrupt_bundle_is_a_runtime_failure_exit_3(tiny_bundle, wav_factory, 
     proc = knd("predict", "-m", broken, wav_factory("c.wav", seconds=1.0))
     assert proc.returncode == 3, proc.stderr
     assert "does not match bundle.json" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("name", ["../secret.txt", "/etc/hostname", "link.txt"])
+def test_a_bundle_listing_files_outside_itself_is_refused(tiny_bundle, wav_factory, tmp_path, name):
+    """A bundle from someone else must not make knd hash (and quote) other files."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not part of any bundle")
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    (bundle / "link.txt").symlink_to(secret)
+    meta = json.loads((bundle / "bundle.json").read_text())
+    meta["files"][name] = "0" * 64
+    (bundle / "bundle.json").write_text(json.dumps(meta))
+    proc = knd("predict", "-m", bundle, wav_factory("c.wav", seconds=1.0))
+    assert proc.returncode == 3, proc.stderr
+    assert f"file '{name}' in 'files' points outside the bundle" in proc.stderr
+    assert "sha256" not in proc.stderr

@@ -217,6 +217,12 @@ def load_bundle(root: str | os.PathLike, *, verify: bool = True) -> Bundle:
             f"{' or '.join(TRIM_METHODS)}, the trims this knd knows; use the knd version "
             "that wrote the bundle"
         )
+    inside = root.resolve()
+    for name in meta["files"]:
+        # A bundle may come from someone else: its names must not reach other files
+        # (hashed and quoted in errors here, copied by a re-export).
+        if not (root / name).resolve().is_relative_to(inside) or name in ("", "."):
+            raise BundleError(f"{meta_path}: file {name!r} in 'files' points outside the bundle")
     if verify:
         for name, expected in meta["files"].items():
             path = root / name
