@@ -268,3 +268,42 @@ def test_check_exit_4_too_few_samples_and_2_without_a_log(
     )
     assert none.returncode == 2 and "no prediction log at" in none.stderr  # a wrong path
     assert not (tmp_path / "nope.sqlite").exists()
+
+
+def test_a_label_from_the_log_cannot_inject_script_into_the_report(
+    drift_bundle: Path, variant, tmp_path: Path
+) -> None:
+    """Anyone who can write to the log bucket chooses the labels in it; the report, which
+    `/monitoring` serves from the API's own origin, must show them as text."""
+    from kndcli.inference.predictor import Predictor
+    from kndcli.monitoring.predlog import open_log, prediction_record
+
+    hostile = "</script><script>alert(1)</script>"
+    predictor = Predictor.from_config(drift_bundle)
+    ts = (datetime.now(UTC) - timedelta(minutes=5)).isoformat()
+    predictions = predictor.predict_paths(sorted(variant("clipping").iterdir()), features=True)
+    records = [
+        prediction_record(
+            request_id=uuid.uuid4().hex,
+            model_version=predictor.bundle.version,
+            label=hostile if i % 3 == 0 else p.label,
+            confidence=p.confidence,
+            latency_ms=12.0,
+            filename=p.source,
+            features=p.features,
+            ts=ts,
+        )
+        for i, p in enumerate(predictions)
+    ]
+    db = tmp_path / "predictions.sqlite"
+    with open_log(db) as log:
+        log.write(records)
+    out = tmp_path / "drift.html"
+    result = runner.invoke(
+        app,
+        ["drift", "report", "--model", str(drift_bundle), "--log-sink", str(db), "--out", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    page = out.read_text()
+    assert "drawDashboard" in page  # Evidently's part was drawn, with the labels in it
+    assert "alert(1)" in page and "<script>alert(1)" not in page

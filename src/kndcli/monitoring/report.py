@@ -103,9 +103,11 @@ def evidently_snapshot(result: DriftResult, cfg: DriftConfig) -> Any:
             bottom[features] = np.nan
             parts = [top, bottom]
         out = pd.concat(parts, ignore_index=True)
+        # Evidently embeds the data as JSON inside a <script> without escaping "</":
+        # a label from a prediction log someone else can write could close it.
         for name in categorical:
             out[name] = out[name].map(
-                lambda v: None if v is None or is_nan(v) else category_name(v)
+                lambda v: None if v is None or is_nan(v) else html.escape(category_name(v))
             )
         for name in numerical:
             out[name] = pd.to_numeric(out[name], errors="coerce").astype("float64")
