@@ -473,6 +473,22 @@ def test_a_public_service_without_a_token_is_refused(fake: FakeGoogle) -> None:
     assert fake.requests == []
 
 
+def test_redeploying_a_public_service_without_a_token_is_refused(fake: FakeGoogle) -> None:
+    """Without --[no-]allow-unauthenticated deploy leaves IAM alone: on a service that is
+    public already, dropping the token would open it to everyone."""
+    public = {"role": "roles/run.invoker", "members": ["allUsers"]}
+    _run_service_api(fake, policy={"bindings": [public], "etag": "BwE="})
+    refused = CliRunner().invoke(app, BASE_ARGS)
+    assert isinstance(refused.exception, UsageError), refused.output
+    assert "is public (allUsers may invoke it)" in str(refused.exception)
+    assert "--token-secret" in str(refused.exception)
+    assert not fake.calls("PATCH", SERVICE)
+    private = CliRunner().invoke(app, [*BASE_ARGS, "--no-allow-unauthenticated"])
+    assert private.exit_code == 0, private.output
+    [call] = fake.calls("POST", SERVICE + ":setIamPolicy")
+    assert call.body["policy"].get("bindings", []) == []
+
+
 def test_without_a_token_the_container_is_told_iam_guards_it(fake: FakeGoogle) -> None:
     """The image binds 0.0.0.0, which knd serve refuses without a token unless told."""
     private = json.loads(CliRunner().invoke(app, [*BASE_ARGS, "--dry-run"]).output)

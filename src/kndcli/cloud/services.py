@@ -342,6 +342,8 @@ def deploy_service(
 
     request = _request(opts)
     client = client or services_client()
+    if opts.allow_unauthenticated is None and not opts.token_secret and not opts.allow_no_token:
+        _refuse_if_public(client, request.service.name)
     with google_errors("Cloud Run deploy"):
         operation = client.update_service(request=request)
         echo(f"deploying {request.service.name} ...")
@@ -355,6 +357,27 @@ def deploy_service(
         raise KndError(f"service {service.name} failed to deploy: {summary.get('message', '')}")
     echo(f"url: {summary['url']}")
     return summary
+
+
+def _refuse_if_public(client: Any, name: str) -> None:
+    """A deploy without a token leaves IAM as it is: on a service that anyone may call
+    already, that would drop the token and leave it open to the internet."""
+    from google.api_core import exceptions as api
+
+    from kndcli.cloud.clients import google_errors
+
+    with google_errors("Cloud Run IAM"):
+        try:
+            policy = client.get_iam_policy(request={"resource": name})
+        except api.NotFound:  # a new service: private until told otherwise
+            return
+    if any(b.role == INVOKER_ROLE and PUBLIC_MEMBER in b.members for b in policy.bindings):
+        raise UsageError(
+            f"{name} is public (allUsers may invoke it), and this deploy has no "
+            "--token-secret: anyone on the internet could use it. Add --token-secret "
+            "SECRET, pass --no-allow-unauthenticated to make it private, or "
+            "--insecure-no-token"
+        )
 
 
 def set_public(client: Any, name: str, public: bool) -> None:
