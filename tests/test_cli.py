@@ -431,3 +431,22 @@ def test_a_bundle_listing_files_outside_itself_is_refused(tiny_bundle, wav_facto
     assert proc.returncode == 3, proc.stderr
     assert f"file '{name}' in 'files' points outside the bundle" in proc.stderr
     assert "sha256" not in proc.stderr
+
+
+@pytest.mark.parametrize("metrics_need_token", [False, True])
+def test_the_serve_banner_names_the_routes_a_token_does_not_guard(
+    tiny_bundle, capsys, metrics_need_token
+):
+    from kndcli.cli.serve import _announce
+    from kndcli.config import load_config
+    from kndcli.inference.bundle import load_bundle
+    from kndcli.serving.settings import ServeSettings
+
+    cfg = load_config(overrides=[f"serve.metrics_need_token={metrics_need_token}"])
+    settings = ServeSettings.from_config(cfg, tiny_bundle)
+    settings.api_token = "t0k3n"
+    _announce(settings, load_bundle(tiny_bundle))
+    line = next(x for x in capsys.readouterr().err.splitlines() if x.startswith("token"))
+    assert "required (KND_API_TOKEN), except on /health, /ready, /docs, /openapi.json" in line
+    assert ("/metrics" in line) is not metrics_need_token
+    assert "t0k3n" not in line

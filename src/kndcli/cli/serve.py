@@ -56,7 +56,12 @@ def serve(
 def _announce(settings, bundle) -> None:
     """What a person starting the service needs to see before the first request."""
     inf = settings.inference
-    token = "required (KND_API_TOKEN)" if settings.token() else "none: every route is open"
+    token = "none: every route is open"
+    if settings.token():
+        open_routes = "/health, /ready, /docs, /openapi.json"
+        if not settings.metrics_need_token:
+            open_routes += ", /metrics"
+        token = f"required (KND_API_TOKEN), except on {open_routes}"
     lines = [
         f"model    {bundle.version} ({len(bundle.labels)} labels, {inf.backend}) "
         f"from {bundle.root}",
