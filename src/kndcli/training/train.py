@@ -114,7 +114,9 @@ def _train(cfg: KndConfig) -> TrainResult | None:
     check_resume(ckpt_dir, record_of(cfg), has_last=last is not None, write=_rank() == 0)
     cache = _attach_feature_cache(module.model, cfg)
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=last)
+        # weights_only explicitly: torch's default can be switched off by the environment
+        # (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD), and a checkpoint directory may be a bucket.
+        trainer.fit(module, datamodule=datamodule, ckpt_path=last, weights_only=True)
     finally:
         _finish_wandb(trainer)
         _detach_feature_cache(module.model, cache)
