@@ -471,7 +471,6 @@ def test_a_frozen_encoder_runs_in_fp32_under_mixed_precision(encoders) -> None:
     assert mixed.dtype == torch.float32 and torch.equal(plain, mixed)
 
 
-
 @pytest.mark.parametrize("name", ["/x/../../../escaped.txt", "/..", "/a/..\\..\\b", "/"])
 def test_a_bucket_object_named_to_escape_the_copy_is_refused(name):
     """Whoever can write to the bucket names its objects: one whose name climbs out of

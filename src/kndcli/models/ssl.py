@@ -31,7 +31,8 @@ import torch.utils.checkpoint
 from torch import nn
 
 from kndcli.config import ENCODER_MODES, ModelConfig
-from kndcli.errors import ConfigError
+from kndcli.datasets.download import member_path
+from kndcli.errors import ConfigError, KndError
 from kndcli.models.emotion import EmotionModel, Ensemble
 from kndcli.models.frontend import PowerSpectrogram, fp32_features
 from kndcli.models.pooling import AttentiveStatsPool
@@ -153,13 +154,16 @@ def _copy_from_bucket(source: str) -> Path:
 def _inside_folder(relative: str, source: str) -> PurePosixPath:
     """An object's path below the encoder prefix, refused if it would land outside the
     local copy: object names are whatever whoever can write to the bucket chose."""
-    parts = [p for p in relative.replace("\\", "/").split("/") if p not in ("", ".")]
-    if not parts or ".." in parts:
+    try:
+        path = member_path(relative.lstrip("/"), Path(source))
+    except KndError:
+        path = None
+    if path is None:
         raise ConfigError(
             f"key 'model.encoder': {source} holds an object named {relative!r}, which "
             "points outside the encoder's folder"
         )
-    return PurePosixPath(*parts)
+    return path
 
 
 def encoder_spec(source: str, directory: Path) -> EncoderSpec:
