@@ -18,8 +18,8 @@ _WALL_GAP_M = 0.5
 # cube of the order); a long decay in a small room needs more, so such rooms are enlarged.
 _MAX_ORDER = 60
 _TRIES = 6
-# The RT60s these rooms reach within tolerance: the smallest room with fully absorbing
-# walls still rings for about 0.13 s, and the largest at order 60 rings for about 2 s.
+# The RT60s (T30) these rooms reach within tolerance: the smallest room with fully
+# absorbing walls still rings for about 0.13 s, and the largest at order 60 for about 2 s.
 # Configuration ranges are checked against it.
 RT60_RANGE_S = (0.15, 2.0)
 
@@ -40,12 +40,8 @@ def room_impulse_response(
     Sabine's formula, which pyroomacoustics inverts to choose wall absorption, misjudges
     the decay of the image-source response (0.6 s asked, about 0.8 s measured), so the
     target is corrected from the measured decay, and a room too small to ring that long
-    at the highest image-source order is enlarged. The RT60 returned is the measured one,
-    within `tolerance` of `rt60` or the closest of the tries: pyroomacoustics'
-    `measure_rt60` with its default decay, the time the Schroeder curve takes to fall
-    from -5 to -65 dB. That is not the T30 of ISO 3382 (the -5 to -35 dB slope, times
-    two), which reads 20-25 % shorter on these responses up to 0.6 s and longer at 1.5 s,
-    where the response ends before a 60 dB decay (docs/quality.md, Known limits).
+    at the highest image-source order is enlarged. The RT60 returned is the measured T30
+    (see `t30`), within `tolerance` of `rt60` or the closest of the tries.
     """
     import pyroomacoustics as pra
 
@@ -75,7 +71,7 @@ def room_impulse_response(
         pra.random.seed(int(rng.integers(1 << 31)))
         _compute_rir_in_one_thread(room)
         h = np.asarray(room.rir[0][0], np.float64)
-        measured = float(pra.experimental.measure_rt60(h, fs=sample_rate))
+        measured = t30(h, sample_rate)
         candidate = ImpulseResponse((h / np.max(np.abs(h))).astype(np.float32), measured)
         if best is None or abs(measured - rt60) < abs(best.rt60 - rt60):
             best = candidate
@@ -92,6 +88,19 @@ def room_impulse_response(
     if best is None:
         raise ValueError(f"no room found for RT60 {rt60} s")
     return best
+
+
+def t30(h: np.ndarray, sample_rate: int) -> float:
+    """The reverberation time as ISO 3382 and room-acoustics tools quote it: the slope of
+    the Schroeder decay curve from -5 to -35 dB, extrapolated to 60 dB.
+
+    Not the direct -5 to -65 dB fit (pyroomacoustics' default): these responses end at
+    their last image source and do not fall in one straight line, so a 60 dB fit labelled
+    a room of T30 0.44 s "0.6 s" and cut the longest rooms short of their label.
+    """
+    import pyroomacoustics as pra
+
+    return float(pra.experimental.measure_rt60(h, fs=sample_rate, decay_db=30))
 
 
 def _compute_rir_in_one_thread(room: Any) -> None:
@@ -157,7 +166,7 @@ class RoomBank:
         self.rooms = self._load() or self._build()
 
     def _key(self) -> str:
-        spec = [self.rt60_range, self.count, self.sample_rate, self.seed, 5]
+        spec = [self.rt60_range, self.count, self.sample_rate, self.seed, 6]
         return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
 
     def _path(self) -> Path:
