@@ -363,6 +363,48 @@ def test_token_from_environment(
     )
 
 
+def test_a_tokenless_loopback_service_refuses_other_names_and_foreign_pages(
+    serve: Callable[..., LiveServer],
+) -> None:
+    """Without a token, binding 127.0.0.1 must also keep out the web pages its user opens:
+    a page renamed onto 127.0.0.1 (DNS rebinding: Host names its domain) or a form or
+    WebSocket posted across origins (Origin names its site) is refused, and not logged."""
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    server = serve()
+    port = server.settings.port
+    clip = wav_bytes(0.5)
+    rebound = post_file(server.url, clip, headers={"host": f"evil.example:{port}"})
+    assert_error(rebound, 403, "'evil.example:", "KND_API_TOKEN", "--insecure-no-token")
+    cross = post_file(server.url, clip, headers={"origin": "https://evil.example"})
+    assert_error(cross, 403, "'https://evil.example'")
+    assert_error(post_file(server.url, clip, headers={"origin": "null"}), 403)
+    ws_url = f"ws://127.0.0.1:{port}/stream"
+    with pytest.raises(InvalidStatus) as refused:
+        connect(ws_url, origin="https://evil.example", open_timeout=10)
+    assert refused.value.response.status_code == 403
+    # Loopback names, with or without a port or a loopback page, are the service's users.
+    for headers in (
+        {},
+        {"host": f"localhost:{port}"},
+        {"host": f"[::1]:{port}"},
+        {"origin": f"http://localhost:{port}"},
+    ):
+        assert post_file(server.url, clip, headers=headers).status_code == 200, headers
+    with connect(ws_url, origin=f"http://127.0.0.1:{port}", open_timeout=10):
+        pass
+    server.stop()  # the log is written by the time the server has stopped
+    assert len(open_log(server.settings.log_sink).read()) == 4  # no refused request logged
+    # A token, or --insecure-no-token for a proxy that rewrites Host, turns the check off.
+    tokened = serve(api_token="s3cret", port=free_port())
+    headers = {"host": "evil.example", "authorization": "Bearer s3cret"}
+    assert post_file(tokened.url, clip, headers=headers).status_code == 200
+    assert post_file(tokened.url, clip, headers={"host": "evil.example"}).status_code == 401
+    proxied = serve(allow_no_token=True, port=free_port())
+    assert post_file(proxied.url, clip, headers={"host": "emotion.internal"}).status_code == 200
+
+
 def test_not_ready_is_503(server: LiveServer) -> None:
     server.app.state.service.ready = False  # as during shutdown
     assert_error(httpx.get(server.url + "/ready"), 503, "not loaded")

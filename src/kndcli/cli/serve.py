@@ -57,6 +57,8 @@ def _announce(settings, bundle) -> None:
     """What a person starting the service needs to see before the first request."""
     inf = settings.inference
     token = "none: every route is open"
+    if settings.host in LOOPBACK and not settings.allow_no_token:
+        token += " to requests for a loopback name, from no web page or a loopback one"
     if settings.token():
         open_routes = "/health, /ready, /docs, /openapi.json"
         if not settings.metrics_need_token:

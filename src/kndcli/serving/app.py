@@ -17,9 +17,14 @@ from fastapi import APIRouter, FastAPI
 from fastapi_offline import FastAPIOffline
 
 from kndcli.serving.errors import install_error_handlers
-from kndcli.serving.guards import BodyGuardMiddleware, GuardedProtocol, UploadBudget
+from kndcli.serving.guards import (
+    BodyGuardMiddleware,
+    GuardedProtocol,
+    LoopbackOnlyMiddleware,
+    UploadBudget,
+)
 from kndcli.serving.metrics import Metrics, RequestStampMiddleware
-from kndcli.serving.settings import SETTINGS_ENV, ServeSettings
+from kndcli.serving.settings import LOOPBACK, SETTINGS_ENV, ServeSettings
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +142,8 @@ def create_app(
     app.include_router(stream_router)
     for extra in extra_routers:
         app.include_router(extra)
+    if settings.host in LOOPBACK and not settings.token() and not settings.allow_no_token:
+        app.add_middleware(LoopbackOnlyMiddleware, loopback=LOOPBACK)
     app.add_middleware(
         BodyGuardMiddleware,
         budget=UploadBudget(int(settings.max_buffered_mb * 2**20)),

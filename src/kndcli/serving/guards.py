@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -91,6 +92,57 @@ class UploadBudget:
 
     def give(self, n: int) -> None:
         self.held -= n
+
+
+class LoopbackOnlyMiddleware:
+    """A service on loopback without a token answers only requests addressed to a loopback
+    name, sent from no web page or from a page served by a loopback name.
+
+    Binding 127.0.0.1 keeps other machines out but not the web pages its user opens: a
+    page can rename itself onto 127.0.0.1 (DNS rebinding: the request's Host then names
+    the page's domain), and any page can post a form or open a WebSocket across origins
+    (its Origin names the page's site). Either would score audio and fill the prediction
+    log. A token, or --insecure-no-token (for a proxy that rewrites Host), turns it off.
+    """
+
+    def __init__(self, app: Any, loopback: tuple[str, ...]) -> None:
+        self.app = app
+        self.loopback = loopback
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        problem = self._foreign(scope) if scope["type"] in ("http", "websocket") else None
+        if problem is None:
+            await self.app(scope, receive, send)
+        elif scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008, "reason": problem[:120]})
+        else:
+            from starlette.requests import Request
+
+            from kndcli.serving.errors import error_response
+
+            await error_response(Request(scope), 403, problem)(scope, receive, send)
+
+    def _foreign(self, scope: dict) -> str | None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        host, origin = headers.get("host"), headers.get("origin")
+        if host is not None and _hostname("//" + host) not in self.loopback:
+            what = f"Host {host!r}"
+        elif origin is not None and _hostname(origin) not in self.loopback:
+            what = f"a page from {origin!r}"
+        else:
+            return None
+        return (
+            f"this service has no token, so it answers only loopback names "
+            f"({', '.join(self.loopback)}) and pages served by them, not {what}: set "
+            "KND_API_TOKEN, or pass --insecure-no-token if a proxy in front rewrites Host"
+        )
+
+
+def _hostname(url: str) -> str | None:
+    try:
+        return urlsplit(url).hostname
+    except ValueError:  # a malformed port or bracket
+        return None
 
 
 class BodyGuardMiddleware:
