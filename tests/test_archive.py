@@ -3,12 +3,16 @@ against the GCS emulator, killed mid-shard and resumed, and the pieces underneat
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -179,6 +183,55 @@ def test_an_object_over_the_size_limit_is_refused_without_being_downloaded(bucke
     with pytest.raises(AudioError, match=r"over the 0.01 MB limit \(audio.max_file_mb\)"):
         read("gs://archive/huge.wav")
     assert read("local/clip.wav") == "local/clip.wav"
+
+
+@contextlib.contextmanager
+def failing_gcs(monkeypatch: pytest.MonkeyPatch, status: int, message: str) -> Iterator[None]:
+    """A loopback stand-in for GCS that answers every request with `status` and a JSON
+    error body, as the real service does; gcsfs is pointed at it like at the emulator."""
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps({"error": {"code": status, "message": message}}).encode()
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{server.server_port}")
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_an_object_only_it_cannot_read_is_its_own_error_and_auth_stops_the_shard(
+    monkeypatch: pytest.MonkeyPatch, tiny_bundle: Path
+) -> None:
+    """A 400 for one object (a CMEK key its reader may not use) is that file's error row,
+    as 403 and 404 are; a 401 would fail every file after it, so it stops the shard, which
+    a rerun resumes, instead of writing the rest of the archive as error rows."""
+    from kndcli.inference.archive import source_reader
+    from kndcli.inference.predictor import Predictor
+
+    predictor = Predictor.from_config(tiny_bundle)
+    cmek = "The object uses a Cloud KMS key that is disabled"
+    with failing_gcs(monkeypatch, 400, cmek):
+        read = source_reader(["gs://b/x.wav"], 10)
+        [row] = predictor.predict_paths(["gs://b/x.wav"], read=read)
+    assert row.source == "gs://b/x.wav" and "Cloud KMS key" in row.error
+    with failing_gcs(monkeypatch, 401, "Login Required"):
+        with pytest.raises(Exception, match="Login Required") as stopped:
+            source_reader(["gs://b/x.wav"], 10)("gs://b/x.wav")
+        assert not isinstance(stopped.value, OSError)
 
 
 def test_shard_needs_out() -> None:

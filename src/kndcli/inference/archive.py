@@ -150,7 +150,14 @@ def source_reader(sources: list[str], max_file_mb: float) -> Callable[[str], Any
     def read(source: str) -> Any:
         if not source.startswith("gs://"):
             return source
-        data = fs.cat_file(source[5:], start=0, end=limit + 1)
+        try:
+            data = fs.cat_file(source[5:], start=0, end=limit + 1)
+        except OSError:
+            raise  # gone (404) or forbidden (403): this object only
+        except Exception as exc:
+            if _this_object_only(exc):
+                raise OSError(str(exc).strip()) from exc
+            raise  # credentials, quota or the service: stop; the part is redone on resume
         if len(data) > limit:
             raise AudioError(
                 source, f"file is over the {max_file_mb:g} MB limit (audio.max_file_mb)"
@@ -158,6 +165,15 @@ def source_reader(sources: list[str], max_file_mb: float) -> Callable[[str], Any
         return data
 
     return read
+
+
+def _this_object_only(exc: Exception) -> bool:
+    """Whether a failed read concerns its object alone (a 4xx such as 400 for a CMEK key
+    the object's reader cannot use), not every read to come (401, 408, 429, a 5xx after
+    gcsfs' retries, a bucket-wide "requester pays"), which would turn the rest of the
+    archive into error rows instead of stopping where a resume picks up."""
+    code = getattr(exc, "code", None)
+    return isinstance(code, int) and 400 <= code < 500 and code not in (401, 408, 429)
 
 
 @dataclass
