@@ -70,6 +70,50 @@ def test_bad_file_is_reported_and_skipped(two_actor_copy, tmp_path):
         prepare_dataset(_cfg(two_actor_copy, tmp_path / "strict"), strict=True)
 
 
+def test_a_split_whose_every_clip_was_bad_is_named(two_actor_copy, tmp_path):
+    """All of the test speaker's files are bad: the split is empty, and the output says
+    which split and which speakers instead of leaving a 0 in a table."""
+    for path in (two_actor_copy / "Actor_05").iterdir():
+        path.unlink()
+        path.write_bytes(b"RIFF....WAVEjunk")
+    args = ["data", "prepare", "--dataset", "ravdess", "--raw", str(two_actor_copy)]
+    args += ["--prepared", str(tmp_path / "prep"), "--set", "data.split.test_speakers=['05']"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert "split 'test' is empty: every clip of its speakers (05) was bad" in result.output
+    assert "skipped 60 bad files" in result.output
+
+
+def test_a_set_left_half_replaced_is_refused_not_misread(ravdess_two_actors, tmp_path):
+    """prepare replaces its four files one by one: a set whose waveforms and manifest come
+    from different runs would hand every clip someone else's samples. It is refused with
+    what to do; a hand-edited split column, which changes no count, still opens."""
+    out = tmp_path / "prep"
+    prepare_dataset(_cfg(ravdess_two_actors, out))
+    manifest, waveforms = out / "manifest.csv", out / "waveforms.bin"
+    rows = list(csv.DictReader(manifest.open(newline="")))
+    for row in rows[:60]:
+        row["split"] = "val"
+    _write_rows(manifest, rows)
+    assert {r["split"] for r in PreparedSet.open(out).rows} == {"train", "val"}
+
+    _write_rows(manifest, rows[:-1])
+    with pytest.raises(KndError, match=r"manifest.csv lists 119 clips, prepare.json says 120"):
+        PreparedSet.open(out)
+    _write_rows(manifest, rows)
+    data = waveforms.read_bytes()
+    waveforms.write_bytes(data[: len(data) // 2])
+    with pytest.raises(KndError, match=r"waveforms.bin holds .* run it again"):
+        PreparedSet.open(out)
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def test_rerun_reuses_unchanged_clips(two_actor_copy, tmp_path):
     cfg = _cfg(two_actor_copy, tmp_path / "prep")
     first = prepare_dataset(cfg)

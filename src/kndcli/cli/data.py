@@ -72,6 +72,11 @@ def prepare(
     )
     for split, count in sorted(result.split_counts.items()):
         con.print(f"  {split:<5} {count:>6} clips")
+    for split, speakers in result.emptied.items():
+        con.print(
+            f"[yellow]warning[/] split '{split}' is empty: every clip of its speakers "
+            f"({', '.join(speakers)}) was bad"
+        )
     if result.failures:
         con.print(f"[yellow]skipped {len(result.failures)} bad files:[/]")
         for failure in result.failures:

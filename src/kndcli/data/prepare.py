@@ -28,6 +28,8 @@ class PrepareResult:
     seconds: float
     split_counts: dict[str, int]
     failures: list[str] = field(default_factory=list)
+    # Splits given speakers whose every clip was bad (split -> those speakers).
+    emptied: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -158,6 +160,11 @@ def prepare_dataset(
         seconds=time.perf_counter() - started,
         split_counts=counts,
         failures=failures + list(found.skipped),
+        emptied={
+            split: sorted(sp for sp, s in split_of.items() if s == split)
+            for split, count in counts.items()
+            if count == 0 and split in split_of.values()
+        },
     )
 
 

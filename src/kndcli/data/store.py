@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kndcli.errors import UsageError
+from kndcli.errors import KndError, UsageError
 
 MANIFEST = "manifest.csv"
 WAVEFORMS = "waveforms.bin"
@@ -63,6 +63,7 @@ class PreparedSet:
         info = json.loads(info_path.read_text())
         with (root / MANIFEST).open(newline="") as handle:
             rows = list(csv.DictReader(handle))
+        _check_consistent(root, info, rows)
         return cls(root=root, info=info, rows=rows, source=str(location))
 
     @property
@@ -117,6 +118,31 @@ def to_stored(samples: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "int16":
         return (np.clip(samples, -1.0, 32767 / 32768) * 32768.0).round().astype(np.int16)
     return samples.astype(np.float32)
+
+
+def _check_consistent(root: Path, info: dict, rows: list[dict[str, str]]) -> None:
+    """Refuse a set whose files come from two different prepares.
+
+    `knd data prepare` replaces its four files one after another, so one stopped between
+    two replaces leaves, say, new waveforms under an old manifest: every clip would read
+    someone else's samples, silently. The counts in prepare.json, written last, catch it
+    (a hand-edited split column, which changes no count, still opens).
+    """
+    problem = None
+    waveforms = root / WAVEFORMS
+    itemsize = np.dtype(DTYPES.get(info.get("dtype", ""), np.int16)).itemsize
+    held = waveforms.stat().st_size // itemsize if waveforms.is_file() else 0
+    if "n_clips" in info and len(rows) != info["n_clips"]:
+        problem = f"{MANIFEST} lists {len(rows)} clips, {INFO} says {info['n_clips']}"
+    elif "total_samples" in info and held != info["total_samples"]:
+        problem = f"{WAVEFORMS} holds {held} samples, {INFO} says {info['total_samples']}"
+    elif rows and max(int(r["offset"]) + int(r["length"]) for r in rows) > held:
+        problem = f"{MANIFEST} points past the end of {WAVEFORMS}"
+    if problem:
+        raise KndError(
+            f"{root}: the prepared set's files disagree ({problem}); a 'knd data prepare' "
+            "was probably stopped while replacing them: run it again"
+        )
 
 
 def write_manifest(path: Path, rows: list[dict]) -> None:
