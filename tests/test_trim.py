@@ -13,11 +13,11 @@ from tests.conftest import ravdess_clips, tone
 from tests.test_training import _noisy_datamodule
 
 from kndcli.audio import decode, speech_bounds
-from kndcli.config import AudioConfig
+from kndcli.config import AudioConfig, TimelineConfig
 from kndcli.data.store import PreparedSet
 from kndcli.inference.bundle import BundleError, load_bundle, schema_version
 from kndcli.inference.predictor import Predictor
-from kndcli.inference.speech import vad_bounds
+from kndcli.inference.speech import SpeechSegmenter, vad_bounds
 from kndcli.inference.windowing import center_fit
 from kndcli.perturb.noise import colored_noise, mix_at_snr
 from kndcli.training.data import _stretch
@@ -62,6 +62,24 @@ def test_vad_bounds_are_in_the_clip_s_own_samples_at_any_rate(ravdess_root):
     at_22k = np.array(vad_bounds(soxr.resample(x, RATE, 22050), 22050)) / 22050
     assert at_16k[0] > 0.5
     np.testing.assert_allclose(at_22k, at_16k, atol=0.035)
+
+
+def test_speech_that_runs_to_the_end_ends_there_at_any_rate(ravdess_root):
+    """A recording cut mid-sentence: its last segment ends at the end of the audio at
+    11.025 and 22.05 kHz as at 16 kHz, so the resampler's held-back tail is judged too
+    (it used to end 0.09 s early at 11.025 kHz)."""
+    import soxr
+
+    path = ravdess_clips(ravdess_root, [1])[10]
+    clean = decode(path, audio=AudioConfig(), sample_rate=RATE).samples
+    cut = clean[: int(0.55 * len(clean))]
+    rules = TimelineConfig(vad_mode=2, min_silence_s=0.3, min_speech_s=0.3, pad_s=0.0)
+    for rate in (RATE, 11025, 22050):
+        x = soxr.resample(cut, RATE, rate).astype(np.float32)
+        segmenter = SpeechSegmenter(rate, rules)
+        segments = [seg for i in range(0, len(x), 1000) for seg in segmenter.push(x[i : i + 1000])]
+        segments += segmenter.finish()
+        assert segments[-1][1] == pytest.approx(len(cut) / RATE, abs=0.031), rate
 
 
 def test_vad_bounds_keeps_a_clip_without_speech_whole():

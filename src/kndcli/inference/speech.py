@@ -54,6 +54,9 @@ class SpeechSegmenter:
     def push(self, block: np.ndarray) -> list[tuple[float, float]]:
         if self.resampler is not None:
             block = self.resampler.resample_chunk(block)
+        return self._judge_block(block)
+
+    def _judge_block(self, block: np.ndarray) -> list[tuple[float, float]]:
         pcm = (np.clip(block, -1.0, 1.0) * 32767).astype(np.int16)
         self.pending = np.concatenate([self.pending, pcm])
         usable = len(self.pending) - len(self.pending) % self.frame
@@ -65,10 +68,21 @@ class SpeechSegmenter:
         return closed
 
     def finish(self) -> list[tuple[float, float]]:
-        """The open segment, closed at the end of the recording."""
+        """The segments still open, closed at the end of the recording.
+
+        A resampler holds back its last few dozen milliseconds until told the input has
+        ended (0.03 s at 22.05 kHz, 0.09 s at 11.025 kHz): they are judged first, or
+        speech running to the end of a recording at such a rate would end early.
+        """
+        closed: list[tuple[float, float]] = []
+        if self.resampler is not None:
+            closed = self._judge_block(
+                self.resampler.resample_chunk(np.zeros(0, np.float32), last=True)
+            )
+            self.resampler = None
         if self.start is None:
-            return []
-        return self._close(self.last_speech)
+            return closed
+        return closed + self._close(self.last_speech)
 
     def _judge(self, speech: bool) -> list[tuple[float, float]]:
         n = self.frames
