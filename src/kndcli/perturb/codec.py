@@ -8,9 +8,12 @@ import numpy as np
 
 CODECS = ("mp3", "opus")
 # libsndfile maps its compression level (0 best .. 1 smallest) linearly onto a bitrate
-# range: MP3 (MPEG-2 layer III at 16 and 24 kHz) 160 -> 8 kbit/s, Opus 256 -> 6 kbit/s.
-# Measured on 16 kHz mono; the test checks the size of the encoded stream.
-_BITRATES = {"mp3": (8.0, 160.0), "opus": (6.0, 256.0)}
+# range. Opus: 256 -> 6 kbit/s at every rate. MP3: the range of the MPEG version the rate
+# selects, by lowest rate: MPEG-2.5 (8-12 kHz) 64 -> 8, MPEG-2 (16-24 kHz) 160 -> 8,
+# MPEG-1 (32-48 kHz) 320 -> 32 kbit/s; LAME then picks the nearest bitrate of that version.
+# Measured on mono at each rate; the test checks the size of the encoded stream.
+_OPUS_BITRATES = (6.0, 256.0)
+_MP3_BITRATES = ((32000, (32.0, 320.0)), (16000, (8.0, 160.0)), (0, (8.0, 64.0)))
 _FORMATS = {
     "mp3": ("MP3", "MPEG_LAYER_III"),
     "opus": ("OGG", "OPUS"),
@@ -43,7 +46,7 @@ def codec_roundtrip(
         x = soxr.resample(x, sample_rate, rate)
     fmt, subtype = _FORMATS[codec]
     buffer = io.BytesIO()
-    kwargs = {"compression_level": compression_level(codec, kbps)}
+    kwargs = {"compression_level": compression_level(codec, kbps, rate)}
     if codec == "mp3":
         kwargs["bitrate_mode"] = "CONSTANT"
     sf.write(buffer, x, rate, format=fmt, subtype=subtype, **kwargs)
@@ -61,7 +64,10 @@ def codec_roundtrip(
     return decoded.astype(np.float32), achieved
 
 
-def compression_level(codec: str, kbps: float) -> float:
-    """libsndfile's compression level for a target bitrate."""
-    low, high = _BITRATES[codec]
+def compression_level(codec: str, kbps: float, sample_rate: int) -> float:
+    """libsndfile's compression level for a target bitrate at `sample_rate` (clamped to
+    what the codec reaches there: MP3 at 44.1 kHz has nothing below 32 kbit/s)."""
+    low, high = _OPUS_BITRATES
+    if codec == "mp3":
+        low, high = next(span for lowest, span in _MP3_BITRATES if sample_rate >= lowest)
     return float(np.clip((high - kbps) / (high - low), 0.0, 0.99))
