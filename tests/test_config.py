@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -96,6 +97,26 @@ def test_cli_config_errors_are_one_line_exit_2(args, message):
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_config_cannot_copy_a_secret_from_the_environment(tmp_path):
+    """A config file from someone else naming ${oc.env:KND_API_TOKEN} would print the
+    token with the config and store it in run names: refused, with the variable named
+    and its value nowhere; other variables still resolve."""
+    foreign = tmp_path / "exp.yaml"
+    foreign.write_text(
+        "data:\n  raw: ${oc.env:DATA_ROOT}\ntrain:\n  run_name: r-${oc.env:KND_API_TOKEN}\n"
+    )
+    env = {**os.environ, "KND_API_TOKEN": "hunter2-secret", "DATA_ROOT": "/srv/audio"}
+    show = [sys.executable, "-m", "kndcli", "config", "show", "--config", str(foreign)]
+    proc = subprocess.run(show, capture_output=True, text=True, cwd=REPO, env=env, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "key 'train.run_name'" in proc.stderr and "KND_API_TOKEN" in proc.stderr
+    assert "looks like a secret" in proc.stderr
+    assert "hunter2" not in proc.stderr + proc.stdout
+    foreign.write_text("data:\n  raw: ${oc.env:DATA_ROOT}\n")
+    proc = subprocess.run(show, capture_output=True, text=True, cwd=REPO, env=env, timeout=60)
+    assert proc.returncode == 0 and "raw: /srv/audio" in proc.stdout
 
 
 def test_config_show_prints_resolved_yaml():

@@ -501,6 +501,7 @@ def _merged(
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    OmegaConf.register_resolver("oc.env", _env_but_no_secret, replace=True)
     merged = OmegaConf.structured(KndConfig)
     for file in files:
         merged = _merge(merged, _read_yaml(Path(file)), source=str(file))
@@ -521,6 +522,24 @@ def _merged(
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
         raise ConfigError(_describe(exc)) from None
+
+
+# Environment variables a config may not copy: a value resolved into a config is printed
+# by `knd config show` and --print-config, and lands in run names, W&B and bundles.
+_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|CREDENTIAL|PRIVATE|API_?KEY|ACCESS_?KEY", re.I)
+
+
+def _env_but_no_secret(name: str, *default: Any) -> Any:
+    """OmegaConf's `${oc.env:NAME[,default]}`, refusing names that hold secrets: a config
+    file from someone else could otherwise copy KND_API_TOKEN into a run name."""
+    from omegaconf.resolvers.oc import env
+
+    if _SECRET_NAME.search(name):
+        raise ValueError(
+            f"${{oc.env:{name}}}: a config may not copy {name}, which looks like a secret "
+            "(configs are printed and stored with runs); knd reads its secrets itself"
+        )
+    return env(name, *default)
 
 
 def _env_values(environ: Any) -> dict[str, str]:
