@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from tests.conftest import gcs_emulator, ravdess_clips
 
-from kndcli.errors import UsageError
+from kndcli.errors import KndError, UsageError
 from kndcli.gcs import gcs_filesystem
 from kndcli.inference.archive import Shard, list_sources, shard_from_env
 
@@ -217,21 +217,23 @@ def test_an_object_only_it_cannot_read_is_its_own_error_and_auth_stops_the_shard
     monkeypatch: pytest.MonkeyPatch, tiny_bundle: Path
 ) -> None:
     """A 400 for one object (a CMEK key its reader may not use) is that file's error row,
-    as 403 and 404 are; a 401 would fail every file after it, so it stops the shard, which
-    a rerun resumes, instead of writing the rest of the archive as error rows."""
+    as a 404 is; a 401 or 403 would fail every file after it, so it stops the shard with
+    one line saying how to resume, instead of writing the rest as error rows."""
     from kndcli.inference.archive import source_reader
     from kndcli.inference.predictor import Predictor
 
     predictor = Predictor.from_config(tiny_bundle)
     cmek = "The object uses a Cloud KMS key that is disabled"
-    with failing_gcs(monkeypatch, 400, cmek):
-        read = source_reader(["gs://b/x.wav"], 10)
-        [row] = predictor.predict_paths(["gs://b/x.wav"], read=read)
-    assert row.source == "gs://b/x.wav" and "Cloud KMS key" in row.error
-    with failing_gcs(monkeypatch, 401, "Login Required"):
-        with pytest.raises(Exception, match="Login Required") as stopped:
-            source_reader(["gs://b/x.wav"], 10)("gs://b/x.wav")
-        assert not isinstance(stopped.value, OSError)
+    for status, message, shown in ((400, cmek, "Cloud KMS key"), (404, "No such object", "x.wav")):
+        with failing_gcs(monkeypatch, status, message):
+            read = source_reader(["gs://b/x.wav"], 10)
+            [row] = predictor.predict_paths(["gs://b/x.wav"], read=read)
+        assert row.source == "gs://b/x.wav" and shown in row.error, row.error
+    for status, message in ((401, "Login Required"), (403, "has no storage.objects.get")):
+        with failing_gcs(monkeypatch, status, message):
+            read = source_reader(["gs://b/x.wav"], 10)
+            with pytest.raises(KndError, match=f"gs://b/x.wav: cannot read .*{message}"):
+                list(predictor.predict_paths(["gs://b/x.wav"], read=read))
 
 
 def test_shard_needs_out() -> None:

@@ -149,6 +149,21 @@ def test_zip_is_downloaded_verified_and_extracted(server: Served, tmp_path: Path
     assert not list(tmp_path.glob(".*extracting*"))
 
 
+def test_a_url_ending_in_the_dataset_s_name_is_downloaded_beside_its_folder(
+    server: Served, tmp_path: Path
+) -> None:
+    """/files/ravdess for the dataset ravdess: the archive cannot be saved where the
+    extracted folder goes, so it is kept as ravdess.archive beside it."""
+    data = make_zip(CLIPS)
+    server.files["ravdess"] = data
+    url = server.url("ravdess")
+    target = download_dataset("ravdess", out=tmp_path, url=url, md5=md5(data), progress=False)
+    assert target == tmp_path / "ravdess" and tree(target) == CLIPS
+    assert (tmp_path / "ravdess.archive").read_bytes() == data
+    again = download_dataset("ravdess", out=tmp_path, url=url, md5=md5(data), progress=False)
+    assert again == target and tree(target) == CLIPS
+
+
 def test_tar_gz_is_extracted(server: Served, tmp_path: Path) -> None:
     data = make_tar(CLIPS)
     server.files["tess.tar.gz"] = data

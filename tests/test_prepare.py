@@ -202,13 +202,33 @@ def test_synth_prepared_has_disjoint_speaker_splits(synth_prepared):
     assert len(ps.rows) == 240
 
 
-def test_remote_prepared_set_is_fetched_once(synth_prepared, tmp_path):
+def test_remote_prepared_set_is_fetched_once(synth_prepared, tmp_path, monkeypatch):
+    """Downloaded once per version of the remote set: the same URL prepared and uploaded
+    again is fetched again, not read stale from the cache; a copy whose files disagree
+    says which folder to delete."""
     from kndcli.data.store import local_prepared
 
-    cache = tmp_path / "cache"
-    local = local_prepared(f"file://{synth_prepared}", cache=cache)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    remote = tmp_path / "bucket" / "prep"
+    shutil.copytree(synth_prepared, remote)
+    url, cache = f"file://{remote}", tmp_path / "home" / ".cache" / "knd" / "prepared"
+    local = local_prepared(url, cache=cache)
     assert local.parent == cache
     assert PreparedSet.open(local).rows == PreparedSet.open(synth_prepared).rows
-    assert local_prepared(f"file://{synth_prepared}", cache=cache) == local
+    assert local_prepared(url, cache=cache) == local
     with pytest.raises(KndError, match="no prepared set at file://"):
         local_prepared(f"file://{tmp_path}/nothing", cache=cache)
+
+    rows = list(csv.DictReader((remote / "manifest.csv").open(newline="")))
+    rows[0]["split"] = "test" if rows[0]["split"] != "test" else "train"
+    _write_rows(remote / "manifest.csv", rows)
+    info = remote / "prepare.json"
+    info.write_text(info.read_text())  # uploaded again: prepare.json last
+    os.utime(info, ns=(info.stat().st_mtime_ns + 10**9,) * 2)
+    again = local_prepared(url, cache=cache)
+    assert again != local and PreparedSet.open(url).rows[0]["split"] == rows[0]["split"]
+
+    waveforms = again / "waveforms.bin"
+    waveforms.write_bytes(waveforms.read_bytes()[:-64])
+    with pytest.raises(KndError, match=f"the copy of {url}: .* delete {again}"):
+        PreparedSet.open(url)

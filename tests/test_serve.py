@@ -372,6 +372,8 @@ def test_a_tokenless_loopback_service_refuses_other_names_and_foreign_pages(
     from websockets.exceptions import InvalidStatus
     from websockets.sync.client import connect
 
+    from kndcli.serving.stream_client import _refusal
+
     server = serve()
     port = server.settings.port
     clip = wav_bytes(0.5)
@@ -384,6 +386,8 @@ def test_a_tokenless_loopback_service_refuses_other_names_and_foreign_pages(
     with pytest.raises(InvalidStatus) as refused:
         connect(ws_url, origin="https://evil.example", open_timeout=10)
     assert refused.value.response.status_code == 403
+    # The refusal carries its reason, which `knd stream` prints.
+    assert "a page from 'https://evil.example'" in _refusal(refused.value)
     # Loopback names, with or without a port or a loopback page, are the service's users.
     for headers in (
         {},

@@ -63,7 +63,7 @@ class PreparedSet:
         info = json.loads(info_path.read_text())
         with (root / MANIFEST).open(newline="") as handle:
             rows = list(csv.DictReader(handle))
-        _check_consistent(root, info, rows)
+        _check_consistent(root, info, rows, str(location))
         return cls(root=root, info=info, rows=rows, source=str(location))
 
     @property
@@ -120,7 +120,7 @@ def to_stored(samples: np.ndarray, dtype: str) -> np.ndarray:
     return samples.astype(np.float32)
 
 
-def _check_consistent(root: Path, info: dict, rows: list[dict[str, str]]) -> None:
+def _check_consistent(root: Path, info: dict, rows: list[dict[str, str]], source: str) -> None:
     """Refuse a set whose files come from two different prepares.
 
     `knd data prepare` replaces its four files one after another, so one stopped between
@@ -138,6 +138,11 @@ def _check_consistent(root: Path, info: dict, rows: list[dict[str, str]]) -> Non
         problem = f"{WAVEFORMS} holds {held} samples, {INFO} says {info['total_samples']}"
     elif rows and max(int(r["offset"]) + int(r["length"]) for r in rows) > held:
         problem = f"{MANIFEST} points past the end of {WAVEFORMS}"
+    if problem and "://" in source:
+        raise KndError(
+            f"{root}, the copy of {source}: its files disagree ({problem}); it was probably "
+            f"downloaded while the set was being uploaded: delete {root} to download it again"
+        )
     if problem:
         raise KndError(
             f"{root}: the prepared set's files disagree ({problem}); a 'knd data prepare' "
@@ -165,6 +170,9 @@ def local_prepared(location: str | Path, cache: Path | None = None) -> Path:
     """A local directory for a prepared set, downloading it once if it lives at gs://...
 
     Vertex AI jobs read their data from a bucket; the memory-mapped store needs a file.
+    The copy is keyed by the URL and the version of the remote prepare.json (written
+    last by prepare, uploaded last by `gcloud storage cp -r`), so a set prepared and
+    uploaded again to the same URL is downloaded again, not read stale from the cache.
     """
     text = str(location)
     if "://" not in text:
@@ -173,11 +181,27 @@ def local_prepared(location: str | Path, cache: Path | None = None) -> Path:
 
     import fsspec
 
-    target = (cache or Path.home() / ".cache" / "knd" / "prepared") / hashlib.sha256(
-        text.encode()
-    ).hexdigest()[:16]
+    fs, _, [root] = fsspec.get_fs_token_paths(text)
+    remote_info = f"{root.rstrip('/')}/{INFO}"
+    try:
+        meta = fs.info(remote_info)
+    except FileNotFoundError:
+        raise UsageError(
+            f"no prepared set at {text}: upload one made by 'knd data prepare'"
+        ) from None
+    version = next(
+        (str(meta[k]) for k in ("generation", "md5Hash", "ETag", "mtime") if meta.get(k)), ""
+    )
+    key = hashlib.sha256(f"{text}\n{version}\n{meta.get('size')}".encode()).hexdigest()[:16]
+    target = (cache or Path.home() / ".cache" / "knd" / "prepared") / key
     if (target / INFO).is_file():
         return target
+    partial = target.with_name(target.name + ".partial")
+    partial.mkdir(parents=True, exist_ok=True)
+    for name in (MANIFEST, WAVEFORMS, FEATURES, INFO):
+        fs.get_file(f"{root.rstrip('/')}/{name}", str(partial / name))
+    partial.replace(target)
+    return target
     fs, _, [root] = fsspec.get_fs_token_paths(text)
     if not fs.exists(f"{root.rstrip('/')}/{INFO}"):
         raise UsageError(f"no prepared set at {text}: upload one made by 'knd data prepare'")

@@ -149,10 +149,11 @@ def download_dataset(
 
 
 def archive_filename(url: str, name: str) -> str:
-    """The archive's file name from the URL path, made safe to use inside `out`."""
+    """The archive's file name from the URL path, made safe to use inside `out`, and never
+    the dataset's own folder name (a URL ending in /ravdess for the dataset ravdess)."""
     last = unquote(urlsplit(url).path.rsplit("/", 1)[-1])
     last = re.sub(r"[^A-Za-z0-9._\-]", "_", last).lstrip(".")
-    return last or f"{name}.archive"
+    return last if last and last != name else f"{name}.archive"
 
 
 def file_md5(path: Path) -> str:

@@ -152,12 +152,16 @@ def source_reader(sources: list[str], max_file_mb: float) -> Callable[[str], Any
             return source
         try:
             data = fs.cat_file(source[5:], start=0, end=limit + 1)
-        except OSError:
-            raise  # gone (404) or forbidden (403): this object only
         except Exception as exc:
+            why = " ".join(str(exc).split()) or type(exc).__name__
             if _this_object_only(exc):
-                raise OSError(str(exc).strip()) from exc
-            raise  # credentials, quota or the service: stop; the part is redone on resume
+                raise OSError(why) from exc
+            # Not an OSError, which would make this file an error row: stop the shard
+            # here; a rerun resumes at this part.
+            raise KndError(
+                f"{source}: cannot read ({type(exc).__name__}: {why}); "
+                "stopped this shard, run the same command again to resume"
+            ) from exc
         if len(data) > limit:
             raise AudioError(
                 source, f"file is over the {max_file_mb:g} MB limit (audio.max_file_mb)"
@@ -168,12 +172,16 @@ def source_reader(sources: list[str], max_file_mb: float) -> Callable[[str], Any
 
 
 def _this_object_only(exc: Exception) -> bool:
-    """Whether a failed read concerns its object alone (a 4xx such as 400 for a CMEK key
-    the object's reader cannot use), not every read to come (401, 408, 429, a 5xx after
-    gcsfs' retries, a bucket-wide "requester pays"), which would turn the rest of the
-    archive into error rows instead of stopping where a resume picks up."""
+    """Whether a failed read concerns its object alone: gone since it was listed (404), or
+    a 4xx about that object such as 400 for a CMEK key it cannot use. Everything else
+    would fail the reads to come as well and turn the rest of the archive into error
+    rows: credentials (401), permission (403: with uniform bucket-level access, GCP's
+    default, it is bucket-wide), 408, 429, a 5xx after gcsfs' retries, a bucket-wide
+    "requester pays", or no network."""
+    if isinstance(exc, FileNotFoundError):
+        return True
     code = getattr(exc, "code", None)
-    return isinstance(code, int) and 400 <= code < 500 and code not in (401, 408, 429)
+    return isinstance(code, int) and 400 <= code < 500 and code not in (401, 403, 408, 429)
 
 
 @dataclass

@@ -43,6 +43,7 @@ class SpeechSegmenter:
         self.start: int | None = None  # first frame of the open segment
         self.last_speech = 0  # frame after the open segment's last speech frame
         self.closed_until = 0.0  # end of the previous segment (seconds), padding included
+        self.finished = False
 
     @property
     def open_since(self) -> float | None:
@@ -52,6 +53,8 @@ class SpeechSegmenter:
         return max(self.closed_until, self.start * FRAME_S - self.cfg.pad_s)
 
     def push(self, block: np.ndarray) -> list[tuple[float, float]]:
+        if self.finished:
+            raise RuntimeError("SpeechSegmenter.push after finish: the recording has ended")
         if self.resampler is not None:
             block = self.resampler.resample_chunk(block)
         return self._judge_block(block)
@@ -70,16 +73,19 @@ class SpeechSegmenter:
     def finish(self) -> list[tuple[float, float]]:
         """The segments still open, closed at the end of the recording.
 
-        A resampler holds back its last few dozen milliseconds until told the input has
-        ended (0.03 s at 22.05 kHz, 0.09 s at 11.025 kHz): they are judged first, or
-        speech running to the end of a recording at such a rate would end early.
+        A resampler holds back up to a few dozen milliseconds until told the input has
+        ended (up to 0.09 s measured at 11.025 kHz): they are judged first, or speech
+        running to the end of a recording at such a rate would end early. Nothing may be
+        pushed after this.
         """
+        if self.finished:
+            raise RuntimeError("SpeechSegmenter.finish was called already")
+        self.finished = True
         closed: list[tuple[float, float]] = []
         if self.resampler is not None:
             closed = self._judge_block(
                 self.resampler.resample_chunk(np.zeros(0, np.float32), last=True)
             )
-            self.resampler = None
         if self.start is None:
             return closed
         return closed + self._close(self.last_speech)

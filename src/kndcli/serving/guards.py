@@ -12,6 +12,7 @@ passes; the body readers (`body.limited_stream`) turn its errors into 408 and 50
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -113,6 +114,13 @@ class LoopbackOnlyMiddleware:
         problem = self._foreign(scope) if scope["type"] in ("http", "websocket") else None
         if problem is None:
             await self.app(scope, receive, send)
+        elif "websocket.http.response" in scope.get("extensions", {}):
+            # A refused handshake answers with the JSON error; a close before accept
+            # would reach the client as a bare 403 with no reason.
+            body = json.dumps({"error": problem, "status": 403, "request_id": None}).encode()
+            headers = [(b"content-type", b"application/json")]
+            await send({"type": "websocket.http.response.start", "status": 403, "headers": headers})
+            await send({"type": "websocket.http.response.body", "body": body})
         elif scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008, "reason": problem[:120]})
         else:

@@ -59,6 +59,15 @@ def pcm16_chunks(blocks: Iterable[np.ndarray], rate: int, chunk_s: float) -> Ite
         yield pending
 
 
+def _refusal(exc: Exception) -> str:
+    """The server's JSON reason for refusing the handshake (knd's 403s carry one)."""
+    body = getattr(getattr(exc, "response", None), "body", None) or b""
+    try:
+        return f" ({json.loads(body)['error']})"
+    except (ValueError, KeyError, TypeError):
+        return ""
+
+
 def stream_audio(
     url: str,
     chunks: Iterable[bytes],
@@ -86,7 +95,7 @@ def stream_audio(
     try:
         ws = connect(url, additional_headers=headers, open_timeout=open_timeout_s)
     except (OSError, InvalidHandshake, TimeoutError) as exc:
-        raise KndError(f"cannot open {url}: {exc}") from None
+        raise KndError(f"cannot open {url}: {exc}{_refusal(exc)}") from None
     with ws:
         failed: list[Exception] = []  # what stopped the sender (a file that breaks off)
         sender = threading.Thread(
