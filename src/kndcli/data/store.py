@@ -170,9 +170,10 @@ def local_prepared(location: str | Path, cache: Path | None = None) -> Path:
     """A local directory for a prepared set, downloading it once if it lives at gs://...
 
     Vertex AI jobs read their data from a bucket; the memory-mapped store needs a file.
-    The copy is keyed by the URL and the version of the remote prepare.json (written
-    last by prepare, uploaded last by `gcloud storage cp -r`), so a set prepared and
-    uploaded again to the same URL is downloaded again, not read stale from the cache.
+    The copy is keyed by the URL and the version of the remote prepare.json, which every
+    prepare rewrites, so a set prepared and uploaded again to the same URL is downloaded
+    again, not read stale from the cache. (A copy taken mid-upload fails the consistency
+    check of `PreparedSet.open`, which says which folder to delete.)
     """
     text = str(location)
     if "://" not in text:
@@ -196,15 +197,6 @@ def local_prepared(location: str | Path, cache: Path | None = None) -> Path:
     target = (cache or Path.home() / ".cache" / "knd" / "prepared") / key
     if (target / INFO).is_file():
         return target
-    partial = target.with_name(target.name + ".partial")
-    partial.mkdir(parents=True, exist_ok=True)
-    for name in (MANIFEST, WAVEFORMS, FEATURES, INFO):
-        fs.get_file(f"{root.rstrip('/')}/{name}", str(partial / name))
-    partial.replace(target)
-    return target
-    fs, _, [root] = fsspec.get_fs_token_paths(text)
-    if not fs.exists(f"{root.rstrip('/')}/{INFO}"):
-        raise UsageError(f"no prepared set at {text}: upload one made by 'knd data prepare'")
     partial = target.with_name(target.name + ".partial")
     partial.mkdir(parents=True, exist_ok=True)
     for name in (MANIFEST, WAVEFORMS, FEATURES, INFO):
