@@ -224,7 +224,13 @@ def test_an_object_only_it_cannot_read_is_its_own_error_and_auth_stops_the_shard
 
     predictor = Predictor.from_config(tiny_bundle)
     cmek = "The object uses a Cloud KMS key that is disabled"
-    for status, message, shown in ((400, cmek, "Cloud KMS key"), (404, "No such object", "x.wav")):
+    gone = "No such object"
+    invalid = "Key invalid for this object"  # gcsfs raises a ValueError, without a code
+    for status, message, shown in (
+        (400, cmek, cmek),
+        (400, invalid, invalid),
+        (404, gone, "x.wav"),
+    ):
         with failing_gcs(monkeypatch, status, message):
             read = source_reader(["gs://b/x.wav"], 10)
             [row] = predictor.predict_paths(["gs://b/x.wav"], read=read)
@@ -234,6 +240,31 @@ def test_an_object_only_it_cannot_read_is_its_own_error_and_auth_stops_the_shard
             read = source_reader(["gs://b/x.wav"], 10)
             with pytest.raises(KndError, match=f"gs://b/x.wav: cannot read .*{message}"):
                 list(predictor.predict_paths(["gs://b/x.wav"], read=read))
+
+
+def test_a_read_that_stops_the_run_does_not_wait_for_the_reads_queued_behind_it(
+    tiny_bundle: Path,
+) -> None:
+    """Sixty reads are queued ahead of the scorer; when the first stops the run (a bucket
+    refusing every read), the error arrives at once, not after each queued read has
+    spent its own retries."""
+    from kndcli.inference.predictor import Predictor
+
+    started: list[str] = []
+
+    def read(source: str) -> bytes:
+        started.append(source)
+        if source == "gs://b/0.wav":
+            raise KndError("gs://b/0.wav: cannot read (refused); stopped this shard")
+        time.sleep(1.0)  # a read in gcsfs' retries
+        raise FileNotFoundError(source)
+
+    names = [f"gs://b/{i}.wav" for i in range(60)]
+    began = time.perf_counter()
+    with pytest.raises(KndError, match="stopped this shard"):
+        list(Predictor.from_config(tiny_bundle).predict_paths(names, read=read, workers=2))
+    assert time.perf_counter() - began < 5.0
+    assert len(started) < 10
 
 
 def test_shard_needs_out() -> None:

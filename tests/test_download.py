@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from kndcli.datasets.download import MARKER, download_dataset, extract_archive
+from kndcli.datasets.download import MARKER, archive_filename, download_dataset, extract_archive
 from kndcli.errors import KndError
 
 
@@ -162,6 +162,8 @@ def test_a_url_ending_in_the_dataset_s_name_is_downloaded_beside_its_folder(
     assert (tmp_path / "ravdess.archive").read_bytes() == data
     again = download_dataset("ravdess", out=tmp_path, url=url, md5=md5(data), progress=False)
     assert again == target and tree(target) == CLIPS
+    # Case-insensitive file systems (macOS, Windows) would put /RAVDESS on the folder too.
+    assert archive_filename("https://h/files/RAVDESS", "ravdess") == "ravdess.archive"
 
 
 def test_tar_gz_is_extracted(server: Served, tmp_path: Path) -> None:

@@ -227,6 +227,18 @@ def test_remote_prepared_set_is_fetched_once(synth_prepared, tmp_path, monkeypat
     os.utime(info, ns=(info.stat().st_mtime_ns + 10**9,) * 2)
     again = local_prepared(url, cache=cache)
     assert again != local and PreparedSet.open(url).rows[0]["split"] == rows[0]["split"]
+    assert not local.exists()  # one copy per URL: the earlier version is removed
+
+    # Offline or without credentials, the copy already here is used, with a warning.
+    import fsspec.implementations.local as fs_local
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("network is unreachable")
+
+    monkeypatch.setattr(fs_local.LocalFileSystem, "info", unreachable)
+    assert local_prepared(url, cache=cache) == again
+    monkeypatch.undo()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
 
     waveforms = again / "waveforms.bin"
     waveforms.write_bytes(waveforms.read_bytes()[:-64])

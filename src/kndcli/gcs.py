@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -18,6 +19,9 @@ def gcs_filesystem(what: str) -> Any:
         import gcsfs
     except ImportError:
         raise KndError(f"{what} needs gcsfs: install kndcli[cloud]") from None
+    # gcsfs logs a traceback for each read it gives up on; knd reports those errors
+    # itself, in one line per file or one line that stops the run.
+    logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
     emulator = os.environ.get("STORAGE_EMULATOR_HOST", "")
     kwargs: dict[str, Any] = {"skip_instance_cache": True}
     if emulator and emulator != "default":

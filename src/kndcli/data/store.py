@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
+import sys
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -183,23 +185,49 @@ def local_prepared(location: str | Path, cache: Path | None = None) -> Path:
     import fsspec
 
     fs, _, [root] = fsspec.get_fs_token_paths(text)
-    remote_info = f"{root.rstrip('/')}/{INFO}"
+    base = cache or Path.home() / ".cache" / "knd" / "prepared"
     try:
-        meta = fs.info(remote_info)
+        meta = fs.info(f"{root.rstrip('/')}/{INFO}")
     except FileNotFoundError:
         raise UsageError(
             f"no prepared set at {text}: upload one made by 'knd data prepare'"
         ) from None
+    except Exception as exc:  # offline, no credentials: the copy already here will do
+        copies = _copies_of(base, text)
+        if not copies:
+            raise KndError(f"cannot read {text} ({type(exc).__name__}: {exc})") from None
+        print(f"warning: cannot reach {text}; using the copy at {copies[0]}", file=sys.stderr)
+        return copies[0]
     version = next(
         (str(meta[k]) for k in ("generation", "md5Hash", "ETag", "mtime") if meta.get(k)), ""
     )
     key = hashlib.sha256(f"{text}\n{version}\n{meta.get('size')}".encode()).hexdigest()[:16]
-    target = (cache or Path.home() / ".cache" / "knd" / "prepared") / key
+    target = base / key
     if (target / INFO).is_file():
         return target
+    older = _copies_of(base, text)
     partial = target.with_name(target.name + ".partial")
     partial.mkdir(parents=True, exist_ok=True)
     for name in (MANIFEST, WAVEFORMS, FEATURES, INFO):
         fs.get_file(f"{root.rstrip('/')}/{name}", str(partial / name))
+    (partial / _SOURCE).write_text(text)
     partial.replace(target)
+    for copy in older:  # earlier versions of the same URL: one copy per URL is kept
+        shutil.rmtree(copy, ignore_errors=True)
     return target
+
+
+# In each downloaded copy: the URL it is a copy of.
+_SOURCE = ".source"
+
+
+def _copies_of(cache: Path, text: str) -> list[Path]:
+    """Complete copies of the prepared set at URL `text` in `cache`, newest first."""
+    if not cache.is_dir():
+        return []
+    found = [
+        d
+        for d in cache.iterdir()
+        if (d / INFO).is_file() and (d / _SOURCE).is_file() and (d / _SOURCE).read_text() == text
+    ]
+    return sorted(found, key=lambda d: (d / INFO).stat().st_mtime, reverse=True)

@@ -153,7 +153,7 @@ def archive_filename(url: str, name: str) -> str:
     the dataset's own folder name (a URL ending in /ravdess for the dataset ravdess)."""
     last = unquote(urlsplit(url).path.rsplit("/", 1)[-1])
     last = re.sub(r"[^A-Za-z0-9._\-]", "_", last).lstrip(".")
-    return last if last and last != name else f"{name}.archive"
+    return last if last and last.lower() != name else f"{name}.archive"
 
 
 def file_md5(path: Path) -> str:

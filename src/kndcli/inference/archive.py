@@ -180,6 +180,8 @@ def _this_object_only(exc: Exception) -> bool:
     "requester pays", or no network."""
     if isinstance(exc, FileNotFoundError):
         return True
+    if isinstance(exc, ValueError) and str(exc).startswith("Bad Request:"):
+        return True  # gcsfs' 400 whose message says "invalid" (no code attached)
     code = getattr(exc, "code", None)
     return isinstance(code, int) and 400 <= code < 500 and code not in (401, 403, 408, 429)
 

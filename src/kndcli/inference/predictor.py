@@ -322,19 +322,28 @@ class Predictor:
         # in memory at once, yet the decoders keep working while a batch is scored.
         ahead = max(2 * batch_size, 2 * workers)
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            todo = iter(paths)
-            inflight: deque[Future[Audio | Prediction]] = deque(
-                pool.submit(load, path) for path in itertools.islice(todo, ahead)
-            )
-            pending: list[Audio | Prediction] = []
-            while inflight:
-                pending.append(inflight.popleft().result())
-                for path in itertools.islice(todo, 1):
-                    inflight.append(pool.submit(load, path))
-                if len(pending) >= batch_size:
-                    yield from self.predict_decoded(pending, timeline=timeline, features=features)
-                    pending = []
-            yield from self.predict_decoded(pending, timeline=timeline, features=features)
+            try:
+                todo = iter(paths)
+                inflight: deque[Future[Audio | Prediction]] = deque(
+                    pool.submit(load, path) for path in itertools.islice(todo, ahead)
+                )
+                pending: list[Audio | Prediction] = []
+                while inflight:
+                    pending.append(inflight.popleft().result())
+                    for path in itertools.islice(todo, 1):
+                        inflight.append(pool.submit(load, path))
+                    if len(pending) >= batch_size:
+                        yield from self.predict_decoded(
+                            pending, timeline=timeline, features=features
+                        )
+                        pending = []
+                yield from self.predict_decoded(pending, timeline=timeline, features=features)
+            except BaseException:
+                # A read that stops the run (a bucket refusing every read), or a caller
+                # that stops early: the reads queued behind it are dropped, not waited for
+                # (each could spend half a minute in gcsfs' retries).
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
 
     def predict_decoded(
         self, items: list[Audio | Prediction], *, timeline: bool = False, features: bool = False

@@ -248,7 +248,7 @@ def _comparison_set(
         return None, split
     try:
         prepared = PreparedSet.open(location)
-    except UsageError:
+    except KndError:  # gone, unreachable or inconsistent: the recorded set is optional
         if data:
             raise
         return None, split
