@@ -140,16 +140,15 @@ def _check_consistent(root: Path, info: dict, rows: list[dict[str, str]], source
         problem = f"{WAVEFORMS} holds {held} samples, {INFO} says {info['total_samples']}"
     elif rows and max(int(r["offset"]) + int(r["length"]) for r in rows) > held:
         problem = f"{MANIFEST} points past the end of {WAVEFORMS}"
-    if problem and "://" in source:
-        raise KndError(
-            f"{root}, the copy of {source}: its files disagree ({problem}); it was probably "
-            f"downloaded while the set was being uploaded: delete {root} to download it again"
-        )
-    if problem:
-        raise KndError(
-            f"{root}: the prepared set's files disagree ({problem}); a 'knd data prepare' "
-            "was probably stopped while replacing them: run it again"
-        )
+    if problem is None:
+        return
+    if "://" in source:
+        where = f"{root}, the copy of {source}"
+        why = f"downloaded while the set was being uploaded: delete {root} to download it again"
+    else:
+        where = f"{root}: the prepared set"
+        why = "a 'knd data prepare' was stopped while replacing them: run it again"
+    raise KndError(f"{where}: its files disagree ({problem}); probably {why}")
 
 
 def write_manifest(path: Path, rows: list[dict]) -> None:

@@ -12,7 +12,6 @@ passes; the body readers (`body.limited_stream`) turn its errors into 408 and 50
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -114,21 +113,27 @@ class LoopbackOnlyMiddleware:
         problem = self._foreign(scope) if scope["type"] in ("http", "websocket") else None
         if problem is None:
             await self.app(scope, receive, send)
+            return
+        from starlette.requests import HTTPConnection
+
+        from kndcli.serving.errors import error_response
+
+        refusal = error_response(HTTPConnection(scope), 403, problem)  # type: ignore[arg-type]
+        if scope["type"] == "http":
+            await refusal(scope, receive, send)
         elif "websocket.http.response" in scope.get("extensions", {}):
-            # A refused handshake answers with the JSON error; a close before accept
+            # A refused handshake answers with the same JSON error; a close before accept
             # would reach the client as a bare 403 with no reason.
-            body = json.dumps({"error": problem, "status": 403, "request_id": None}).encode()
-            headers = [(b"content-type", b"application/json")]
-            await send({"type": "websocket.http.response.start", "status": 403, "headers": headers})
-            await send({"type": "websocket.http.response.body", "body": body})
-        elif scope["type"] == "websocket":
-            await send({"type": "websocket.close", "code": 1008, "reason": problem[:120]})
+            await send(
+                {
+                    "type": "websocket.http.response.start",
+                    "status": 403,
+                    "headers": refusal.raw_headers,
+                }
+            )
+            await send({"type": "websocket.http.response.body", "body": refusal.body})
         else:
-            from starlette.requests import Request
-
-            from kndcli.serving.errors import error_response
-
-            await error_response(Request(scope), 403, problem)(scope, receive, send)
+            await send({"type": "websocket.close", "code": 1008, "reason": problem[:120]})
 
     def _foreign(self, scope: dict) -> str | None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
