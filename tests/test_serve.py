@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import os
 import re
 import signal
@@ -472,8 +473,13 @@ def test_restart_keeps_the_log(serve: Callable[..., LiveServer]) -> None:
     assert logged == old + new
 
 
-def test_a_request_the_log_refuses_is_503_not_acknowledged(server: LiveServer) -> None:
-    """No 200 without a log record: a failed write is a 503 and the service recovers."""
+def test_a_request_the_log_refuses_is_503_not_acknowledged(
+    server: LiveServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No 200 without a log record: a failed write is a 503 and the service recovers.
+
+    The client is told to retry; the cause, which names the log's path, goes to the server log.
+    """
     import sqlite3
 
     ok = post_file(server.url, wav_bytes(0.5)).json()["request_id"]
@@ -483,7 +489,10 @@ def test_a_request_the_log_refuses_is_503_not_acknowledged(server: LiveServer) -
         "BEGIN SELECT RAISE(ABORT, 'disk quota exceeded'); END"
     )
     other.commit()
-    body = assert_error(post_file(server.url, wav_bytes(0.5)), 503, "prediction log", "quota")
+    with caplog.at_level(logging.ERROR, logger="kndcli.serving.service"):
+        body = assert_error(post_file(server.url, wav_bytes(0.5)), 503, "prediction log", "retry")
+    assert "quota" not in str(body) and str(server.settings.log_sink) not in str(body)
+    assert "disk quota exceeded" in caplog.text and str(server.settings.log_sink) in caplog.text
     other.execute("DROP TRIGGER refuse")
     other.commit()
     other.close()

@@ -141,8 +141,12 @@ class ServiceState:
             try:
                 await anyio.to_thread.run_sync(functools.partial(self.log.write, records))
             except PredictionLogError as exc:
-                # A busy or full log frees up: the client may send the clip again.
-                raise ApiError(503, f"prediction log unavailable: {exc}", LOG_RETRY_AFTER) from None
+                # The cause names the log's path or bucket: the operator's log gets it, the
+                # client only what to do. A busy or full log frees up, so it may retry.
+                logger.error("prediction log write failed, answering 503: %s", exc)
+                raise ApiError(
+                    503, "prediction log unavailable; retry shortly", LOG_RETRY_AFTER
+                ) from None
         for s in scored:
             if s.prediction is not None:
                 self.metrics.predictions.labels(s.prediction.label).inc()
