@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ from kndcli.data.store import PreparedSet
 from kndcli.errors import KndError
 
 runner = CliRunner()
+KND = Path(sys.executable).parent / "knd"  # the installed console script
 
 
 def _cfg(raw: Path, out: Path, *extra: str):
@@ -144,9 +147,37 @@ def test_a_tighter_audio_limit_on_a_rerun_applies_to_every_clip(two_actor_copy, 
     limits are not reused once a limit they break is set."""
     prepare_dataset(_cfg(two_actor_copy, tmp_path / "prep"))
     tight = _cfg(two_actor_copy, tmp_path / "prep", "audio.max_file_mb=0.001")
-    result = prepare_dataset(tight)
-    assert result.n_reused == 0 and result.n_clips == 0
-    assert "audio.max_file_mb" in result.failures[0]
+    with pytest.raises(KndError, match="none of the .* clips could be read") as refused:
+        prepare_dataset(tight)
+    assert "audio.max_file_mb" in str(refused.value)
+
+
+def test_a_rerun_that_reads_no_clip_keeps_the_set_it_would_replace(two_actor_copy, tmp_path):
+    """A typo'd limit or a stale mount fails every file: the good set must survive it."""
+    first = prepare_dataset(_cfg(two_actor_copy, tmp_path / "prep"))
+    before = {f.name: f.read_bytes() for f in (tmp_path / "prep").iterdir()}
+    result = subprocess.run(
+        [
+            KND,
+            "data",
+            "prepare",
+            "--raw",
+            two_actor_copy,
+            "--prepared",
+            tmp_path / "prep",
+            "--set",
+            "audio.max_duration_s=0.5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 3, result.stderr  # a runtime failure: nothing was done
+    assert "none of the 120 clips could be read" in result.stderr
+    assert "left as it was" in result.stderr and "audio.max_duration_s" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert {f.name: f.read_bytes() for f in (tmp_path / "prep").iterdir()} == before
+    assert len(PreparedSet.open(tmp_path / "prep").indices()) == first.n_clips
 
 
 def test_cli_prepare_and_split_report(ravdess_two_actors, tmp_path):

@@ -130,6 +130,14 @@ def prepare_dataset(
             feature_rows.append(feats)
             offset += len(samples)
     previous.clear()
+    if not rows:
+        # Every file failed (a limit set too tight, a stale mount): replacing the set
+        # would throw away a good one for nothing.
+        tmp_wave.unlink()
+        raise KndError(
+            f"{data.raw}: none of the {len(found.clips)} clips could be read, so {out} is "
+            f"left as it was (the first: {failures[0]})"
+        )
 
     leaks = shared_speakers(rows)
     if leaks and not data.split.allow_shared_speakers:
