@@ -78,6 +78,37 @@ def test_every_command_and_option_is_in_the_readme_table():
             assert f"`{flag}" in row, f"knd {' '.join(path)}: {flag} missing from README"
 
 
+def test_a_flag_that_sets_a_key_sets_it_in_every_command_that_has_it():
+    """`load` maps a flag to its key by name alone: a plain option of the same name in
+    another command (invoke's old `--timeout`) would be written into that key."""
+    import typer
+
+    from kndcli.cli.main import app
+    from kndcli.cli.options import FLAG_KEYS
+
+    root = typer.main.get_command(app)
+    for path in leaf_commands():
+        command = root
+        for name in path:
+            command = command.commands[name]
+        for param in command.params:
+            key = FLAG_KEYS.get(param.opts[0]) if param.param_type_name == "option" else None
+            if key is not None:
+                assert f"(sets {key})" in (param.help or ""), (
+                    f"knd {' '.join(path)} {param.opts[0]}: a plain option named like the "
+                    f"flag that sets {key}"
+                )
+
+
+def test_cloud_invoke_max_time_is_its_own_option_not_the_jobs_timeout(tmp_path):
+    clip = tmp_path / "a.wav"
+    clip.write_bytes(b"RIFF")
+    shown = knd("cloud", "invoke", "svc", clip, "--max-time", "0.5", "--print-config")
+    assert shown.returncode == 0, shown.stderr
+    assert "\n  timeout: 24h\n" in shown.stdout  # cloud.timeout untouched
+    assert_usage_error(knd("cloud", "invoke", "svc", clip, "--max-time", "0"), "knd cloud invoke")
+
+
 def test_help_paragraphs_wrap_to_the_terminal_not_to_the_source():
     """Every paragraph of every command's help is one line of text, which the terminal
     wraps; a source line break would print mid-sentence (`knd evaluate --help` did)."""

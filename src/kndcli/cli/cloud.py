@@ -437,7 +437,11 @@ def invoke(
     public: Annotated[
         bool, typer.Option("--public", help="No ID token: the service allows unauthenticated.")
     ] = False,
-    timeout: Annotated[float, typer.Option("--timeout", help="Seconds per request.")] = 60.0,
+    # Not --timeout: that flag sets cloud.timeout (a job's longest run) in every command.
+    max_time: Annotated[
+        float,
+        typer.Option("--max-time", min=0.001, help="Seconds to wait for each file's answer."),
+    ] = 60.0,
     config: opt.ConfigFiles = None,
     sets: opt.Sets = None,
     print_config: opt.PrintConfig = False,
@@ -471,7 +475,7 @@ def invoke(
     headers = calls.invoke_headers(None if public else calls.identity_token(url), knd_token)
     failed = 0
     for path in paths:
-        answer = calls.post_clip(url, path, headers, timeout)
+        answer = calls.post_clip(url, path, headers, max_time)
         failed += answer["status"] != 200
         typer.echo(json.dumps(answer))
     if failed:
