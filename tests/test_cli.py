@@ -109,6 +109,12 @@ def test_cloud_invoke_max_time_is_its_own_option_not_the_jobs_timeout(tmp_path):
     assert_usage_error(knd("cloud", "invoke", "svc", clip, "--max-time", "0"), "knd cloud invoke")
 
 
+def test_demo_with_too_few_actors_is_a_usage_error(tmp_path):
+    proc = knd("demo", "--actors", "2", "--out", tmp_path / "demo")
+    assert_usage_error(proc, "knd demo")
+    assert "--actors" in proc.stderr and not (tmp_path / "demo").exists()
+
+
 def test_help_paragraphs_wrap_to_the_terminal_not_to_the_source():
     """Every paragraph of every command's help is one line of text, which the terminal
     wraps; a source line break would print mid-sentence (`knd evaluate --help` did)."""

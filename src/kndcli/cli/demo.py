@@ -16,7 +16,7 @@ def demo(
     out: Annotated[Path, opt.out_option("Write everything under this directory.")] = Path(
         "knd-demo"
     ),
-    actors: Annotated[int, typer.Option(help="Synthetic speakers (last two held out).")] = 8,
+    actors: Annotated[int, typer.Option(min=3, help="Synthetic speakers (last two held out).")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic data.")] = 0,
     sets: opt.Sets = None,
 ) -> None:
