@@ -147,6 +147,15 @@ def test_clean_held_out_speakers_show_no_drift(drift_bundle: Path, variant) -> N
         assert name not in summary["drifted_columns"]
 
 
+def test_audio_folder_is_decoded_under_the_audio_section(drift_bundle: Path, variant) -> None:
+    """`--audio` scores as `knd predict` would, under the same `audio:` limits."""
+    code, summary = _check(
+        "--model", drift_bundle, "--audio", variant("clean"), "--set", "audio.max_duration_s=1"
+    )
+    assert code == 4 and summary["current_rows"] == 0
+    assert "audio.max_duration_s" in json.dumps(summary)
+
+
 def test_noise_is_flagged_through_audio_folder(drift_bundle: Path, variant) -> None:
     code, summary = _check("--model", drift_bundle, "--audio", variant("noise"))
     assert code == 1 and summary["verdict"] == DRIFT

@@ -35,7 +35,9 @@ def run_drift(
     if audio is not None:
         if since is not None or last is not None:
             raise DriftInputError("--since and --last select a log window; not with --audio")
-        scored = score_audio(bundle, audio, getattr(cfg, "inference", None))
+        scored = score_audio(
+            bundle, audio, getattr(cfg, "inference", None), audio=getattr(cfg, "audio", None)
+        )
         current, errors = scored.frame, scored.errors
         source = f"audio folder {audio}"
     else:

@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from kndcli.config import InferenceConfig
+from kndcli.config import AudioConfig, InferenceConfig
 from kndcli.monitoring.verdict import CONFIDENCE, PREDICTED, DriftInputError, with_predicted
 
 _RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
@@ -78,9 +78,11 @@ def score_audio(
     folder: str | Path,
     inference: InferenceConfig | None = None,
     workers: int = 0,
+    audio: AudioConfig | None = None,
 ) -> ScoredAudio:
     """Score a folder of audio with the bundle's model, as `knd predict` would (the same
-    `inference:` section); the model's top label, as the prediction log records it."""
+    `inference:` and `audio:` sections); the model's top label, as the prediction log
+    records it."""
     import pandas as pd
 
     from kndcli.audio import find_audio_files
@@ -92,7 +94,7 @@ def score_audio(
     paths = find_audio_files([folder])
     if not paths:
         raise DriftInputError(f"--audio {folder}: no audio files found")
-    predictor = Predictor.from_config(bundle, inference)
+    predictor = Predictor.from_config(bundle, inference, audio=audio)
     rows: list[dict[str, Any]] = []
     errors: list[str] = []
     for pred in predictor.predict_paths(paths, features=True, workers=workers):
