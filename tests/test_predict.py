@@ -107,6 +107,22 @@ def test_all_good_exits_zero_with_table(tiny_bundle: Path, good_files: dict[str,
     assert result.stderr == ""
 
 
+def test_file_names_with_brackets_are_printed_as_they_are(
+    tiny_bundle: Path, wav_factory: Callable[..., Path], tmp_path: Path
+) -> None:
+    """The table prints names, not rich markup: `[remix]` stays and `[/b]` does not crash."""
+    remix = wav_factory("song [remix].wav")
+    odd = wav_factory("take [/b] two.wav")  # a folder "take [" holding "b] two.wav"
+    broken = tmp_path / "[red]broken.wav"
+    broken.write_bytes(b"not audio")
+    result = knd("predict", "-m", tiny_bundle, remix, odd, broken)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    flat = result.stdout.replace("\n", "")
+    assert "song [remix].wav" in flat and "take [/b] two.wav" in flat
+    assert "[red]broken.wav" in flat
+
+
 def test_directory_recursive_and_glob(
     tmp_path: Path, tiny_bundle: Path, wav_factory: Callable[..., Path]
 ) -> None:

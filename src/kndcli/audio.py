@@ -495,7 +495,10 @@ def decode_blocks(
 
 
 def find_audio_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Expand files, directories (recursively) and globs into a sorted list of audio files."""
+    """Expand files, directories (recursively) and globs into a sorted list of audio files.
+
+    A path that exists is taken as it is, so `song [remix].wav` is that file, not a pattern.
+    """
     import glob
 
     found: list[Path] = []
@@ -503,7 +506,7 @@ def find_audio_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
         text = str(raw)
         matches = (
             [Path(m) for m in sorted(glob.glob(text, recursive=True))]
-            if any(c in text for c in "*?[")
+            if any(c in text for c in "*?[") and not os.path.lexists(text)
             else [Path(text)]
         )
         for path in matches:

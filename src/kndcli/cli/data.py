@@ -78,9 +78,11 @@ def prepare(
             f"({', '.join(speakers)}) was bad"
         )
     if result.failures:
+        from rich.markup import escape  # file names and errors are text, not markup
+
         con.print(f"[yellow]skipped {len(result.failures)} bad files:[/]")
         for failure in result.failures:
-            con.print(f"  {failure}")
+            con.print(f"  {escape(failure)}")
         raise typer.Exit(1)
 
 

@@ -297,6 +297,7 @@ def _write_csv(predictions: Iterable[Prediction], labels: list[str]) -> int:
 
 
 def _write_table(predictions: Iterable[Prediction]) -> int:
+    from rich.markup import escape
     from rich.table import Table
 
     from kndcli.cli.options import console
@@ -311,9 +312,9 @@ def _write_table(predictions: Iterable[Prediction]) -> int:
         if not pred.ok:
             failed += 1
             _error_line(pred)
-            table.add_row(pred.source, "[red]error[/]", "", f"[red]{pred.error}[/]")
+            table.add_row(escape(pred.source), "[red]error[/]", "", f"[red]{escape(pred.error)}[/]")
             continue
         top3 = ", ".join(f"{label} {p:.2f}" for label, p in pred.top(3))
-        table.add_row(pred.source, pred.label, f"{pred.confidence:.3f}", top3)
+        table.add_row(escape(pred.source), escape(pred.label), f"{pred.confidence:.3f}", top3)
     console().print(table)
     return failed

@@ -89,14 +89,16 @@ class _Table:
             self.table.add_column(name, justify=justify, overflow="fold")
 
     def add(self, t: Timeline) -> None:
+        from rich.markup import escape  # file names and errors are text, not markup
+
         if t.label is None and t.error is None:
-            self.table.add_row(t.source, f"0-{t.duration:.1f} s", "[dim]no speech[/]", "")
+            self.table.add_row(escape(t.source), f"0-{t.duration:.1f} s", "[dim]no speech[/]", "")
         elif t.error is not None and not t.spans:
-            self.table.add_row(t.source, "", "[red]error[/]", f"[red]{t.error}[/]")
+            self.table.add_row(escape(t.source), "", "[red]error[/]", f"[red]{escape(t.error)}[/]")
             return
         else:
             self.table.add_row(
-                t.source,
+                escape(t.source),
                 f"0-{t.duration:.1f} s",
                 f"{t.label} (speech {t.speech_s:.0f} s)",
                 f"{t.confidence:.3f}",
@@ -106,7 +108,7 @@ class _Table:
                 "", f"{span.start:.1f}-{span.end:.1f} s", span.label, f"{span.confidence:.3f}"
             )
         if t.error is not None:
-            self.table.add_row("", "", "[red]stopped[/]", f"[red]{t.error}[/]")
+            self.table.add_row("", "", "[red]stopped[/]", f"[red]{escape(t.error)}[/]")
 
     def close(self) -> None:
         from kndcli.cli.options import console
