@@ -258,6 +258,37 @@ def test_empty_messages_do_not_keep_a_stream_open(server: StreamServer) -> None:
     assert time.perf_counter() - began < 3
 
 
+def test_a_stream_that_trickles_bytes_is_closed_when_its_audio_time_is_up(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """A byte now and then never reaches serve.stream_max_s of audio nor lets
+    serve.stream_idle_s pass: the wall-clock bound frees the slot."""
+    port = free_port()
+    args = ["--model", str(tiny_bundle), "--port", str(port)]
+    for key, value in {"serve.stream_max_s": 2, "serve.stream_idle_s": 1}.items():
+        args += ["--set", f"{key}={value}"]
+    with knd_serve(args, {"KND_API_TOKEN": TOKEN}, tmp_path) as proc:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, proc)
+        with connect(stream_url(url), additional_headers=AUTH) as ws:
+            start(ws)
+            ws.recv(timeout=5)  # ready
+            began = time.perf_counter()
+            closed = None
+            while closed is None and time.perf_counter() - began < 15:
+                try:
+                    ws.send(b"\0\0")  # one sample: 1/16000 s of audio
+                    ws.recv(timeout=0.3)  # no window is ever complete: nothing comes
+                except TimeoutError:
+                    continue
+                except ConnectionClosed as exc:
+                    closed = exc.rcvd
+            open_s = time.perf_counter() - began
+    assert closed is not None and closed.code == 4413, closed
+    assert "audio came slower than it plays" in closed.reason
+    assert 2.9 < open_s < 6  # 2 s of audio allowed + 1 s idle, then at most one message
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

@@ -360,7 +360,8 @@ class ServeConfig:
     max_connections: int = 512
     keep_alive_s: float = 5.0
     # Live streams (WebSocket /stream): at most max_streams at once (close 1013 beyond);
-    # a session carries at most stream_max_s of audio (4413) and is closed after
+    # a session carries at most stream_max_s of audio and stays open at most
+    # stream_max_s + stream_idle_s of wall time (4413), and is closed after
     # stream_idle_s without audio (4408; empty messages do not count); one message holds at most
     # stream_max_message_kb (1009), and the server reads a stream's messages only as fast
     # as it scores them, so a fast sender waits instead of filling the server's memory.

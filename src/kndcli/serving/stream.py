@@ -264,14 +264,21 @@ async def _session(websocket: WebSocket, service: Any, settings: Any) -> None:
         }
     )
     # Only audio keeps a stream open: empty messages would hold a slot without ever
-    # reaching serve.stream_max_s.
+    # reaching serve.stream_max_s. Live audio comes at least as fast as it plays, so a
+    # stream open longer than its audio limit (plus one idle wait) is trickling bytes to
+    # hold a slot, and is closed like one that sent too much.
     loop = asyncio.get_running_loop()
     deadline = loop.time() + idle_s
+    open_until = loop.time() + settings.stream_max_s + idle_s
     while True:
+        if loop.time() > open_until:
+            raise StreamRefused(
+                CLOSE_TOO_LONG,
+                f"open for more than {settings.stream_max_s + idle_s:g} s "
+                "(serve.stream_max_s + serve.stream_idle_s): audio came slower than it plays",
+            )
         message = await _receive(websocket, deadline - loop.time(), idle_s, "audio")
         if message.get("bytes") is not None:
-            if message["bytes"]:
-                deadline = loop.time() + idle_s
             ready = windows.feed(message["bytes"])
             if windows.seconds > settings.stream_max_s:
                 raise StreamRefused(
@@ -280,6 +287,10 @@ async def _session(websocket: WebSocket, service: Any, settings: Any) -> None:
                 )
             for start, samples in ready:
                 await _send(websocket, await scorer.score(start, samples), settings)
+            if message["bytes"]:
+                # From now, not from the message's arrival: time the server spent scoring
+                # (up to serve.scoring_timeout_s) is not the client's silence.
+                deadline = loop.time() + idle_s
             continue
         text = message.get("text") or ""
         try:
