@@ -122,6 +122,27 @@ def test_nan_samples(tmp_path):
         decode(path)
 
 
+def test_float_samples_far_past_full_scale_are_refused(tmp_path):
+    """1e25 is finite but overflows the spectrogram into NaN probabilities; 3x full
+    scale is a loud float file and is read."""
+    loud, wrong = tmp_path / "loud.wav", tmp_path / "wrong.wav"
+    sf.write(loud, tone(0.5) * 10, 16000, subtype="FLOAT")
+    sf.write(wrong, tone(0.5) * 1e25, 16000, subtype="FLOAT")
+    assert np.abs(decode(loud).samples).max() > 2.5
+    with pytest.raises(AudioError, match=r"wrong.wav.*samples reach 3e\+24, over 1000 times"):
+        decode(wrong)
+
+
+def test_a_float_stream_far_past_full_scale_is_closed() -> None:
+    from kndcli.serving.stream import CLOSE_BAD_DATA, StreamFormat, StreamRefused, StreamWindows
+
+    windows = StreamWindows(StreamFormat(16000, "float32"), 1.0, 0.5)
+    windows.feed((np.ones(800, "<f4") * 0.9).tobytes())
+    with pytest.raises(StreamRefused) as refused:
+        windows.feed((np.ones(800, "<f4") * 1e25).tobytes())
+    assert refused.value.code == CLOSE_BAD_DATA and "full scale" in str(refused.value)
+
+
 def test_too_long_by_header(wav_factory):
     path = wav_factory("long.wav", seconds=3.0)
     with pytest.raises(AudioError, match=r"too long: 3.0 s, over the 2 s limit \(audio\."):

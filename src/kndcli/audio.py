@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif")
 _BLOCK_FRAMES = 1 << 16
 _CLIP_LEVEL = 0.999
+# Full scale is 1.0. Float files may go a little past it; samples a thousand times past it
+# are a wrong scale (integers written as floats), and past about 1e16 they overflow the
+# model's float32 spectrogram into NaN probabilities.
+MAX_FLOAT_PEAK = 1000.0
 # Formats whose frame count in the header is exact; compressed streams only estimate it.
 _EXACT_LENGTH_FORMATS = {"WAV", "WAVEX", "FLAC", "AIFF", "W64", "RF64"}
 # An MP3 whose Xing/Info/VBRI header gives its length may decode up to this many frames
@@ -430,6 +434,12 @@ def _blocks(
         block_peak = float(max(block.max(initial=0.0), -block.min(initial=0.0)))
         if not np.isfinite(block_peak):
             raise AudioError(label, "contains NaN or infinite samples")
+        if block_peak > MAX_FLOAT_PEAK:
+            raise AudioError(
+                label,
+                f"samples reach {block_peak:.3g}, over {MAX_FLOAT_PEAK:g} times full scale "
+                "(float audio is scaled to ±1): a wrongly scaled float file",
+            )
         stats.peak = max(stats.peak, block_peak)
         if block_peak >= _CLIP_LEVEL:
             stats.clipped += int((np.abs(block) >= _CLIP_LEVEL).any(axis=1).sum())

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
+from kndcli.audio import MAX_FLOAT_PEAK
 from kndcli.inference.predictor import answer
 from kndcli.serving.body import Upload
 from kndcli.serving.deps import token_ok
@@ -126,6 +127,11 @@ class StreamWindows:
             block /= 32768.0
         if not np.isfinite(block).all():
             raise StreamRefused(CLOSE_BAD_DATA, "audio contains NaN or infinite samples")
+        if len(block) and np.abs(block).max() > MAX_FLOAT_PEAK:
+            raise StreamRefused(
+                CLOSE_BAD_DATA,
+                f"float32 samples over {MAX_FLOAT_PEAK:g} times full scale (audio is scaled to ±1)",
+            )
         self.samples = np.concatenate([self.samples, block])
         self.received += len(block)
         ready = []
