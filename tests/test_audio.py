@@ -412,6 +412,8 @@ def test_audio_formats_cover_libsndfile():
         ("formats", ["WAV", "wav"]),
         ("formats", ["MPEG"]),
         ("formats", ["OGG/"]),
+        ("sample_rate", 0),
+        ("sample_rate", 1600),  # a typo for 16000: below audio.min_sample_rate
     ],
 )
 def test_audio_limits_are_checked_by_key(key, value):

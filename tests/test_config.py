@@ -83,6 +83,8 @@ def test_override_without_equals():
         (["--config", "missing.yaml"], "missing.yaml: config file not found"),
         (["--set", "data.workers=-1"], "key 'data.workers'"),
         (["--set", "train.num_workers=-2"], "key 'train.num_workers'"),
+        (["--set", "audio.sample_rate=0"], "key 'audio.sample_rate'"),
+        (["--set", "drift.p_value=5"], "key 'drift.p_value'"),
     ],
 )
 def test_cli_config_errors_are_one_line_exit_2(args, message):

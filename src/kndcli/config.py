@@ -683,6 +683,10 @@ def check_audio(a: AudioConfig) -> None:
         "max_channels": (1 <= a.max_channels <= 1024, "1 to 1024, libsndfile's most"),
         "max_samples": (a.max_samples >= a.max_channels, "at least audio.max_channels"),
         "formats": (len(a.formats) > 0, "at least one format"),
+        "sample_rate": (
+            a.min_sample_rate <= a.sample_rate <= a.max_sample_rate,
+            "within audio.min_sample_rate and audio.max_sample_rate",
+        ),
     }
     for name, (ok, what) in checks.items():
         _require(ok, f"audio.{name}", getattr(a, name), what)
@@ -695,6 +699,13 @@ def check_audio(a: AudioConfig) -> None:
             entry,
             "FORMAT or FORMAT/SUBTYPE, FORMAT one of " + ", ".join(SOUNDFILE_FORMATS),
         )
+
+
+def check_drift(d: DriftConfig) -> None:
+    """The `drift:` thresholds, checked before any audio is scored or log read."""
+    for name in ("p_value", "min_effect", "severe_effect", "max_drifted_share"):
+        _require(0.0 <= getattr(d, name) <= 1.0, f"drift.{name}", getattr(d, name), "0 to 1")
+    _require(d.min_samples >= 1, "drift.min_samples", d.min_samples, "at least 1")
 
 
 def check_timeline(t: TimelineConfig) -> None:
@@ -814,6 +825,7 @@ def check_config(cfg: KndConfig) -> None:
     loaders = cfg.train.num_workers
     _require(loaders >= 0, "train.num_workers", loaders, "0 (load in the training process) or more")
     check_audio(cfg.audio)
+    check_drift(cfg.drift)
     check_timeline(cfg.timeline)
     check_serve(cfg.serve)
     _check_cloud(cfg.cloud)

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from kndcli.audio import FEATURE_NAMES
-from kndcli.config import DriftConfig, KndConfig
+from kndcli.config import DriftConfig, KndConfig, check_drift
 from kndcli.errors import UsageError
 from kndcli.monitoring.drift_stats import ColumnDrift, compare_column
 
@@ -138,7 +138,7 @@ def analyze_drift(
     import pandas as pd
 
     cfg = drift_settings(cfg)
-    _check_config(cfg)
+    check_drift(cfg)  # a DriftConfig built in code has not been through load_config
     reference = split_reference(reference_df)
     feature_ref, prediction_ref = reference.features, reference.predictions
     current = with_predicted(current_df if current_df is not None else pd.DataFrame())
@@ -223,12 +223,3 @@ def analyze_drift(
             f": {', '.join(c.column for c in drifted)}" if drifted else ""
         )
     return result
-
-
-def _check_config(cfg: DriftConfig) -> None:
-    for name in ("p_value", "min_effect", "severe_effect", "max_drifted_share"):
-        value = getattr(cfg, name)
-        if not 0.0 <= value <= 1.0:
-            raise DriftInputError(f"drift.{name} = {value}: must be between 0 and 1")
-    if cfg.min_samples < 1:
-        raise DriftInputError(f"drift.min_samples = {cfg.min_samples}: must be at least 1")
