@@ -108,6 +108,31 @@ def test_a_set_left_half_replaced_is_refused_not_misread(ravdess_two_actors, tmp
     waveforms.write_bytes(data[: len(data) // 2])
     with pytest.raises(KndError, match=r"waveforms.bin holds .* run it again"):
         PreparedSet.open(out)
+    waveforms.write_bytes(data)
+
+
+def test_a_damaged_prepared_set_names_its_folder_not_a_traceback(ravdess_two_actors, tmp_path):
+    out = tmp_path / "prep"
+    prepare_dataset(_cfg(ravdess_two_actors, out))
+    manifest, info = out / "manifest.csv", out / "prepare.json"
+    rows = list(csv.DictReader(manifest.open(newline="")))
+    for row in rows:
+        del row["offset"]
+    _write_rows(manifest, rows)
+    with pytest.raises(KndError, match=r"prep: damaged prepared set \(KeyError: 'offset'\)"):
+        PreparedSet.open(out)
+    manifest.unlink()
+    with pytest.raises(KndError, match=r"damaged prepared set \(FileNotFoundError"):
+        PreparedSet.open(out)
+    info.write_text(info.read_text()[:40])
+    proc = subprocess.run(
+        [KND, "data", "split-report", "--prepared", out],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 3 and "damaged prepared set (JSONDecodeError" in proc.stderr
+    assert "Traceback" not in proc.stderr and "run 'knd data prepare' again" in proc.stderr
 
 
 def _write_rows(path: Path, rows: list[dict]) -> None:

@@ -62,10 +62,17 @@ class PreparedSet:
             raise UsageError(
                 f"no prepared set at {root}: run 'knd data prepare' or pass --prepared DIR"
             )
-        info = json.loads(info_path.read_text())
-        with (root / MANIFEST).open(newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        _check_consistent(root, info, rows, str(location))
+        try:
+            info = json.loads(info_path.read_text())
+            with (root / MANIFEST).open(newline="") as handle:
+                rows = list(csv.DictReader(handle))
+            _check_consistent(root, info, rows, str(location))
+        except (OSError, ValueError, KeyError, AttributeError) as exc:
+            # A truncated prepare.json, a deleted manifest, a column gone from it.
+            raise KndError(
+                f"{root}: damaged prepared set ({type(exc).__name__}: {exc}); "
+                "run 'knd data prepare' again"
+            ) from None
         return cls(root=root, info=info, rows=rows, source=str(location))
 
     @property
