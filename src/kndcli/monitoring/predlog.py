@@ -48,7 +48,15 @@ DEFAULT_SINK = "predictions.sqlite"
 
 
 class PredictionLogError(KndError):
-    """The prediction log cannot be opened, written or read."""
+    """The prediction log cannot be opened, written or read.
+
+    `reason` is the problem without where the log is (path, bucket, spool folder): what
+    a client answered 503 may be told. None: nothing beyond "unavailable".
+    """
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def utc_now() -> str:
@@ -260,20 +268,20 @@ class SQLitePredictionLog(PredictionLog):
                 if "locked" in str(exc) or "busy" in str(exc):
                     raise self._too_slow() from None
                 raise PredictionLogError(
-                    f"{self.path}: cannot write prediction log ({exc})"
+                    f"{self.path}: cannot write prediction log ({exc})", f"cannot write ({exc})"
                 ) from None
             except sqlite3.Error as exc:
                 raise PredictionLogError(
-                    f"{self.path}: cannot write prediction log ({exc})"
+                    f"{self.path}: cannot write prediction log ({exc})", f"cannot write ({exc})"
                 ) from None
         finally:
             self._lock.release()
 
     def _too_slow(self) -> PredictionLogError:
-        return PredictionLogError(
-            f"{self.path}: locked by another writer for more than {self.timeout_s:g} s "
-            "(serve.log_timeout_s)"
+        reason = (
+            f"locked by another writer for more than {self.timeout_s:g} s (serve.log_timeout_s)"
         )
+        return PredictionLogError(f"{self.path}: {reason}", reason)
 
     def read(self, since: datetime | None = None, last: int | None = None) -> list[dict[str, Any]]:
         where, params = "", []
@@ -367,7 +375,7 @@ class GCSPredictionLog(PredictionLog):
         try:
             self.spool.append(normalised)
         except SpoolError as exc:
-            raise PredictionLogError(f"{self.sink}: {exc}") from None
+            raise PredictionLogError(f"{self.sink}: {exc}", exc.reason) from None
 
     @property
     def pending_bytes(self) -> int:

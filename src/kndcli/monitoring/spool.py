@@ -33,7 +33,14 @@ _STALE_PARTIAL_S = 60.0
 
 
 class SpoolError(OSError):
-    """The spool cannot take a record: full, or its disk failed."""
+    """The spool cannot take a record: full, or its disk failed.
+
+    `reason` says which without naming the spool's folder (see PredictionLogError).
+    """
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def default_spool_dir(sink: str) -> Path:
@@ -68,10 +75,11 @@ class Spool:
                 # Other processes may have uploaded since this one last counted.
                 self._bytes = self._scan_bytes()
             if self._bytes + len(body) > self.max_bytes:
-                raise SpoolError(
-                    f"spool {self.directory} is full ({self._bytes / 2**20:.1f} MiB waiting "
+                reason = (
+                    f"the local spool is full ({self._bytes / 2**20:.1f} MiB waiting "
                     f"for upload, limit {self.max_bytes / 2**20:.1f} MiB)"
                 )
+                raise SpoolError(f"spool {self.directory}: {reason}", reason)
             name = f"{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             partial = self.directory / (name + _PARTIAL_SUFFIX)
             try:
@@ -84,7 +92,10 @@ class Spool:
             except OSError as exc:
                 with contextlib.suppress(OSError):
                     partial.unlink()
-                raise SpoolError(f"spool {self.directory}: cannot write ({exc})") from None
+                raise SpoolError(
+                    f"spool {self.directory}: cannot write ({exc})",
+                    f"cannot write the local spool ({exc.strerror or type(exc).__name__})",
+                ) from None
             self._bytes += len(body)
 
     def segments(self) -> list[Path]:

@@ -141,11 +141,12 @@ class ServiceState:
             try:
                 await anyio.to_thread.run_sync(functools.partial(self.log.write, records))
             except PredictionLogError as exc:
-                # The cause names the log's path or bucket: the operator's log gets it, the
-                # client only what to do. A busy or full log frees up, so it may retry.
+                # The client gets the reason, not where the log is (path, bucket, spool);
+                # the operator's log gets both. A busy or full log frees up: retry.
                 logger.error("prediction log write failed, answering 503: %s", exc)
+                reason = f": {exc.reason}" if exc.reason else ""
                 raise ApiError(
-                    503, "prediction log unavailable; retry shortly", LOG_RETRY_AFTER
+                    503, f"prediction log unavailable{reason}; retry shortly", LOG_RETRY_AFTER
                 ) from None
         for s in scored:
             if s.prediction is not None:
