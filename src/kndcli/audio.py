@@ -432,14 +432,9 @@ def _blocks(
             raise AudioError(label, stream.too_long)
         # One pass for the peak; NaN and inf propagate through max, so it checks them too.
         block_peak = float(max(block.max(initial=0.0), -block.min(initial=0.0)))
-        if not np.isfinite(block_peak):
-            raise AudioError(label, "contains NaN or infinite samples")
-        if block_peak > MAX_FLOAT_PEAK:
-            raise AudioError(
-                label,
-                f"samples reach {block_peak:.3g}, over {MAX_FLOAT_PEAK:g} times full scale "
-                "(float audio is scaled to ±1): a wrongly scaled float file",
-            )
+        problem = sample_problem(block_peak)
+        if problem:
+            raise AudioError(label, problem)
         stats.peak = max(stats.peak, block_peak)
         if block_peak >= _CLIP_LEVEL:
             stats.clipped += int((np.abs(block) >= _CLIP_LEVEL).any(axis=1).sum())
@@ -502,6 +497,22 @@ def decode_blocks(
         raise
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, EOFError) as exc:
         raise AudioError(label, f"not a readable audio file ({_reason(exc)})") from None
+
+
+def sample_problem(peak: float) -> str | None:
+    """Why samples whose largest magnitude is `peak` cannot be scored (None: they can).
+
+    One rule for files and live streams. NaN and inf propagate through max, so the peak
+    catches them too.
+    """
+    if not np.isfinite(peak):
+        return "contains NaN or infinite samples"
+    if peak > MAX_FLOAT_PEAK:
+        return (
+            f"samples reach {peak:.3g}, over {MAX_FLOAT_PEAK:g} times full scale "
+            "(float audio is scaled to ±1): wrongly scaled float samples"
+        )
+    return None
 
 
 def find_audio_files(paths: Iterable[str | os.PathLike]) -> list[Path]:

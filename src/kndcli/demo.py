@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kndcli.config import KndConfig, load_config
-from kndcli.errors import UsageError
 
 # Small enough for two CPU cores in a few minutes, large enough to learn the prosody cues.
 DEMO_OVERRIDES = [
@@ -64,9 +63,7 @@ def run_demo(
     from kndcli.inference.predictor import Predictor
 
     if actors < 3:
-        raise UsageError(
-            f"--actors {actors}: the demo needs at least 3 (train, val and test speakers)"
-        )
+        raise ValueError("the demo needs at least 3 actors (train, val and test speakers)")
     cfg = demo_config(out, actors, overrides)
     timings: dict[str, float] = {}
 

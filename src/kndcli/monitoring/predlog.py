@@ -264,13 +264,12 @@ class SQLitePredictionLog(PredictionLog):
                 except BaseException:
                     self._conn.execute("ROLLBACK")
                     raise
-            except sqlite3.OperationalError as exc:
-                if "locked" in str(exc) or "busy" in str(exc):
-                    raise self._too_slow() from None
-                raise PredictionLogError(
-                    f"{self.path}: cannot write prediction log ({exc})", f"cannot write ({exc})"
-                ) from None
             except sqlite3.Error as exc:
+                busy = isinstance(exc, sqlite3.OperationalError) and (
+                    "locked" in str(exc) or "busy" in str(exc)
+                )
+                if busy:
+                    raise self._too_slow() from None
                 raise PredictionLogError(
                     f"{self.path}: cannot write prediction log ({exc})", f"cannot write ({exc})"
                 ) from None

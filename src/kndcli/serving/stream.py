@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
-from kndcli.audio import MAX_FLOAT_PEAK
+from kndcli.audio import sample_problem
 from kndcli.inference.predictor import answer
 from kndcli.serving.body import Upload
 from kndcli.serving.deps import token_ok
@@ -125,13 +125,9 @@ class StreamWindows:
         block = np.frombuffer(data[:usable], self.dtype).astype(np.float32)
         if self.dtype.kind == "i":
             block /= 32768.0
-        if not np.isfinite(block).all():
-            raise StreamRefused(CLOSE_BAD_DATA, "audio contains NaN or infinite samples")
-        if len(block) and np.abs(block).max() > MAX_FLOAT_PEAK:
-            raise StreamRefused(
-                CLOSE_BAD_DATA,
-                f"float32 samples over {MAX_FLOAT_PEAK:g} times full scale (audio is scaled to ±1)",
-            )
+        problem = sample_problem(float(np.abs(block).max(initial=0.0)))
+        if problem:
+            raise StreamRefused(CLOSE_BAD_DATA, f"audio {problem}")
         self.samples = np.concatenate([self.samples, block])
         self.received += len(block)
         ready = []
