@@ -25,6 +25,7 @@ KND = Path(sys.executable).parent / "knd"
 LIMITS = {
     "serve.head_timeout_s": 1.0,
     "serve.body_timeout_s": 1.0,
+    "serve.body_min_rate_kb_s": 8.0,
     "serve.max_body_mb": 1.0,
     "serve.max_buffered_mb": 2.0,
     "serve.max_connections": 6,
@@ -121,6 +122,61 @@ def test_a_stalled_body_gets_408_and_the_connection_closes(server):
         assert answer.startswith(b"HTTP/1.1 408"), answer
         assert b"serve.body_timeout_s" in answer
         assert time.monotonic() - started < 3.0
+
+
+def send_slowly(sock: socket.socket, data: bytes, chunk: int, every_s: float, for_s: float) -> None:
+    """Send `data` in `chunk`-byte pieces `every_s` apart, stopping after `for_s` seconds or
+    when the server stops reading."""
+    started = time.monotonic()
+    for at in range(0, len(data), chunk):
+        try:
+            sock.sendall(data[at : at + chunk])
+        except OSError:
+            return
+        if time.monotonic() - started > for_s:
+            return
+        time.sleep(every_s)
+
+
+def read_answer(sock: socket.socket, seconds: float) -> bytes:
+    sock.settimeout(seconds)
+    answer = b""
+    try:
+        while chunk := sock.recv(4096):
+            answer += chunk
+            if b"\r\n\r\n" in answer and b'"}' in answer:
+                break
+    except (TimeoutError, ConnectionResetError):
+        pass
+    return answer
+
+
+def test_a_body_that_never_pauses_long_but_trickles_gets_408(server):
+    """1 KiB every 0.25 s never pauses past serve.body_timeout_s (1 s) but averages 4 KB/s,
+    half the 8 KB/s least rate: cut off after about 2 s, not held for the two minutes its
+    500 kB would take."""
+    with connect(server) as sock:
+        sock.sendall(raw_upload_head(500_000))
+        started = time.monotonic()
+        send_slowly(sock, b"RIFF" + b"\0" * 499_996, 1024, 0.25, for_s=5.0)
+        answer = read_answer(sock, 2.0)
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert b"slower than 8 KB/s (serve.body_min_rate_kb_s)" in answer
+        assert time.monotonic() - started < 4.0
+
+
+def test_a_slow_steady_upload_longer_than_the_pause_limit_is_scored(server):
+    """A 64 kB clip at 16 KB/s takes 4 s, four times serve.body_timeout_s, and keeps above
+    the least rate: it is answered 200."""
+    clip = clip_bytes(2.0)  # 16-bit PCM
+    assert 60_000 < len(clip) < 70_000
+    with connect(server) as sock:
+        sock.sendall(raw_upload_head(len(clip)))
+        started = time.monotonic()
+        send_slowly(sock, clip, 4096, 0.25, for_s=10.0)
+        answer = read_answer(sock, 10.0)
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+        assert time.monotonic() - started > 3.0
 
 
 def test_uploads_in_flight_share_one_byte_budget(server):

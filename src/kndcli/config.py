@@ -350,12 +350,14 @@ class ServeConfig:
     metrics_need_token: bool = False
     # Slow and idle clients. A connection must deliver a complete request head within
     # head_timeout_s of opening or of its previous response (else it is closed); a body may
-    # pause at most body_timeout_s between chunks (408); all uploads in flight together may
+    # pause at most body_timeout_s between chunks and, after that long, must average at
+    # least body_min_rate_kb_s (408); all uploads in flight together may
     # hold at most max_buffered_mb (503 with Retry-After beyond it); at most
     # max_connections connections are served at once (uvicorn answers 503 beyond it);
     # an idle keep-alive connection is closed after keep_alive_s.
     head_timeout_s: float = 10.0
     body_timeout_s: float = 10.0
+    body_min_rate_kb_s: float = 32.0
     max_buffered_mb: float = 200.0
     max_connections: int = 512
     keep_alive_s: float = 5.0
@@ -735,6 +737,7 @@ def check_serve(s: ServeConfig, section: str = "serve") -> None:
         "max_wait_ms": (s.max_wait_ms >= 0, "0 or more"),
         "head_timeout_s": (s.head_timeout_s > 0, "positive seconds"),
         "body_timeout_s": (s.body_timeout_s > 0, "positive seconds"),
+        "body_min_rate_kb_s": (s.body_min_rate_kb_s > 0, "positive KB per second"),
         "max_buffered_mb": (s.max_buffered_mb >= s.max_body_mb, "at least serve.max_body_mb"),
         "max_connections": (s.max_connections >= 1, "at least 1"),
         "keep_alive_s": (s.keep_alive_s > 0, "positive seconds"),

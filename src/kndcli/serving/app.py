@@ -148,6 +148,7 @@ def create_app(
         BodyGuardMiddleware,
         budget=UploadBudget(int(settings.max_buffered_mb * 2**20)),
         body_timeout_s=settings.body_timeout_s,
+        min_rate=settings.body_min_rate_kb_s * 1024,
     )
     app.add_middleware(RequestStampMiddleware, metrics=metrics)
     # uvicorn builds the protocol itself, in every worker process: the deadline travels as

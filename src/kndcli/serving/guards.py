@@ -1,12 +1,13 @@
-"""What slow, idle and greedy clients may hold: time for a request head, pauses in a body,
-and bytes buffered across all uploads in flight.
+"""What slow, idle and greedy clients may hold: time for a request head, pauses in a body
+and its average rate, and bytes buffered across all uploads in flight.
 
 uvicorn bounds connections (`limit_concurrency`) and idle keep-alive connections
 (`timeout_keep_alive`) but has no deadline for a request head, so a client sending one
 header byte every few seconds keeps its connection (and file descriptor) forever. The
-protocol classes below are uvicorn's own with that one deadline added. Body pauses and the
-shared byte budget are an ASGI middleware around `receive`, the one place every body byte
-passes; the body readers (`body.limited_stream`) turn its errors into 408 and 503.
+protocol classes below are uvicorn's own with that one deadline added. Body pauses, the
+body's least rate and the shared byte budget are an ASGI middleware around `receive`, the
+one place every body byte passes; the body readers (`body.limited_stream`) turn its errors
+into 408 and 503.
 """
 
 from __future__ import annotations
@@ -159,13 +160,20 @@ def _hostname(url: str) -> str | None:
 
 
 class BodyGuardMiddleware:
-    """Each body chunk must come within `body_timeout_s` of the last, and counts against the
-    process's `UploadBudget` until its request has been answered."""
+    """A body must keep coming: each chunk within `body_timeout_s` of the last, and the
+    whole body at least `min_rate` bytes a second on average after a `body_timeout_s`
+    grace (Apache's mod_reqtimeout `MinRate`). The pause limit alone would let a client
+    that sends a byte every few seconds hold its connection and buffered bytes for hours.
+    Every chunk counts against the process's `UploadBudget` until its request is answered.
+    """
 
-    def __init__(self, app: Any, budget: UploadBudget, body_timeout_s: float) -> None:
+    def __init__(
+        self, app: Any, budget: UploadBudget, body_timeout_s: float, min_rate: float
+    ) -> None:
         self.app = app
         self.budget = budget
         self.body_timeout_s = body_timeout_s
+        self.min_rate = min_rate
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -173,18 +181,24 @@ class BodyGuardMiddleware:
             return
         held = 0
         body_done = False
+        started: float | None = None
 
         async def guarded() -> dict:
-            nonlocal held, body_done
+            nonlocal held, body_done, started
             if body_done:  # after the body, receive only waits for a disconnect
                 return await receive()
+            now = anyio.current_time()
+            started = now if started is None else started
+            # The body's own deadline moves out by one second for every min_rate bytes.
+            rate_left = started + self.body_timeout_s + held / self.min_rate - now
+            wait = min(self.body_timeout_s, rate_left)
             try:
-                with anyio.fail_after(self.body_timeout_s):
+                if wait <= 0:
+                    raise TimeoutError
+                with anyio.fail_after(wait):
                     message = await receive()
             except TimeoutError:
-                raise BodyStalled(
-                    f"no body data for {self.body_timeout_s:g} s (serve.body_timeout_s)"
-                ) from None
+                raise BodyStalled(self._too_slow(rate_left)) from None
             if message["type"] == "http.request":
                 size = len(message.get("body", b""))
                 self.budget.take(size)
@@ -196,3 +210,8 @@ class BodyGuardMiddleware:
             await self.app(scope, guarded, send)
         finally:
             self.budget.give(held)
+
+    def _too_slow(self, rate_left: float) -> str:
+        if rate_left < self.body_timeout_s:
+            return f"body came slower than {self.min_rate / 1024:g} KB/s (serve.body_min_rate_kb_s)"
+        return f"no body data for {self.body_timeout_s:g} s (serve.body_timeout_s)"
