@@ -202,6 +202,7 @@ def test_batch_route_scores_good_files_and_reports_bad_ones(server: LiveServer) 
     a, junk, b = body["results"]
     assert a["label"] in LABELS and b["label"] in LABELS
     assert "not a readable audio file" in junk["error"] and "label" not in junk
+    assert junk["status"] == 422 and "retry_after_s" not in junk  # the file's fault: no retry
     logged = {r["request_id"]: r for r in open_log(server.settings.log_sink).read()}
     assert set(logged) == {a["request_id"], b["request_id"]}
     assert logged[b["request_id"]]["filename"] == "b.flac"

@@ -173,6 +173,37 @@ def test_a_stopped_worker_costs_one_503_in_time_and_blocks_no_one(
     assert wait_until(lambda: len(served.workers()) == 2, 30)
 
 
+def batch(served: Served, data: bytes, n: int) -> httpx.Response:
+    files = [("files", (f"c{i}.wav", data, "audio/wav")) for i in range(n)]
+    return httpx.post(served.url + "/predict/batch", files=files, timeout=60)
+
+
+def test_a_batch_says_which_files_to_send_again_and_is_a_503_when_none_was_scored(
+    serve: Callable[..., Served], clip_bytes: bytes
+) -> None:
+    """One worker stopped: a batch of four is a 200 whose one unscored file carries status
+    503 and retry_after_s (the server's fault, not the file's). Both stopped: nothing can
+    be scored, so the whole batch is a 503 with Retry-After, not a 200 of failures."""
+    served = serve()
+    first = served.workers()[0]
+    first.suspend()
+    response = batch(served, clip_bytes, 4)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["scored"], body["failed"]) == (3, 1)
+    (refused,) = [r for r in body["results"] if "error" in r]
+    assert refused["status"] == 503 and refused["retry_after_s"] == 2
+    assert "scoring" in refused["error"] and "label" not in refused
+    assert wait_until(lambda: gone(first.pid) and len(served.workers()) == 2, 30)
+    for worker in served.workers():
+        worker.suspend()
+    start = time.monotonic()
+    response = batch(served, clip_bytes, 2)
+    assert response.status_code == 503, response.text
+    assert response.headers["retry-after"] == "2" and "scoring" in response.json()["error"]
+    assert time.monotonic() - start < TIMEOUT_S + SLACK_S
+
+
 def test_with_every_worker_stopped_ready_flips_to_503_and_back(
     serve: Callable[..., Served], clip_bytes: bytes
 ) -> None:

@@ -10,6 +10,7 @@ from kndcli.serving.body import RAW_AUDIO_TYPES, Upload, media_type, read_multip
 from kndcli.serving.deps import Authorized, RequestId, RequestStart, Service, require_token
 from kndcli.serving.errors import ApiError, error_response
 from kndcli.serving.schemas import BatchOut, ErrorOut, HealthOut, PredictionOut, ReadyOut
+from kndcli.serving.service import Scored
 
 router = APIRouter()
 
@@ -139,24 +140,11 @@ async def predict_batch(
         raise ApiError(422, "no files in the multipart body: send each clip as a 'files' part")
     ids = [f"{request_id}-{i}" for i in range(len(uploads))]
     scored = await service.score(uploads, ids, owner=request_id)
+    retryable = [s.error for s in scored if s.error is not None and s.error.status >= 500]
+    if retryable and all(s.prediction is None for s in scored):
+        raise retryable[0]  # nothing scored and the server is why: the whole request is a 503
     latency_ms = await service.log_scored(scored, start)
-    results = []
-    for s in scored:
-        if s.prediction is None:
-            error = s.error.message if s.error else "not scored"
-            results.append({"filename": s.upload.filename, "error": error})
-            continue
-        p = s.prediction
-        results.append(
-            {
-                "filename": s.upload.filename,
-                "request_id": s.request_id,
-                "label": p.label,
-                "confidence": p.confidence,
-                "probabilities": p.probabilities,
-                "duration": p.duration,
-            }
-        )
+    results = [_batch_item(s) for s in scored]
     failed = sum(1 for s in scored if s.prediction is None)
     return {
         "request_id": request_id,
@@ -165,6 +153,30 @@ async def predict_batch(
         "scored": len(scored) - failed,
         "failed": failed,
         "results": results,
+    }
+
+
+def _batch_item(s: Scored) -> dict[str, Any]:
+    """One file's entry: its prediction, or its error with the status /predict would give
+    and, when the server was the cause, when to send it again."""
+    if s.prediction is None:
+        error = s.error or ApiError(500, "not scored")
+        item: dict[str, Any] = {
+            "filename": s.upload.filename,
+            "error": error.message,
+            "status": error.status,
+        }
+        if error.status >= 500:
+            item["retry_after_s"] = int((error.headers or {}).get("Retry-After", "2"))
+        return item
+    p = s.prediction
+    return {
+        "filename": s.upload.filename,
+        "request_id": s.request_id,
+        "label": p.label,
+        "confidence": p.confidence,
+        "probabilities": p.probabilities,
+        "duration": p.duration,
     }
 
 

@@ -31,6 +31,14 @@ class BatchItemOut(BaseModel):
     probabilities: dict[str, float] | None = None
     duration: float | None = None
     error: str | None = Field(None, description="Why this file was not scored.")
+    status: int | None = Field(
+        None,
+        description="For a file not scored, what /predict would have answered for it: 422 "
+        "for the file itself; 503 or 504 when the server could not score it in time.",
+    )
+    retry_after_s: int | None = Field(
+        None, description="Set when the failure was the server's: send the file again after it."
+    )
 
 
 class BatchOut(BaseModel):

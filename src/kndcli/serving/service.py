@@ -72,8 +72,8 @@ class ServiceState:
             prediction = await self.batcher.submit(
                 clip, timeout=self.settings.request_timeout_s, owner=owner or request_id
             )
-        except BatcherClosedError as exc:
-            scored.error = ApiError(503, str(exc))
+        except BatcherClosedError as exc:  # shutting down: another instance can take it
+            scored.error = ApiError(503, str(exc), SCORING_RETRY_AFTER)
             return scored
         except ScoringUnavailableError as exc:  # not scored in time: not the clip's fault
             scored.error = ApiError(503, str(exc), SCORING_RETRY_AFTER)
