@@ -566,6 +566,49 @@ def test_knd_serve_command_honours_port_env(
     assert sorted(r["request_id"] for r in open_log(sink).read()) == sorted(ids)
 
 
+def test_a_token_given_in_code_guards_every_worker_process(tiny_bundle: Path, tmp_path: Path):
+    """Python API: ServeSettings(api_token=..., workers=2) with no KND_API_TOKEN in the
+    environment. The worker processes rebuild their settings from JSON, which never holds
+    the token; each must still refuse a request without it."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    code = (
+        "from kndcli.serving.app import run_server\n"
+        "from kndcli.serving.settings import ServeSettings\n"
+        f"run_server(ServeSettings(model={str(tiny_bundle)!r}, port={port}, workers=2, "
+        f"api_token='code-token', scoring_processes=0, log_sink={str(tmp_path / 'l.sqlite')!r}))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "KND_API_TOKEN"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        wait_ready(url, proc)
+        with httpx.Client(timeout=30) as client:  # new connections reach both workers
+            refused = [
+                client.post(
+                    url + "/predict",
+                    content=wav_bytes(0.5),
+                    headers={"Content-Type": "audio/wav", "Connection": "close"},
+                )
+                for _ in range(6)
+            ]
+            allowed = client.post(
+                url + "/predict",
+                content=wav_bytes(0.5),
+                headers={"Content-Type": "audio/wav", "Authorization": "Bearer code-token"},
+            )
+        assert [r.status_code for r in refused] == [401] * 6
+        assert allowed.status_code == 200, allowed.text
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def test_knd_serve_without_a_bundle_is_one_line(tmp_path: Path) -> None:
     result = subprocess.run(
         [

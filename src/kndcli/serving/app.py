@@ -24,7 +24,7 @@ from kndcli.serving.guards import (
     UploadBudget,
 )
 from kndcli.serving.metrics import Metrics, RequestStampMiddleware
-from kndcli.serving.settings import LOOPBACK, SETTINGS_ENV, ServeSettings
+from kndcli.serving.settings import LOOPBACK, SETTINGS_ENV, TOKEN_ENV, ServeSettings
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +191,10 @@ def run_server(
     }
     if settings.workers > 1:
         os.environ[SETTINGS_ENV] = settings.to_json()
+        if settings.api_token is not None:
+            # The JSON blob never carries the token; worker processes read it from the
+            # environment they inherit, so one given in code must be put there.
+            os.environ[TOKEN_ENV] = settings.api_token
         uvicorn.run(
             "kndcli.serving.app:create_app_from_env",
             factory=True,
