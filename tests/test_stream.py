@@ -58,6 +58,8 @@ def server(tiny_bundle: Path, tmp_path_factory) -> Iterator[StreamServer]:
         "serve.stream_max_message_kb": 16,
         # Shorter than a real-time stream: the head deadline must not cut a WebSocket.
         "serve.head_timeout_s": 2,
+        # Clients' files only as 16-bit WAV: the server's own float-WAV windows must pass.
+        "audio.formats": "[WAV/PCM_16]",
     }.items():
         args += ["--set", f"{key}={value}"]
     with knd_serve(args, {"KND_API_TOKEN": TOKEN}, tmp) as proc:
@@ -134,6 +136,13 @@ def test_windows_are_scored_like_predict_and_logged(server: StreamServer, record
             assert w["probabilities"][label] == pytest.approx(p, abs=1e-5)
     logged = [r for r in open_log(server.log_sink).read() if r["filename"].startswith("stream-")]
     assert len(logged) >= len(windows)
+    body = io.BytesIO()  # a client's float WAV is refused: audio.formats holds for files
+    sf.write(body, cut, 16000, format="WAV", subtype="FLOAT")
+    refused = httpx.post(
+        server.url + "/predict", content=body.getvalue(),
+        headers={**AUTH, "Content-Type": "audio/wav"}, timeout=30,
+    )  # fmt: skip
+    assert refused.status_code == 422 and "audio.formats" in refused.json()["error"]
 
 
 def test_below_min_confidence_windows_and_summary_answer_uncertain(

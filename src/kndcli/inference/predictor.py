@@ -11,7 +11,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -191,12 +191,16 @@ class Predictor:
         return run
 
     # ------------------------------------------------------------------ scoring
-    def decode(self, source: AudioSource, *, name: str | None = None) -> Audio:
-        """The shared audio path at the bundle's rate, under this Predictor's limits."""
+    def decode(
+        self, source: AudioSource, *, name: str | None = None, formats: list[str] | None = None
+    ) -> Audio:
+        """The shared audio path at the bundle's rate, under this Predictor's limits;
+        `formats` replaces `audio.formats` for audio the caller made itself."""
+        audio = self.audio if formats is None else replace(self.audio, formats=formats)
         with self.stage("decode"):
             return decode(
                 source,
-                audio=self.audio,
+                audio=audio,
                 sample_rate=self.sample_rate,
                 name=name,
                 stage=self.stage,

@@ -27,6 +27,9 @@ _FILENAME = re.compile(r'filename\*?=(?:UTF-8\'\')?"?([^";]+)"?', re.IGNORECASE)
 class Upload:
     filename: str
     data: bytes
+    # A live stream's window, which the server itself wrote as a float WAV: decoded
+    # whatever `audio.formats` admits for clients' files.
+    window: bool = False
 
 
 def media_type(request: Request) -> str:

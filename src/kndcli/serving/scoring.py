@@ -72,10 +72,12 @@ class ScoringUnavailableError(RuntimeError):
 
 @dataclass(frozen=True)
 class Clip:
-    """One upload as it crosses to a worker: bytes and a display name, nothing else."""
+    """One upload as it crosses to a worker: bytes, a display name, and whether the server
+    made it (a stream window, `Upload.window`)."""
 
     data: bytes
     name: str
+    window: bool = False
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,8 @@ class WorkerSpec:
 
 
 _predictor: Predictor | None = None
+# How stream windows travel (serving/stream.py, `wav_bytes`).
+WINDOW_FORMATS = ["WAV/FLOAT"]
 
 
 def start_worker(spec: WorkerSpec) -> None:
@@ -115,7 +119,8 @@ def score_clips(clips: list[Clip]) -> list[Prediction]:
     items: list[Audio | Prediction] = []
     for clip in clips:
         try:
-            items.append(_predictor.decode(clip.data, name=clip.name))
+            formats = WINDOW_FORMATS if clip.window else None
+            items.append(_predictor.decode(clip.data, name=clip.name, formats=formats))
         except AudioError as exc:
             items.append(Prediction(source=clip.name, error=str(exc)))
     return _predictor.predict_decoded(items, timeline=True, features=True)

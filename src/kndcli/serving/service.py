@@ -67,7 +67,7 @@ class ServiceState:
     async def _score_one(self, upload: Upload, request_id: str, owner: str | None = None) -> Scored:
         """Score one upload; `owner` (default: its request id) shares turns with its request."""
         scored = Scored(upload=upload, request_id=request_id)
-        clip = Clip(upload.data, safe_filename(upload.filename) or "upload")
+        clip = Clip(upload.data, safe_filename(upload.filename) or "upload", upload.window)
         try:
             prediction = await self.batcher.submit(
                 clip, timeout=self.settings.request_timeout_s, owner=owner or request_id

@@ -321,7 +321,7 @@ class _Scorer:
 
     async def score(self, start: float, samples: np.ndarray) -> dict[str, Any]:
         began = time.perf_counter()
-        upload = Upload(filename=f"stream-{self.stream_id}", data=wav_bytes(samples, self.rate))
+        upload = Upload(f"stream-{self.stream_id}", wav_bytes(samples, self.rate), window=True)
         request_id = f"{self.stream_id}-{self.count}"
         (scored,) = await self.service.score([upload], [request_id], owner=self.stream_id)
         _raise_for(scored)
