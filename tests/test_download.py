@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import os
@@ -33,6 +34,7 @@ class Served:
     ignore_range: set[str] = field(default_factory=set)
     cut_after: dict[str, int] = field(default_factory=dict)  # path -> bytes sent, then close
     log: list[tuple[str, str | None, int]] = field(default_factory=list)  # path, Range, sent
+    auth: list[str | None] = field(default_factory=list)  # each GET's Authorization header
 
     def url(self, path: str) -> str:
         return f"{self.base}/{path}"
@@ -45,6 +47,7 @@ def _handler(served: Served) -> type[BaseHTTPRequestHandler]:
 
         def do_GET(self) -> None:
             path = self.path.lstrip("/").split("?")[0]
+            served.auth.append(self.headers.get("Authorization"))
             body = served.files.get(path)
             range_header = self.headers.get("Range")
             if body is None:
@@ -131,7 +134,8 @@ def tree(folder: Path) -> dict[str, bytes]:
 
 def leftovers(out: Path) -> list[str]:
     """Everything in out except archives: a failed extraction must leave none of it."""
-    return sorted(p.name for p in out.iterdir() if not p.name.endswith((".zip", ".gz", ".part")))
+    archives = (".zip", ".gz", ".part", ".source")  # .source: where an archive came from
+    return sorted(p.name for p in out.iterdir() if not p.name.endswith(archives))
 
 
 # ----------------------------------------------------------------------------- happy paths
@@ -232,6 +236,61 @@ def test_folder_not_made_by_download_is_left_alone(server: Served, tmp_path: Pat
     with pytest.raises(KndError, match="not made by"):
         download_dataset("ravdess", out=tmp_path, url=server.url("x.zip"), progress=False)
     assert server.log == []
+
+
+def test_secrets_in_the_url_are_used_but_never_shown_or_stored(
+    server: Served, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A password and a signed query reach the server (Basic auth, the query as sent) and
+    appear in no message, marker or record; only scheme, host and path do."""
+    data = make_zip(CLIPS)
+    server.files["x.zip"] = data
+    host = server.base.removeprefix("http://")
+    url = f"http://ann:pa%24s@{host}/x.zip?X-Goog-Signature=SIGSECRET"
+    target = download_dataset("mine", out=tmp_path, url=url, progress=False)
+    assert tree(target) == CLIPS
+    assert server.auth == ["Basic " + base64.b64encode(b"ann:pa$s").decode()]
+    with pytest.raises(KndError) as missing:
+        download_dataset("other", out=tmp_path, url=url.replace("x.zip", "no.zip"))
+    written = "".join(
+        p.read_text() for p in tmp_path.rglob("*") if p.suffix in (".json", ".source")
+    )
+    shown = capsys.readouterr().err + str(missing.value) + written
+    assert f"http://{host}/x.zip?..." in shown and f"http://{host}/no.zip?..." in str(missing.value)
+    for secret in ("pa%24s", "pa$s", "ann:", "SIGSECRET"):
+        assert secret not in shown
+
+
+def test_an_archive_from_another_url_is_not_reused_without_an_md5(
+    server: Served, tmp_path: Path
+) -> None:
+    """Two URLs whose archives share a file name: without an md5, the second is fetched,
+    not answered with the first one's archive."""
+    other = {"Actor_03/b.wav": b"RIFF" + b"\x03" * 900}
+    first, second = make_zip(CLIPS), make_zip(other)
+    server.files.update({"a/x.zip": first, "b/x.zip": second})
+    download_dataset("mine", out=tmp_path, url=server.url("a/x.zip"), progress=False)
+    target = download_dataset("mine", out=tmp_path, url=server.url("b/x.zip"), progress=False)
+    assert [entry[0] for entry in server.log] == ["a/x.zip", "b/x.zip"]
+    assert tree(target) == other
+
+
+def test_a_partial_download_from_another_url_is_started_again(
+    server: Served, tmp_path: Path
+) -> None:
+    """A .part cut off from one URL is not resumed from another: splicing the two would
+    fail the md5 (or, without one, unpack a mix)."""
+    first = make_zip({f"a/{i}.wav": os.urandom(4000) for i in range(10)})
+    second = make_zip({f"b/{i}.wav": os.urandom(4000) for i in range(10)})
+    server.files.update({"a/x.zip": first, "b/x.zip": second})
+    server.cut_after["a/x.zip"] = len(first) // 2
+    with pytest.raises(KndError, match="resume"):
+        download_dataset("mine", out=tmp_path, url=server.url("a/x.zip"), progress=False)
+    target = download_dataset(
+        "mine", out=tmp_path, url=server.url("b/x.zip"), md5=md5(second), progress=False
+    )
+    assert server.log[-1][:2] == ("b/x.zip", None)  # from the start: no Range
+    assert sorted(tree(target)) == [f"b/{i}.wav" for i in range(10)]
 
 
 # ----------------------------------------------------------------------------- resume

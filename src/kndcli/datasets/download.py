@@ -5,6 +5,11 @@ partial file is there), checked against its md5 before anything is unpacked, and
 into a temporary folder inside `out` that is renamed into place only when every member
 was written. Members that could escape the folder (absolute paths, `..`, links, devices)
 and archives whose members are too many or too large refuse to extract.
+
+A URL may carry secrets (a password, a signed query): messages and the files written name
+it only as `shown_url` gives it, without them. The archive and its `.part` remember that
+name in `<archive>.source`, so a file fetched from somewhere else is fetched again rather
+than resumed or reused.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from base64 import b64encode
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -107,7 +113,9 @@ def download_dataset(
             raise UsageError(f"--md5 {md5!r} is not an md5 (32 hexadecimal digits)")
     scheme = urlsplit(url).scheme
     if scheme not in ("http", "https"):
-        raise UsageError(f"cannot download {url}: only http:// and https:// URLs are supported")
+        raise UsageError(
+            f"cannot download {shown_url(url)}: only http:// and https:// URLs are supported"
+        )
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -118,21 +126,30 @@ def download_dataset(
             "remove it or choose another --out"
         )
     archive = out / archive_filename(url, name)
+    shown = shown_url(url)
+    part = archive.with_name(archive.name + ".part")
+    _forget_other_sources(archive, part, shown, md5)
     actual = _reuse_archive(archive, md5)
     if actual is None:
-        part = archive.with_name(archive.name + ".part")
-        fetch(url, part, timeout=timeout, progress=progress)
+        record = _source_record(archive)
+        record.write_text(json.dumps({"url": shown}))
+        try:
+            fetch(url, part, timeout=timeout, progress=progress)
+        finally:
+            if not part.exists():  # nothing fetched to remember the source of
+                record.unlink(missing_ok=True)
         actual = file_md5(part)
         if md5 is not None and actual != md5:
             part.unlink()
+            record.unlink()
             raise KndError(
-                f"md5 mismatch for {url}: expected {md5}, got {actual}; "
+                f"md5 mismatch for {shown}: expected {md5}, got {actual}; "
                 "the download was removed and nothing was extracted"
             )
         part.replace(archive)
     if md5 is None:
         print(
-            f"warning: no md5 to check {url} against; the archive's md5 is {actual} "
+            f"warning: no md5 to check {shown} against; the archive's md5 is {actual} "
             f"(pass --md5 {actual} to pin it)",
             file=sys.stderr,
         )
@@ -143,7 +160,7 @@ def download_dataset(
         target,
         max_members=max_members,
         max_total_bytes=max_total_bytes,
-        marker={"dataset": name, "url": url, "md5": actual, "archive": archive.name},
+        marker={"dataset": name, "url": shown, "md5": actual, "archive": archive.name},
     )
     return target
 
@@ -154,6 +171,42 @@ def archive_filename(url: str, name: str) -> str:
     last = unquote(urlsplit(url).path.rsplit("/", 1)[-1])
     last = re.sub(r"[^A-Za-z0-9._\-]", "_", last).lstrip(".")
     return last if last and last.lower() != name else f"{name}.archive"
+
+
+def shown_url(url: str) -> str:
+    """The URL without what may be secret: user and password, and the query (a signed
+    URL's signature or a token); a query left out shows as `?...`."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:  # not a number: urlopen refuses it, the message need not show it
+        port = ""
+    return f"{parts.scheme}://{host}{port}{parts.path}" + ("?..." if parts.query else "")
+
+
+def _source_record(archive: Path) -> Path:
+    return archive.with_name(archive.name + ".source")
+
+
+def _forget_other_sources(archive: Path, part: Path, shown: str, md5: str | None) -> None:
+    """Remove a `.part`, and an archive with no md5 to check it by, that were fetched from
+    another URL than `shown`: resuming would splice two files, and reusing would unpack
+    another dataset under this name. (Files from before the record existed are kept.)"""
+    record = _source_record(archive)
+    try:
+        source = json.loads(record.read_text())["url"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if source == shown:
+        return
+    stale = [part] + ([archive] if md5 is None else [])
+    for path in stale:
+        if path.is_file():
+            print(f"{path} came from {source}, not {shown}: downloading again", file=sys.stderr)
+            path.unlink()
 
 
 def file_md5(path: Path) -> str:
@@ -190,21 +243,22 @@ def _marker_md5(target: Path) -> str | None:
 
 def fetch(url: str, part: Path, *, timeout: float = 60.0, progress: bool = True) -> None:
     """Stream url into `part`, continuing from its current size when the server allows it."""
+    shown = shown_url(url)
     have = part.stat().st_size if part.is_file() else 0
     headers = {"User-Agent": f"knd/{__version__}"}
     if have:
         headers["Range"] = f"bytes={have}-"
     try:
-        response = urlopen(Request(url, headers=headers), timeout=timeout)
+        response = urlopen(_request(url, headers), timeout=timeout)
     except HTTPError as exc:
         if exc.code == 416 and have:
             # The partial file is no prefix of what the server holds now: start again.
             part.unlink()
             return fetch(url, part, timeout=timeout, progress=progress)
-        raise KndError(f"download failed: {url} answered HTTP {exc.code} {exc.reason}") from exc
+        raise KndError(f"download failed: {shown} answered HTTP {exc.code} {exc.reason}") from exc
     except (URLError, TimeoutError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise KndError(f"cannot download {url}: {reason}") from exc
+        raise KndError(f"cannot download {shown}: {reason}") from exc
     if response.status == 206 and _range_start(response) != have:
         # Bytes from some other offset cannot be appended: start the file again.
         response.close()
@@ -227,14 +281,29 @@ def fetch(url: str, part: Path, *, timeout: float = 60.0, progress: bool = True)
                     advance(len(chunk))
         except (TimeoutError, OSError, http.client.HTTPException) as exc:
             raise KndError(
-                f"download of {url} stopped after {written} bytes ({exc}); "
+                f"download of {shown} stopped after {written} bytes ({exc}); "
                 f"run the command again to resume from {part}"
             ) from exc
     if total is not None and written < total:
         raise KndError(
-            f"download of {url} stopped after {written} of {total} bytes; "
+            f"download of {shown} stopped after {written} of {total} bytes; "
             f"run the command again to resume from {part}"
         )
+
+
+def _request(url: str, headers: dict[str, str]) -> Request:
+    """A GET for `url`; a user and password in it (https://user:pass@host/...) become HTTP
+    Basic authentication, as curl and wget treat them (urllib would take them for part of
+    the host), sent to that host only: a redirect does not carry them on."""
+    parts = urlsplit(url)
+    if parts.username is None:
+        return Request(url, headers=headers)
+    login = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+    request = Request(
+        parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl(), headers=headers
+    )
+    request.add_unredirected_header("Authorization", "Basic " + b64encode(login.encode()).decode())
+    return request
 
 
 def _range_start(response: http.client.HTTPResponse) -> int | None:
@@ -265,7 +334,7 @@ def _progress_bar(enabled: bool, url: str, total: int | None, done: int) -> Iter
         TransferSpeedColumn(),
         TimeRemainingColumn(),
     )
-    label = urlsplit(url).path.rsplit("/", 1)[-1] or url
+    label = urlsplit(url).path.rsplit("/", 1)[-1] or shown_url(url)
     with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(label, total=total, completed=done)
         yield lambda n: bar.advance(task, n)
