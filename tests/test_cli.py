@@ -153,6 +153,7 @@ def test_the_typos_of_the_issue_are_usage_errors(tiny_bundle, wav_factory):
     assert_usage_error(knd("predict", "-m", tiny_bundle), "knd predict")
     assert_usage_error(knd("data", "split-report", "--data", "X"), "knd data split-report")
     assert_usage_error(knd("cloud", "status", "knd", "--dry-run"), "knd cloud status")
+    assert_usage_error(knd("evaluate", "-m", tiny_bundle, "--split", "tets"), "knd evaluate")
     positional = knd("train", "train.trainer.max_epochs=5")
     assert_usage_error(positional, "knd train")
     assert "--set KEY=VALUE" in positional.stderr
@@ -177,6 +178,20 @@ def test_the_typos_of_the_issue_are_usage_errors(tiny_bundle, wav_factory):
         (["config", "show", "--set", "robustness.seed=-1"], "robustness.seed"),
         (["config", "show", "--set", "train.augment.gain_db=-3"], "train.augment.gain_db"),
         (["config", "show", "--set", "train.augment.speeds=[0.9,0]"], "train.augment.speeds"),
+        # data: values judged before any clip is read (they used to fail mid-prepare, exit 3)
+        (["data", "prepare", "--set", "data.store_dtype=float64"], "data.store_dtype"),
+        (["data", "prepare", "--set", "data.split.val_fraction=-0.1"], "data.split.val_fraction"),
+        (
+            [
+                "data",
+                "prepare",
+                "--set",
+                "data.split.val_fraction=0.6",
+                "--set",
+                "data.split.test_fraction=0.4",
+            ],
+            "data.split.test_fraction",
+        ),
     ],
 )
 def test_config_errors_name_the_key_and_exit_2(args, key):

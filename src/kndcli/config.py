@@ -703,6 +703,25 @@ def check_audio(a: AudioConfig) -> None:
         )
 
 
+STORE_DTYPES = ("int16", "float32")  # how a prepared set stores samples (data/store.py)
+
+
+def check_data(d: DataConfig) -> None:
+    """The `data:` values that need no dataset to judge; prepare calls it again for
+    DataConfigs built in code."""
+    _require(d.store_dtype in STORE_DTYPES, "data.store_dtype", d.store_dtype, "int16 or float32")
+    split = d.split
+    for name in ("val_fraction", "test_fraction"):
+        value = getattr(split, name)
+        _require(0.0 <= value < 1.0, f"data.split.{name}", value, "a fraction in [0, 1)")
+    _require(
+        split.val_fraction + split.test_fraction < 1.0,
+        "data.split.test_fraction",
+        split.test_fraction,
+        f"with val_fraction {split.val_fraction:g}, below 1 so speakers are left to train on",
+    )
+
+
 def check_drift(d: DriftConfig) -> None:
     """The `drift:` thresholds, checked before any audio is scored or log read."""
     for name in ("p_value", "min_effect", "severe_effect", "max_drifted_share"):
@@ -827,6 +846,7 @@ def check_config(cfg: KndConfig) -> None:
     _require(inf.workers >= 0, "inference.workers", inf.workers, automatic)
     loaders = cfg.train.num_workers
     _require(loaders >= 0, "train.num_workers", loaders, "0 (load in the training process) or more")
+    check_data(cfg.data)
     check_audio(cfg.audio)
     check_drift(cfg.drift)
     check_timeline(cfg.timeline)

@@ -10,7 +10,7 @@ the same schema, and `--print-config` shows what the command would run with.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
@@ -63,7 +63,9 @@ Backend = Annotated[
     str | None,
     keyed("inference.backend", "--backend", help="onnx or torch."),
 ]
-Split = Annotated[str, typer.Option("--split", help="Split of the prepared set: val or test.")]
+Split = Annotated[
+    Literal["val", "test"], typer.Option("--split", help="Split of the prepared set: val or test.")
+]
 Json = Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")]
 Jsonl = Annotated[bool, typer.Option("--jsonl", help="One JSON object per line, as they come.")]
 DryRun = Annotated[

@@ -14,7 +14,7 @@ import numpy as np
 
 from kndcli import __version__
 from kndcli.audio import AudioError, audio_features, decode
-from kndcli.config import KndConfig
+from kndcli.config import KndConfig, check_data
 from kndcli.cpus import usable_cpus
 from kndcli.data import store
 from kndcli.data.splits import assign_speakers, shared_speakers
@@ -58,10 +58,7 @@ def prepare_dataset(
         )
     started = time.perf_counter()
     data, audio = cfg.data, cfg.audio
-    if data.store_dtype not in store.DTYPES:
-        raise KndError(
-            f"data.store_dtype: {data.store_dtype!r} is not one of {sorted(store.DTYPES)}"
-        )
+    check_data(data)
     found = catalog(
         data.dataset,
         Path(data.raw),

@@ -41,7 +41,7 @@ MANIFEST_FIELDS = (
     "size",
     "mtime_ns",
 )
-DTYPES = {"int16": np.int16, "float32": np.float32}
+DTYPES = {"int16": np.int16, "float32": np.float32}  # keys: config.STORE_DTYPES
 
 
 @dataclass
