@@ -7,6 +7,7 @@ loopback sockets and closes all of them.
 from __future__ import annotations
 
 import io
+import re
 import socket
 import subprocess
 import sys
@@ -177,6 +178,26 @@ def test_a_slow_steady_upload_longer_than_the_pause_limit_is_scored(server):
         answer = read_answer(sock, 10.0)
         assert answer.startswith(b"HTTP/1.1 200"), answer
         assert time.monotonic() - started > 3.0
+
+
+def test_a_pipelined_request_may_take_longer_than_the_head_deadline(server):
+    """Two requests sent back to back on one connection: the second's head is in before
+    the first is answered, and its body then takes 4 s (above the least rate), four times
+    serve.head_timeout_s. The head deadline armed by the first answer must not close it."""
+    clip = clip_bytes(2.0)
+    health = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    with connect(server) as sock:
+        sock.sendall(health + raw_upload_head(len(clip)) + clip[:4096])
+        send_slowly(sock, clip[4096:], 4096, 0.25, for_s=10.0)
+        sock.settimeout(10)
+        answer = b""
+        while answer.count(b"HTTP/1.1 ") < 2 or not answer.rstrip().endswith(b"}"):
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+        assert re.findall(rb"HTTP/1\.1 (\d+)", answer) == [b"200", b"200"], answer
+        assert b'"label"' in answer  # the second answer is the clip's prediction
 
 
 def test_uploads_in_flight_share_one_byte_budget(server):

@@ -36,7 +36,9 @@ class BufferFull(Exception):
 class HeadDeadline:
     """Close a connection that has not sent a whole request head `head_timeout_s` after it
     opened or after its previous response. uvicorn makes a new `cycle` per request head,
-    so an unchanged cycle at the deadline means no head arrived."""
+    so an unchanged cycle at the deadline means no head arrived, unless that cycle is
+    still being answered: a pipelined request whose head came before the previous
+    response ended (both protocol classes make its cycle then) may run past the deadline."""
 
     head_timeout_s: float = 10.0
 
@@ -64,7 +66,9 @@ class HeadDeadline:
         transport = self.transport  # type: ignore[attr-defined]
         if getattr(self, "_upgraded", False):
             return
-        if self.cycle is waiting_since and not transport.is_closing():  # type: ignore[attr-defined]
+        cycle = self.cycle  # type: ignore[attr-defined]
+        answered = cycle is None or cycle.response_complete
+        if cycle is waiting_since and answered and not transport.is_closing():
             transport.close()
 
 
