@@ -132,3 +132,19 @@ def test_config_show_prints_resolved_yaml():
     assert proc.returncode == 0
     assert "lr: 0.5" in proc.stdout
     assert "sample_rate: 16000" in proc.stdout
+
+
+def test_split_fractions_are_judged_only_when_they_decide_the_split():
+    """With speaker lists the fractions are unused, so leftover values that would leave no
+    speaker to train on are no error; without lists they are."""
+    lists = load_config(
+        None,
+        [
+            "data.split.val_speakers=['01']",
+            "data.split.val_fraction=0.7",
+            "data.split.test_fraction=0.5",
+        ],
+    )
+    assert lists.data.split.val_speakers == ["01"]
+    with pytest.raises(ConfigError, match="data.split.test_fraction"):
+        load_config(None, ["data.split.val_fraction=0.7", "data.split.test_fraction=0.5"])

@@ -275,6 +275,25 @@ def test_an_archive_from_another_url_is_not_reused_without_an_md5(
     assert tree(target) == other
 
 
+def test_urls_that_differ_only_in_their_query_are_different_sources(
+    server: Served, tmp_path: Path
+) -> None:
+    """uc?id=A and uc?id=B (a file host's download links) share a file name and a shown
+    URL; without an md5 the second is still fetched, not answered with the first."""
+    server.files["uc"] = make_zip(CLIPS)
+    download_dataset("one", out=tmp_path, url=server.url("uc?id=A"), progress=False)
+    download_dataset("two", out=tmp_path, url=server.url("uc?id=B"), progress=False)
+    assert [entry[0] for entry in server.log] == ["uc", "uc"]
+
+
+def test_a_url_with_a_space_is_refused_without_quoting_its_query(tmp_path: Path) -> None:
+    with pytest.raises(KndError) as refused:
+        download_dataset(
+            "mine", out=tmp_path, url="http://127.0.0.1:9/My File.zip?sig=SIGSECRET", progress=False
+        )
+    assert "not a valid URL" in str(refused.value) and "SIGSECRET" not in str(refused.value)
+
+
 def test_a_partial_download_from_another_url_is_started_again(
     server: Served, tmp_path: Path
 ) -> None:

@@ -357,7 +357,7 @@ class ServeConfig:
     # an idle keep-alive connection is closed after keep_alive_s.
     head_timeout_s: float = 10.0
     body_timeout_s: float = 10.0
-    body_min_rate_kb_s: float = 32.0
+    body_min_rate_kb_s: float = 16.0
     max_buffered_mb: float = 200.0
     max_connections: int = 512
     keep_alive_s: float = 5.0
@@ -711,6 +711,8 @@ def check_data(d: DataConfig) -> None:
     DataConfigs built in code."""
     _require(d.store_dtype in STORE_DTYPES, "data.store_dtype", d.store_dtype, "int16 or float32")
     split = d.split
+    if split.val_speakers or split.test_speakers:
+        return  # the speaker lists decide; the fractions are not used
     for name in ("val_fraction", "test_fraction"):
         value = getattr(split, name)
         _require(0.0 <= value < 1.0, f"data.split.{name}", value, "a fraction in [0, 1)")

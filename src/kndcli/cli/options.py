@@ -64,7 +64,11 @@ Backend = Annotated[
     keyed("inference.backend", "--backend", help="onnx or torch."),
 ]
 Split = Annotated[
-    Literal["val", "test"], typer.Option("--split", help="Split of the prepared set: val or test.")
+    Literal["train", "val", "test"],
+    typer.Option(
+        "--split",
+        help="Split of the prepared set: val or test (train only of a set the model never saw).",
+    ),
 ]
 Json = Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")]
 Jsonl = Annotated[bool, typer.Option("--jsonl", help="One JSON object per line, as they come.")]

@@ -128,11 +128,11 @@ def download_dataset(
     archive = out / archive_filename(url, name)
     shown = shown_url(url)
     part = archive.with_name(archive.name + ".part")
-    _forget_other_sources(archive, part, shown, md5)
+    _forget_other_sources(archive, part, url, md5)
     actual = _reuse_archive(archive, md5)
     if actual is None:
         record = _source_record(archive)
-        record.write_text(json.dumps({"url": shown}))
+        record.write_text(json.dumps(source_of(url)))
         try:
             fetch(url, part, timeout=timeout, progress=progress)
         finally:
@@ -191,21 +191,35 @@ def _source_record(archive: Path) -> Path:
     return archive.with_name(archive.name + ".source")
 
 
-def _forget_other_sources(archive: Path, part: Path, shown: str, md5: str | None) -> None:
+def source_of(url: str) -> dict[str, str]:
+    """What `<archive>.source` holds: the URL as shown, and a digest of all of it but the
+    user and password, so two URLs that differ only in their query (?id=A, ?id=B) differ.
+    A re-signed URL differs too: its `.part` is fetched again rather than resumed."""
+    parts = urlsplit(url)
+    whole = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+    return {"url": shown_url(url), "sha256": hashlib.sha256(whole.encode()).hexdigest()}
+
+
+def _forget_other_sources(archive: Path, part: Path, url: str, md5: str | None) -> None:
     """Remove a `.part`, and an archive with no md5 to check it by, that were fetched from
-    another URL than `shown`: resuming would splice two files, and reusing would unpack
-    another dataset under this name. (Files from before the record existed are kept.)"""
+    another URL: resuming would splice two files, and reusing would unpack another
+    dataset under this name. (Files from before the record existed are kept.)"""
     record = _source_record(archive)
     try:
-        source = json.loads(record.read_text())["url"]
+        before = json.loads(record.read_text())
+        source, digest = str(before["url"]), before["sha256"]
     except (OSError, ValueError, KeyError, TypeError):
         return
-    if source == shown:
+    now = source_of(url)
+    if digest == now["sha256"]:
         return
     stale = [part] + ([archive] if md5 is None else [])
     for path in stale:
         if path.is_file():
-            print(f"{path} came from {source}, not {shown}: downloading again", file=sys.stderr)
+            print(
+                f"{path} came from another URL ({source}) than {now['url']}: downloading again",
+                file=sys.stderr,
+            )
             path.unlink()
 
 
@@ -256,6 +270,10 @@ def fetch(url: str, part: Path, *, timeout: float = 60.0, progress: bool = True)
             part.unlink()
             return fetch(url, part, timeout=timeout, progress=progress)
         raise KndError(f"download failed: {shown} answered HTTP {exc.code} {exc.reason}") from exc
+    except (http.client.InvalidURL, ValueError):  # its message quotes the whole URL
+        raise KndError(
+            f"cannot download {shown}: not a valid URL (a space or control character in it?)"
+        ) from None
     except (URLError, TimeoutError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise KndError(f"cannot download {shown}: {reason}") from exc
@@ -293,8 +311,8 @@ def fetch(url: str, part: Path, *, timeout: float = 60.0, progress: bool = True)
 
 def _request(url: str, headers: dict[str, str]) -> Request:
     """A GET for `url`; a user and password in it (https://user:pass@host/...) become HTTP
-    Basic authentication, as curl and wget treat them (urllib would take them for part of
-    the host), sent to that host only: a redirect does not carry them on."""
+    Basic authentication (urllib would take them for part of the host). Stricter than
+    curl, which keeps them for redirects to the same host: no redirect carries them."""
     parts = urlsplit(url)
     if parts.username is None:
         return Request(url, headers=headers)

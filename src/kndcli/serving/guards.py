@@ -38,9 +38,11 @@ class HeadDeadline:
     opened or after its previous response. uvicorn makes a new `cycle` per request head,
     so an unchanged cycle at the deadline means no head arrived, unless that cycle is
     still being answered: a pipelined request whose head came before the previous
-    response ended (both protocol classes make its cycle then) may run past the deadline."""
+    response ended (both protocol classes make its cycle then) may run past the deadline.
+    Each response re-arms the one timer, so a deadline counts from the latest response."""
 
     head_timeout_s: float = 10.0
+    _head_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)  # type: ignore[misc]
@@ -51,8 +53,10 @@ class HeadDeadline:
         self._arm_head_deadline()
 
     def _arm_head_deadline(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
         waiting_since = self.cycle  # type: ignore[attr-defined]
-        self.loop.call_later(  # type: ignore[attr-defined]
+        self._head_timer = self.loop.call_later(  # type: ignore[attr-defined]
             self.head_timeout_s, self._head_deadline, waiting_since
         )
 
@@ -195,10 +199,9 @@ class BodyGuardMiddleware:
             started = now if started is None else started
             # The body's own deadline moves out by one second for every min_rate bytes.
             rate_left = started + self.body_timeout_s + held / self.min_rate - now
-            wait = min(self.body_timeout_s, rate_left)
+            # A little time even past the deadline: a last message already buffered is taken.
+            wait = max(min(self.body_timeout_s, rate_left), 0.01)
             try:
-                if wait <= 0:
-                    raise TimeoutError
                 with anyio.fail_after(wait):
                     message = await receive()
             except TimeoutError:

@@ -140,9 +140,9 @@ async def predict_batch(
         raise ApiError(422, "no files in the multipart body: send each clip as a 'files' part")
     ids = [f"{request_id}-{i}" for i in range(len(uploads))]
     scored = await service.score(uploads, ids, owner=request_id)
-    retryable = [s.error for s in scored if s.error is not None and s.error.status >= 500]
-    if retryable and all(s.prediction is None for s in scored):
-        raise retryable[0]  # nothing scored and the server is why: the whole request is a 503
+    if all(s.error is not None and s.error.status >= 500 for s in scored):
+        # Every file failed for the server's reasons: the whole request is to be retried.
+        raise next(s.error for s in scored if s.error is not None)
     latency_ms = await service.log_scored(scored, start)
     results = [_batch_item(s) for s in scored]
     failed = sum(1 for s in scored if s.prediction is None)

@@ -87,7 +87,7 @@ class ServiceState:
             scored.error = ApiError(422, "could not score this clip: it crashed the scoring worker")
             return scored
         except TimeoutError:
-            scored.error = ApiError(504, "inference timed out")
+            scored.error = ApiError(504, "inference timed out", SCORING_RETRY_AFTER)
             return scored
         except Exception as exc:  # the batcher isolated this clip: it alone cannot be scored
             logger.exception("scoring %s failed", clip.name)
