@@ -187,6 +187,20 @@ def wait_ready(url: str, proc, timeout: float = 60) -> None:
     raise AssertionError("knd serve never became ready")
 
 
+def stop_process(proc, grace_s: float = 30) -> None:
+    """SIGTERM a server a test started, and SIGKILL it if it has not exited in `grace_s`."""
+    import subprocess
+
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @contextlib.contextmanager
 def gcs_emulator(monkeypatch: pytest.MonkeyPatch, bucket: str) -> Iterator[str]:
     """gcp-storage-emulator in memory on a free loopback port, with one bucket; its URL.

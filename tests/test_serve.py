@@ -21,7 +21,7 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
-from tests.conftest import free_port, wait_ready
+from tests.conftest import free_port, stop_process, wait_ready
 
 from kndcli.config import LABELS
 from kndcli.monitoring.predlog import open_log
@@ -532,13 +532,7 @@ def knd_serve(args: list[str], env: dict[str, str], cwd: Path) -> Iterator[subpr
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -601,12 +595,7 @@ def test_a_token_given_in_code_guards_every_worker_process(tiny_bundle: Path, tm
         assert [r.status_code for r in refused] == [401] * 6
         assert allowed.status_code == 200, allowed.text
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def test_knd_serve_without_a_bundle_is_one_line(tmp_path: Path) -> None:

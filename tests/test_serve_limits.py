@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
-from tests.conftest import free_port, wait_ready
+from tests.conftest import free_port, stop_process, wait_ready
 
 KND = Path(sys.executable).parent / "knd"
 LIMITS = {
@@ -54,12 +54,7 @@ def server(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         wait_ready(url, proc)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def clip_bytes(seconds: float = 1.0, channels: int = 1) -> bytes:
