@@ -35,6 +35,7 @@ class Served:
     cut_after: dict[str, int] = field(default_factory=dict)  # path -> bytes sent, then close
     log: list[tuple[str, str | None, int]] = field(default_factory=list)  # path, Range, sent
     auth: list[str | None] = field(default_factory=list)  # each GET's Authorization header
+    redirects: dict[str, str] = field(default_factory=dict)  # path -> Location of a 302
 
     def url(self, path: str) -> str:
         return f"{self.base}/{path}"
@@ -48,6 +49,13 @@ def _handler(served: Served) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:
             path = self.path.lstrip("/").split("?")[0]
             served.auth.append(self.headers.get("Authorization"))
+            if path in served.redirects:
+                served.log.append((path, None, 0))
+                self.send_response(302)
+                self.send_header("Location", served.redirects[path])
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             body = served.files.get(path)
             range_header = self.headers.get("Range")
             if body is None:
@@ -292,6 +300,17 @@ def test_a_url_with_a_space_is_refused_without_quoting_its_query(tmp_path: Path)
             "mine", out=tmp_path, url="http://127.0.0.1:9/My File.zip?sig=SIGSECRET", progress=False
         )
     assert "not a valid URL" in str(refused.value) and "SIGSECRET" not in str(refused.value)
+
+
+def test_a_redirect_to_another_scheme_is_refused_without_quoting_its_query(
+    server: Served, tmp_path: Path
+) -> None:
+    server.redirects["x.zip"] = "file:///etc/x.zip?sig=SIGSECRET"
+    with pytest.raises(KndError) as refused:
+        download_dataset("mine", out=tmp_path, url=server.url("x.zip"), progress=False)
+    message = str(refused.value)
+    assert f"{server.base}/x.zip redirected to file:///etc/x.zip?..." in message
+    assert "SIGSECRET" not in message and "not an http, https or ftp URL" in message
 
 
 def test_a_partial_download_from_another_url_is_started_again(

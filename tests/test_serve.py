@@ -208,6 +208,22 @@ def test_batch_route_scores_good_files_and_reports_bad_ones(server: LiveServer) 
     assert logged[b["request_id"]]["filename"] == "b.flac"
 
 
+def test_past_the_request_deadline_is_504_with_retry_after(
+    serve: Callable[..., LiveServer],
+) -> None:
+    """No 9-second clip is scored within a millisecond: /predict and a batch of such clips
+    are 504 with Retry-After (the server's fault: send again), not a 200 of failures."""
+    server = serve(request_timeout_s=0.001)
+    clip = wav_bytes(9.0)
+    single = post_file(server.url, clip)
+    assert_error(single, 504, "timed out")
+    assert single.headers["retry-after"] == "2"
+    files = [("files", (f"c{i}.wav", clip, "audio/wav")) for i in range(3)]
+    whole = httpx.post(server.url + "/predict/batch", files=files, timeout=30)
+    assert_error(whole, 504, "timed out")
+    assert whole.headers["retry-after"] == "2"
+
+
 def test_unknown_route_and_method_are_json(server: LiveServer) -> None:
     assert_error(httpx.get(server.url + "/nope"), 404, "Not Found")
     assert_error(httpx.get(server.url + "/predict"), 405)

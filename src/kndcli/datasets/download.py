@@ -269,6 +269,13 @@ def fetch(url: str, part: Path, *, timeout: float = 60.0, progress: bool = True)
             # The partial file is no prefix of what the server holds now: start again.
             part.unlink()
             return fetch(url, part, timeout=timeout, progress=progress)
+        if exc.url != url and "Redirection to url" in str(exc.reason):
+            # urllib refuses a redirect to another scheme (file:, data:) and quotes the
+            # target whole, signed query and all.
+            raise KndError(
+                f"download failed: {shown} redirected to {shown_url(exc.url)}, "
+                "which is not an http, https or ftp URL"
+            ) from None
         raise KndError(f"download failed: {shown} answered HTTP {exc.code} {exc.reason}") from exc
     except (http.client.InvalidURL, ValueError):  # its message quotes the whole URL
         raise KndError(

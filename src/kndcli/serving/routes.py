@@ -166,8 +166,9 @@ def _batch_item(s: Scored) -> dict[str, Any]:
             "error": error.message,
             "status": error.status,
         }
-        if error.status >= 500:
-            item["retry_after_s"] = int((error.headers or {}).get("Retry-After", "2"))
+        retry_after = (error.headers or {}).get("Retry-After")
+        if retry_after is not None:  # the server's busy or timed-out answers carry one
+            item["retry_after_s"] = int(retry_after)
         return item
     p = s.prediction
     return {
