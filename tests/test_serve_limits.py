@@ -175,6 +175,34 @@ def test_a_slow_steady_upload_longer_than_the_pause_limit_is_scored(server):
         assert time.monotonic() - started > 3.0
 
 
+def test_the_app_s_own_time_between_reads_is_not_charged_to_the_client():
+    """A client that sends 1 KiB every 0.1 s (10 KB/s, above the 8 KB/s least rate) to an
+    app that works 1.5 s after its first read: the body is still taken whole, because
+    only the time spent waiting for the client counts against its rate."""
+    import asyncio
+
+    from kndcli.serving.guards import BodyGuardMiddleware, UploadBudget
+
+    chunks = [b"x" * 1024] * 4
+    taken: list[bytes] = []
+
+    async def client() -> dict:
+        await asyncio.sleep(0.1)
+        body = chunks.pop(0)
+        return {"type": "http.request", "body": body, "more_body": bool(chunks)}
+
+    async def app(scope: dict, receive, send) -> None:
+        taken.append((await receive())["body"])
+        await asyncio.sleep(1.5)  # the app's own work, e.g. spooling a part to disk
+        while (message := await receive())["more_body"]:
+            taken.append(message["body"])
+        taken.append(message["body"])
+
+    guard = BodyGuardMiddleware(app, UploadBudget(2**20), body_timeout_s=1.0, min_rate=8192)
+    asyncio.run(guard({"type": "http"}, client, None))
+    assert b"".join(taken) == b"x" * 4096
+
+
 def test_a_pipelined_request_may_take_longer_than_the_head_deadline(server):
     """Two requests sent back to back on one connection: the second's head is in before
     the first is answered, and its body then takes 4 s (above the least rate), four times

@@ -172,6 +172,8 @@ class BodyGuardMiddleware:
     whole body at least `min_rate` bytes a second on average after a `body_timeout_s`
     grace (Apache's mod_reqtimeout `MinRate`). The pause limit alone would let a client
     that sends a byte every few seconds hold its connection and buffered bytes for hours.
+    The rate counts only the time spent waiting for the client, not the app's own work
+    between reads (spooling a part to disk), which is no fault of a slow link.
     Every chunk counts against the process's `UploadBudget` until its request is answered.
     """
 
@@ -189,23 +191,23 @@ class BodyGuardMiddleware:
             return
         held = 0
         body_done = False
-        started: float | None = None
+        waited = 0.0  # seconds spent waiting for the client's body so far
 
         async def guarded() -> dict:
-            nonlocal held, body_done, started
+            nonlocal held, body_done, waited
             if body_done:  # after the body, receive only waits for a disconnect
                 return await receive()
-            now = anyio.current_time()
-            started = now if started is None else started
             # The body's own deadline moves out by one second for every min_rate bytes.
-            rate_left = started + self.body_timeout_s + held / self.min_rate - now
+            rate_left = self.body_timeout_s + held / self.min_rate - waited
             # A little time even past the deadline: a last message already buffered is taken.
             wait = max(min(self.body_timeout_s, rate_left), 0.01)
+            asked = anyio.current_time()
             try:
                 with anyio.fail_after(wait):
                     message = await receive()
             except TimeoutError:
                 raise BodyStalled(self._too_slow(rate_left)) from None
+            waited += anyio.current_time() - asked
             if message["type"] == "http.request":
                 size = len(message.get("body", b""))
                 self.budget.take(size)
