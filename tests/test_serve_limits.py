@@ -175,32 +175,53 @@ def test_a_slow_steady_upload_longer_than_the_pause_limit_is_scored(server):
         assert time.monotonic() - started > 3.0
 
 
-def test_the_app_s_own_time_between_reads_is_not_charged_to_the_client():
-    """A client that sends 1 KiB every 0.1 s (10 KB/s, above the 8 KB/s least rate) to an
-    app that works 1.5 s after its first read: the body is still taken whole, because
-    only the time spent waiting for the client counts against its rate."""
+def guarded_upload(reads: list[tuple[float, int]], app_busy_s: float) -> int:
+    """Bytes an app takes through BodyGuardMiddleware (1 s pause limit, 64 KB/s least
+    rate) when it works `app_busy_s` after its first read; each read of the client's body takes
+    (seconds, bytes), as uvicorn's receive() does: at once when bytes were buffered."""
     import asyncio
 
     from kndcli.serving.guards import BodyGuardMiddleware, UploadBudget
 
-    chunks = [b"x" * 1024] * 4
-    taken: list[bytes] = []
+    taken = 0
 
     async def client() -> dict:
-        await asyncio.sleep(0.1)
-        body = chunks.pop(0)
-        return {"type": "http.request", "body": body, "more_body": bool(chunks)}
+        delay, size = reads.pop(0)
+        await asyncio.sleep(delay)
+        return {"type": "http.request", "body": b"x" * size, "more_body": bool(reads)}
 
     async def app(scope: dict, receive, send) -> None:
-        taken.append((await receive())["body"])
-        await asyncio.sleep(1.5)  # the app's own work, e.g. spooling a part to disk
-        while (message := await receive())["more_body"]:
-            taken.append(message["body"])
-        taken.append(message["body"])
+        nonlocal taken
+        taken += len((await receive())["body"])
+        await asyncio.sleep(app_busy_s)  # the app's own work, e.g. spooling a part to disk
+        while True:
+            message = await receive()
+            taken += len(message["body"])
+            if not message["more_body"]:
+                return
 
-    guard = BodyGuardMiddleware(app, UploadBudget(2**20), body_timeout_s=1.0, min_rate=8192)
+    guard = BodyGuardMiddleware(app, UploadBudget(2**20), body_timeout_s=1.0, min_rate=65536)
     asyncio.run(guard({"type": "http"}, client, None))
-    assert b"".join(taken) == b"x" * 4096
+    return taken
+
+
+def test_a_busy_app_is_not_charged_to_a_client_that_filled_the_read_buffer():
+    """While the app works 3 s, uvicorn reads on until its 64 KiB high-water mark and
+    stops: the next read comes back full, so those 3 s were the app's, not the link's,
+    and the client (80 KB/s otherwise) is not cut off."""
+    reads = [(0.1, 1024), (0.0, 65537), (0.1, 8192), (0.1, 8192)]
+    assert guarded_upload(reads, app_busy_s=3.0) == 1024 + 65537 + 2 * 8192
+
+
+def test_a_client_that_trickles_while_the_app_is_busy_is_still_cut_off():
+    """Only 1 KiB came in during the app's 3 s: that time counts against the client, which
+    is then too slow for the 64 KB/s least rate (and would not be, within the 1 s grace,
+    if only its own reads were timed)."""
+    from kndcli.serving.guards import BodyStalled
+
+    reads = [(0.1, 1024), (0.0, 1024), (0.1, 1024), (0.1, 1024)]
+    with pytest.raises(BodyStalled, match="slower than 64 KB/s"):
+        guarded_upload(reads, app_busy_s=3.0)
 
 
 def test_a_pipelined_request_may_take_longer_than_the_head_deadline(server):

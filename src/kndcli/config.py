@@ -367,7 +367,8 @@ class ServeConfig:
     # stream_idle_s without audio (4408; empty messages do not count); one message holds at most
     # stream_max_message_kb (1009), and the server reads a stream's messages only as fast
     # as it scores them, so a fast sender waits instead of filling the server's memory.
-    # A request waits at most request_timeout_s for its answer (504 after); `knd cloud
+    # Once its body is read, a request waits at most request_timeout_s for its scores
+    # (504 after; the body's own time is bounded by the body limits above); `knd cloud
     # deploy` sets it just under Cloud Run's request timeout. SIGTERM: in-flight requests
     # get shutdown_timeout_s to finish (deploy: 5 s, as Cloud Run kills 10 s after
     # SIGTERM and the log upload comes after it).

@@ -270,7 +270,7 @@ def fetch(url: str, part: Path, *, timeout: float = 60.0, progress: bool = True)
             part.unlink()
             return fetch(url, part, timeout=timeout, progress=progress)
         if exc.url != url and "Redirection to url" in str(exc.reason):
-            # urllib refuses a redirect to another scheme (file:, data:) and quotes the
+            # urllib refuses a redirect to another scheme (file:, gopher:) and quotes the
             # target whole, signed query and all.
             raise KndError(
                 f"download failed: {shown} redirected to {shown_url(exc.url)}, "

@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import anyio
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 try:  # uvicorn's default where httptools is installed
@@ -172,8 +173,10 @@ class BodyGuardMiddleware:
     whole body at least `min_rate` bytes a second on average after a `body_timeout_s`
     grace (Apache's mod_reqtimeout `MinRate`). The pause limit alone would let a client
     that sends a byte every few seconds hold its connection and buffered bytes for hours.
-    The rate counts only the time spent waiting for the client, not the app's own work
-    between reads (spooling a part to disk), which is no fault of a slow link.
+    The rate is charged the time spent waiting for the client and the app's own time
+    between reads, except when the next read comes back full: uvicorn reads on while the
+    app works, up to its high-water mark, so a full buffer means the app, not the link,
+    was the hold-up (and a client that trickles while the app is busy is still charged).
     Every chunk counts against the process's `UploadBudget` until its request is answered.
     """
 
@@ -191,25 +194,29 @@ class BodyGuardMiddleware:
             return
         held = 0
         body_done = False
-        waited = 0.0  # seconds spent waiting for the client's body so far
+        charged = 0.0  # seconds of the body's time charged to the client so far
+        last_read: float | None = None
 
         async def guarded() -> dict:
-            nonlocal held, body_done, waited
+            nonlocal held, body_done, charged, last_read
             if body_done:  # after the body, receive only waits for a disconnect
                 return await receive()
+            asked = anyio.current_time()
+            app_time = asked - last_read if last_read is not None else 0.0
             # The body's own deadline moves out by one second for every min_rate bytes.
-            rate_left = self.body_timeout_s + held / self.min_rate - waited
+            rate_left = self.body_timeout_s + held / self.min_rate - charged - app_time
             # A little time even past the deadline: a last message already buffered is taken.
             wait = max(min(self.body_timeout_s, rate_left), 0.01)
-            asked = anyio.current_time()
             try:
                 with anyio.fail_after(wait):
                     message = await receive()
             except TimeoutError:
                 raise BodyStalled(self._too_slow(rate_left)) from None
-            waited += anyio.current_time() - asked
+            last_read = anyio.current_time()
+            size = len(message.get("body", b"")) if message["type"] == "http.request" else 0
+            client_held_up = size < HIGH_WATER_LIMIT  # else uvicorn had stopped reading
+            charged += last_read - asked + (app_time if client_held_up else 0.0)
             if message["type"] == "http.request":
-                size = len(message.get("body", b""))
                 self.budget.take(size)
                 held += size
                 body_done = not message.get("more_body", False)
