@@ -306,17 +306,22 @@ def run_fold(
         "val_accuracy": result.metrics.get("val", {}).get("accuracy"),
         "per_speaker": test_m["per_speaker"],
         "ece": test_m.get("ece"),
-        "temperature": _temperature(result.run_dir),
+        **calibration_of(result.run_dir),
         "epochs": result.epochs,
         "train_seconds": seconds,
         **({"robustness": conditions} if conditions is not None else {}),
     }
 
 
-def _temperature(run_dir: Path) -> float:
+def calibration_of(run_dir: Path) -> dict:
+    """The fitted temperature and the speakers it was fitted on (each member's left-out
+    speakers, or the validation split's): fitted on 4 left-out speakers, the temperature
+    follows how hard those speakers are (docs/quality.md)."""
     from kndcli.inference.bundle import load_bundle
 
-    return load_bundle(run_dir, verify=False).temperature
+    bundle = load_bundle(run_dir, verify=False)
+    fitted_on = (bundle.meta.get("calibration") or {}).get("fitted_on") or {}
+    return {"temperature": bundle.temperature, "calibrated_on": fitted_on.get("speakers")}
 
 
 def fold_robustness(run_dir: Path, prepared: Path, cfg) -> list[dict]:

@@ -1015,11 +1015,17 @@ def test_rebuilding_a_bundle_from_its_weights_repeats_its_calibration(synth_prep
             "train.fit_splits=[train,val,test]",
         )
     )
+    from bench.accuracy_cv import calibration_of
+
     first = load_bundle(train(cfg).run_dir).meta["calibration"]
     again = rebuild_bundle(cfg, epochs=2)
     second = load_bundle(again.run_dir).meta["calibration"]
     assert again.epochs == 2 and again.best_checkpoint.endswith("averaged.ckpt")
     assert second["fitted_on"] == first["fitted_on"]
+    # The bench records which left-out speakers the temperature was fitted on.
+    recorded = calibration_of(again.run_dir)
+    assert recorded["calibrated_on"] == first["fitted_on"]["speakers"]
+    assert len(recorded["calibrated_on"]) == 2 and recorded["temperature"] == second["temperature"]
     assert second["temperature"] == pytest.approx(first["temperature"], rel=1e-6)
 
 
